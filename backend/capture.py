@@ -1,0 +1,130 @@
+"""Forward hooks that compute every direction's activation inside the model's own forward pass.
+
+Modules that read the same tensor share a read site: gate_proj and up_proj both read the
+post_attention_layernorm output, so one matmul with their stacked A rows serves both. Each
+site's activations land in a column slice of one [B, L, D] buffer per batch, D = all directions.
+Once the last site of the pass has fired, the hook raises `StopForward`: nothing after the last
+adapted layer (later layers, final norm, lm_head) is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backend.directions import LoraModule
+
+# Modules whose input is the output of a sibling norm of the decoder layer (Llama, Qwen2,
+# Mistral, ...), so they can share one read site. Others read their own input.
+SHARED_INPUTS = {
+    "gate_proj": "post_attention_layernorm",
+    "up_proj": "post_attention_layernorm",
+    "q_proj": "input_layernorm",
+    "k_proj": "input_layernorm",
+    "v_proj": "input_layernorm",
+}
+
+
+class StopForward(Exception):
+    """Raised by the last hook of a pass: the rest of the forward is not needed."""
+
+
+@dataclass
+class ReadSite:
+    """One tensor that one or more adapted modules read, and the directions read from it."""
+
+    path: str  # module to hook
+    label: str  # e.g. "post_attention_layernorm.output", "down_proj.input"
+    reads_output: bool  # hook the module's output (a norm) or its input (the adapted module)
+    modules: list[LoraModule] = field(default_factory=list)
+    columns: slice = field(default_factory=lambda: slice(0))  # directions in the [B, L, D] buffer
+
+    def weight(self) -> torch.Tensor:
+        return torch.cat([m.A for m in self.modules])  # [directions, in]
+
+
+def read_sites(model: nn.Module, modules: list[LoraModule]) -> list[ReadSite]:
+    """Group modules by the tensor they read; columns follow `modules` order within each site."""
+    sites: dict[str, ReadSite] = {}
+    for m in modules:
+        norm = SHARED_INPUTS.get(m.module)
+        norm_path = f"{m.layer_prefix}.{norm}"
+        if norm is not None and _has_module(model, norm_path):
+            site = sites.setdefault(norm_path, ReadSite(norm_path, f"{norm}.output", True))
+        else:
+            site = sites.setdefault(m.name, ReadSite(m.name, f"{m.module}.input", False))
+        site.modules.append(m)
+    return list(sites.values())
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+class ActivationCapture:
+    """Fills `self.buffer` ([B, L, D], float32, on `device`) during one forward pass."""
+
+    def __init__(self, model: nn.Module, sites: list[ReadSite], device: torch.device) -> None:
+        self.model = model
+        self.sites = sites
+        self.device = device
+        start = 0
+        for site in sites:
+            site.columns = slice(start, start + sum(m.rank for m in site.modules))
+            start = site.columns.stop
+        self.num_directions = start
+        self.weights = [site.weight() for site in sites]
+        self.buffer = torch.empty(0)
+        self._fired = 0
+
+    def _hook(self, index: int):
+        site, weight = self.sites[index], self.weights[index]
+
+        def compute(x: torch.Tensor) -> None:
+            # Cast as PEFT does before lora_A, so the values equal lora_A's output.
+            acts = F.linear(x.to(weight.dtype), weight)  # [B, L, d_site]
+            self.buffer[..., site.columns] = acts.to(self.device, torch.float32)
+            self._fired += 1
+            if self._fired == len(self.sites):
+                raise StopForward
+
+        if site.reads_output:
+            return lambda module, args, output: compute(output)
+        return lambda module, args: compute(args[0])
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Hooks in place for the duration of the block, removed however it ends."""
+        handles = []
+        try:
+            for i, site in enumerate(self.sites):
+                module = self.model.get_submodule(site.path)
+                if site.reads_output:
+                    handles.append(module.register_forward_hook(self._hook(i)))
+                else:
+                    handles.append(module.register_forward_pre_hook(self._hook(i)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Activations of every direction at every position: [B, L, D]; padding is garbage."""
+        batch, length = input_ids.shape
+        self.buffer = torch.empty(batch, length, self.num_directions, device=self.device)
+        self._fired = 0
+        with suppress(StopForward):
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if self._fired != len(self.sites):
+            raise RuntimeError(f"only {self._fired} of {len(self.sites)} read sites fired")
+        return self.buffer

@@ -1,0 +1,206 @@
+"""Dataset rows -> token sequences -> token-budget batches.
+
+Rows are read lazily and tokenized a window at a time, so memory does not grow with the dataset;
+within a window, sequences are sorted by length so batches carry little padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend import UserError
+
+S1K_FIELDS = ("question", "deepseek_thinking_trajectory", "deepseek_attempt")
+CHAT_FIELDS = ("messages", "conversations")
+
+
+@dataclass
+class Sequence:
+    example_index: int  # row index in the input dataset
+    input_ids: list[int]
+    truncated: bool
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L] padded with 0
+    attention_mask: torch.Tensor  # [B, L] 1 for real tokens
+    example_index: torch.Tensor  # [B]
+    lengths: torch.Tensor  # [B]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def s1k_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """An s1K-1.1 row as a chat: the thinking trace sits inside the assistant turn."""
+    answer = (
+        f"<think>\n{row['deepseek_thinking_trajectory']}\n</think>\n\n{row['deepseek_attempt']}"
+    )
+    return [
+        {"role": "user", "content": row["question"]},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def _chat(row: dict[str, Any]) -> list[dict[str, str]] | None:
+    if all(field in row for field in S1K_FIELDS):
+        return s1k_messages(row)
+    for field in CHAT_FIELDS:
+        if isinstance(row.get(field), list):
+            return [{"role": m["role"], "content": m["content"]} for m in row[field]]
+    return None
+
+
+def row_content(row: dict[str, Any], text_field: str | None) -> str | list[dict[str, str]]:
+    """What a row says: raw text (a string), or a chat (a list of messages)."""
+    if text_field is not None:
+        if text_field not in row:
+            raise UserError(
+                f"text field {text_field!r} not in the data; fields are: {', '.join(sorted(row))}"
+            )
+        return str(row[text_field])
+    messages = _chat(row)
+    if messages is not None:
+        return messages
+    if "text" in row:
+        return str(row["text"])
+    raise UserError(
+        "cannot tell how to read rows with fields "
+        f"{', '.join(sorted(row))}: pass --text-field NAME, or use the s1K schema "
+        f"({', '.join(S1K_FIELDS)}) or a 'messages' list"
+    )
+
+
+def tokenize_row(row: dict[str, Any], tokenizer: Any, text_field: str | None) -> list[int]:
+    """Raw text as `tokenizer(text)["input_ids"]`; a chat through the tokenizer's chat template."""
+    content = row_content(row, text_field)
+    if isinstance(content, str):
+        return tokenizer(content)["input_ids"]
+    text = tokenizer.apply_chat_template(content, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def peek(rows: Iterable[dict[str, Any]], source: str) -> tuple[dict[str, Any], Iterator]:
+    """The first row (to check before any model is loaded), and all rows again."""
+    iterator = iter(rows)
+    first = next(iterator, None)
+    if first is None:
+        raise UserError(f"no rows in {source}")
+    return first, itertools.chain([first], iterator)
+
+
+def read_rows(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a local file: JSONL, JSON (a list of objects), Parquet, or text (a row per line)."""
+    if not path.is_file():
+        raise UserError(f"data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _read_jsonl(path)
+    elif suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise UserError(f"{path}: expected a JSON list of objects")
+        yield from rows
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for record_batch in pq.ParquetFile(path).iter_batches():
+            yield from record_batch.to_pylist()
+    else:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                yield {"text": line.rstrip("\n")}
+
+
+def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object per line")
+            yield row
+
+
+def read_hub_rows(name: str, split: str) -> Iterable[dict[str, Any]]:
+    """Rows of a dataset through `datasets` (a hub id, or a local dataset directory)."""
+    import datasets
+
+    return datasets.load_dataset(name, split=split)
+
+
+def iter_sequences(
+    rows: Iterable[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    text_field: str | None,
+    max_length: int | None,
+    num_examples: int | None,
+) -> Iterator[Sequence]:
+    """Tokenized rows, cut to max_length; rows with no tokens are skipped but keep their index."""
+    taken = 0
+    for index, row in enumerate(rows):
+        if num_examples is not None and taken >= num_examples:
+            break
+        taken += 1
+        ids = list(tokenize_row(row, tokenizer, text_field))
+        if not ids:
+            continue
+        truncated = max_length is not None and len(ids) > max_length
+        yield Sequence(index, ids[:max_length] if truncated else ids, truncated)
+
+
+def iter_batches(
+    sequences: Iterable[Sequence], max_batch_tokens: int, sort_window: int = 256
+) -> Iterator[tuple[Batch, list[Sequence]]]:
+    """Token-budget batches (B * L <= max_batch_tokens) of length-sorted sequences.
+
+    Sorting happens inside windows of `sort_window` sequences: padding stays small while memory
+    stays bounded. A sequence longer than the budget gets a batch of its own.
+    """
+    window: list[Sequence] = []
+    for seq in sequences:
+        window.append(seq)
+        if len(window) == sort_window:
+            yield from _pack(window, max_batch_tokens)
+            window = []
+    yield from _pack(window, max_batch_tokens)
+
+
+def _pack(window: list[Sequence], max_batch_tokens: int) -> Iterator[tuple[Batch, list[Sequence]]]:
+    group: list[Sequence] = []
+    for seq in sorted(window, key=lambda s: len(s.input_ids), reverse=True):
+        # Longest first: the first member of a group sets its padded length.
+        if group and (len(group) + 1) * len(group[0].input_ids) > max_batch_tokens:
+            yield collate(group), group
+            group = []
+        group.append(seq)
+    if group:
+        yield collate(group), group
+
+
+def collate(group: list[Sequence]) -> Batch:
+    lengths = torch.tensor([len(s.input_ids) for s in group])
+    input_ids = torch.zeros(len(group), int(lengths.max()), dtype=torch.long)
+    for row, seq in enumerate(group):
+        input_ids[row, : len(seq.input_ids)] = torch.tensor(seq.input_ids)
+    attention_mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask.long(),
+        example_index=torch.tensor([s.example_index for s in group]),
+        lengths=lengths,
+    )

@@ -1,0 +1,120 @@
+"""The directions a LoRA adapter adds: each adapted module's read (A) and write (B) vectors.
+
+For a LoRA module, `lora_A` (r x in) reads r scalars from the module input and `lora_B`
+(out x r) writes them back, scaled: delta = scaling * B @ (A @ x). Component c is the pair
+(A[c], B[:, c]); its activation on a token is A[c] · x.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from backend import UserError
+
+# Display and analysis order within a layer; other adapted modules follow, sorted by name.
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+# The space each known module reads from (A) and writes to (B). Cosines are only taken between
+# vectors of one space; an unknown module gets spaces of its own.
+SPACES = {
+    "gate_proj": ("residual", "mlp_hidden"),
+    "up_proj": ("residual", "mlp_hidden"),
+    "down_proj": ("mlp_hidden", "residual"),
+    "q_proj": ("residual", "attn_query"),
+    "k_proj": ("residual", "attn_key"),
+    "v_proj": ("residual", "attn_value"),
+    "o_proj": ("attn_output", "residual"),
+}
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: where it sits and the vectors its adapter added."""
+
+    name: str  # full module name inside the PEFT model
+    layer: int
+    module: str  # short name, e.g. "gate_proj"
+    A: torch.Tensor  # [r, in]   read vectors, one row per component
+    B: torch.Tensor  # [out, r]  write vectors, one column per component
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def layer_prefix(self) -> str:
+        return self.name[: self.name.rindex(f".layers.{self.layer}.")] + f".layers.{self.layer}"
+
+
+def module_order(name: str) -> tuple[int, str]:
+    return (MLP_MODULES.index(name), "") if name in MLP_MODULES else (len(MLP_MODULES), name)
+
+
+def find_lora_modules(model: nn.Module, adapter: str = "default") -> list[LoraModule]:
+    """Every LoRA-wrapped linear module of `adapter`, in (layer, module order) order."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        if not isinstance(module.lora_A[adapter], nn.Linear):
+            raise UserError(f"{name}: only LoRA on linear layers is supported")
+        match = _LAYER.search(name)
+        if match is None:
+            raise UserError(f"{name}: adapted module outside the decoder layers is not supported")
+        found.append(
+            LoraModule(
+                name=name,
+                layer=int(match.group(1)),
+                module=name.rsplit(".", 1)[1],
+                A=module.lora_A[adapter].weight.detach(),
+                B=module.lora_B[adapter].weight.detach(),
+                scaling=float(module.scaling[adapter]),
+            )
+        )
+    if not found:
+        raise UserError(f"the model carries no LoRA modules for adapter {adapter!r}")
+    return sorted(found, key=lambda m: (m.layer, module_order(m.module)))
+
+
+def vectors_by_space(modules: list[LoraModule]) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Every A row and B column, labelled (e.g. "gate_proj.A[0]"), grouped by its space."""
+    spaces: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for m in modules:
+        read, write = SPACES.get(m.module, (f"{m.module}.input", f"{m.module}.output"))
+        for c in range(m.rank):
+            spaces.setdefault(read, []).append((f"{m.module}.A[{c}]", m.A[c]))
+            spaces.setdefault(write, []).append((f"{m.module}.B[{c}]", m.B[:, c]))
+    return spaces
+
+
+def cosine_matrix(vectors: list[torch.Tensor]) -> list[list[float]]:
+    stacked = torch.stack([v.detach().float().cpu() for v in vectors])  # [n, d]
+    unit = stacked / stacked.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (unit @ unit.T).clamp(-1.0, 1.0).tolist()
+
+
+def layer_cosines(modules: list[LoraModule]) -> list[dict]:
+    """Cosine similarities inside each space shared by two or more of a layer's vectors.
+
+    The MLP hidden space (gate.B, up.B, down.A) and the residual stream (gate.A, up.A, down.B)
+    come first; attention spaces follow when attention modules are adapted.
+    """
+    spaces = vectors_by_space(modules)
+    names = [s for s in ("mlp_hidden", "residual") if s in spaces]
+    names += sorted(s for s in spaces if s not in names and len(spaces[s]) > 1)
+    return [
+        {
+            "space": space,
+            "labels": [label for label, _ in spaces[space]],
+            "matrix": cosine_matrix([v for _, v in spaces[space]]),
+        }
+        for space in names
+    ]

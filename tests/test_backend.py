@@ -1,0 +1,345 @@
+"""The backend against brute force, on tiny real models with real PEFT adapters from disk."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend import UserError
+from backend.analysis import AnalysisConfig, run_analysis
+from backend.capture import ActivationCapture, read_sites
+from backend.data import iter_sequences, read_rows
+from backend.directions import find_lora_modules
+from backend.generate_activations_data import main
+from backend.loading import load_model
+from backend.tracking import Tracker
+from tests.reference import lora_a_activations, top_k
+from tests.tiny import random_texts, save_adapter
+
+K, W = 5, 3
+
+
+def load(base, adapter):
+    return load_model(str(base), str(adapter), torch.float32, "cpu", None)
+
+
+def run_cli(tmp_path, base, adapter, data, *extra: str) -> dict:
+    out = tmp_path / "out.json"
+    argv = ["--base-model", str(base), "--lora-path", str(adapter), "--data-file", str(data)]
+    argv += ["--top-k", str(K), "--context-window", str(W), "--output", str(out), "--quiet"]
+    assert main([*argv, *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def reference(base, adapter, data, text_field=None):
+    """Brute-force activations, and the (example_index, ids) each list entry belongs to."""
+    model, tokenizer = load(base, adapter)
+    seqs = list(
+        iter_sequences(
+            read_rows(data), tokenizer, text_field=text_field, max_length=None, num_examples=None
+        )
+    )
+    values = lora_a_activations(model, [s.input_ids for s in seqs])
+    return values, seqs, tokenizer
+
+
+def check_against_reference(doc, values, seqs, tokenizer):
+    by_dir = {
+        (layer["layer"], name, d["component"]): d
+        for layer in doc["layers"]
+        for name, proj in layer["projections"].items()
+        for d in proj["directions"]
+    }
+    assert set(by_dir) == set(values)
+    for key, direction in by_dir.items():
+        per_example = values[key]
+        everything = np.concatenate(per_example).astype(np.float64)
+        stats = direction["stats"]
+        assert stats["count"] == everything.size
+        assert stats["min"] == pytest.approx(everything.min(), rel=1e-5, abs=1e-6)
+        assert stats["max"] == pytest.approx(everything.max(), rel=1e-5, abs=1e-6)
+        assert stats["mean"] == pytest.approx(everything.mean(), rel=1e-4, abs=1e-6)
+        assert stats["std"] == pytest.approx(everything.std(), rel=1e-4, abs=1e-6)
+        hist = direction["histogram"]
+        edges, counts = np.array(hist["edges"]), hist["counts"]
+        assert len(edges) == len(counts) + 1 and sum(counts) == everything.size
+        assert edges[0] <= everything.min() and everything.max() < edges[-1]
+        assert (
+            counts
+            == np.bincount(
+                np.searchsorted(edges, everything, side="right") - 1, minlength=len(counts)
+            ).tolist()
+        )
+        position_of = {s.example_index: i for i, s in enumerate(seqs)}
+        for negative, field in ((False, "top_positive"), (True, "top_negative")):
+            expected = top_k(per_example, K, negative)
+            got = direction[field]
+            # Equal prefixes give equal activations, so ties are real: compare the values in
+            # order, and check each example's own position against brute force.
+            assert [e["activation"] for e in got] == pytest.approx(
+                [v for v, _, _ in expected], rel=1e-5, abs=1e-6
+            )
+            assert len({(e["example_index"], e["token_index"]) for e in got}) == len(got)
+            for example in got:
+                position, token = position_of[example["example_index"]], example["token_index"]
+                ids, acts = seqs[position].input_ids, per_example[position]
+                assert example["activation"] == pytest.approx(acts[token], rel=1e-5, abs=1e-6)
+                lo, hi = max(0, token - W), min(len(ids), token + W + 1)
+                assert example["tokens"] == [tokenizer.decode([i]) for i in ids[lo:hi]]
+                assert example["activations"] == pytest.approx(
+                    acts[lo:hi].tolist(), rel=1e-5, abs=1e-6
+                )
+                assert example["target"] == token - lo
+
+
+def test_cli_matches_brute_force_qwen2_rank1(tmp_path, qwen2_base, rank1_adapter, text_file):
+    doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--max-batch-tokens", "64")
+    values, seqs, tokenizer = reference(qwen2_base, rank1_adapter, text_file)
+    check_against_reference(doc, values, seqs, tokenizer)
+    meta = doc["metadata"]
+    assert meta["num_examples"] == len(seqs) == 23  # the empty row is skipped...
+    assert 5 not in {s.example_index for s in seqs} and seqs[-1].example_index == 23  # ...in place
+    assert meta["num_tokens"] == sum(len(s.input_ids) for s in seqs)
+    assert meta["lora_layers"] == [0, 1, 2]
+    assert meta["modules"] == ["gate_proj", "up_proj", "down_proj"]
+    layer = doc["layers"][0]
+    assert layer["projections"]["gate_proj"]["read_site"] == "post_attention_layernorm.output"
+    assert layer["projections"]["down_proj"]["read_site"] == "down_proj.input"
+
+
+def test_llama_rank2_attention_on_some_layers(tmp_path, llama_base, text_file):
+    adapter = save_adapter(
+        llama_base,
+        tmp_path / "adapter",
+        rank=2,
+        targets=("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        layers=[0, 2],
+    )
+    doc = run_cli(tmp_path, llama_base, adapter, text_file, "--max-batch-tokens", "100")
+    values, seqs, tokenizer = reference(llama_base, adapter, text_file)
+    check_against_reference(doc, values, seqs, tokenizer)
+    assert doc["metadata"]["lora_layers"] == [0, 2]
+    projections = doc["layers"][1]["projections"]
+    assert list(projections) == ["gate_proj", "up_proj", "down_proj", "o_proj", "q_proj", "v_proj"]
+    assert [len(p["directions"]) for p in projections.values()] == [2] * 6
+    assert projections["q_proj"]["read_site"] == "input_layernorm.output"
+    assert projections["o_proj"]["read_site"] == "o_proj.input"
+
+
+def test_chat_rows_use_the_chat_template(tmp_path, qwen2_base, rank1_adapter):
+    data = tmp_path / "s1k.jsonl"
+    texts = random_texts(9, seed=3)
+    rows = [
+        {"question": a, "deepseek_thinking_trajectory": b, "deepseek_attempt": c}
+        for a, b, c in zip(texts[::3], texts[1::3], texts[2::3], strict=True)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = run_cli(tmp_path, qwen2_base, rank1_adapter, data)
+    values, seqs, tokenizer = reference(qwen2_base, rank1_adapter, data)
+    check_against_reference(doc, values, seqs, tokenizer)
+    assert tokenizer.decode(seqs[0].input_ids).startswith(
+        "<|im_start|>user\n" + rows[0]["question"]
+    )
+    assert "<think>" in tokenizer.decode(seqs[0].input_ids)
+
+
+def test_batched_equals_one_by_one(tmp_path, qwen2_base, rank1_adapter, text_file):
+    one = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--max-batch-tokens", "1")
+    many = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--max-batch-tokens", "4096")
+    for a, b in zip(one["layers"], many["layers"], strict=True):
+        for name in a["projections"]:
+            da, db = (
+                a["projections"][name]["directions"][0],
+                b["projections"][name]["directions"][0],
+            )
+            assert da["histogram"] == db["histogram"]
+            assert da["stats"]["count"] == db["stats"]["count"]
+            assert da["stats"]["mean"] == pytest.approx(db["stats"]["mean"], rel=1e-5, abs=1e-7)
+            for field in ("top_positive", "top_negative"):  # positions may differ among ties
+                assert [e["activation"] for e in da[field]] == pytest.approx(
+                    [e["activation"] for e in db[field]], rel=1e-5, abs=1e-7
+                )
+
+
+def test_cosine_matrices(tmp_path, qwen2_base, rank1_adapter, text_file):
+    doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file)
+    model, _ = load(qwen2_base, rank1_adapter)
+    lora = {(m.layer, m.module): m for m in find_lora_modules(model)}
+    for layer in doc["layers"]:
+        spaces = {c["space"]: c for c in layer["cosine_similarities"]}
+        assert list(spaces) == ["mlp_hidden", "residual"]
+        gate, up, down = (lora[(layer["layer"], n)] for n in ("gate_proj", "up_proj", "down_proj"))
+        for space, vectors in (
+            ("mlp_hidden", [gate.B[:, 0], up.B[:, 0], down.A[0]]),
+            ("residual", [gate.A[0], up.A[0], down.B[:, 0]]),
+        ):
+            expected = [
+                [float(torch.nn.functional.cosine_similarity(a, b, dim=0)) for b in vectors]
+                for a in vectors
+            ]
+            np.testing.assert_allclose(spaces[space]["matrix"], expected, atol=1e-5)
+        assert spaces["residual"]["labels"] == ["gate_proj.A[0]", "up_proj.A[0]", "down_proj.B[0]"]
+        gate_json = layer["projections"]["gate_proj"]
+        assert gate_json["scaling"] == pytest.approx(2.0)
+        assert gate_json["directions"][0]["a_norm"] == pytest.approx(float(gate.A[0].norm()))
+
+
+def test_capture_equals_lora_a_and_stops_early(qwen2_base, rank1_adapter):
+    model, tokenizer = load(qwen2_base, rank1_adapter)
+    ids = [tokenizer(t)["input_ids"] for t in random_texts(3, seed=7)]
+    expected = lora_a_activations(model, ids)
+    modules = find_lora_modules(model)
+    capture = ActivationCapture(model, read_sites(model, modules), torch.device("cpu"))
+    lm_head_calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *a: lm_head_calls.append(1))
+    with capture.hooks():
+        for i, seq in enumerate(ids):
+            acts = capture.run(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+            column = 0
+            for site in capture.sites:
+                for m in site.modules:
+                    got = acts[0, :, column].numpy()
+                    want = expected[(m.layer, m.module, 0)][i]
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+                    column += 1
+    assert lm_head_calls == []  # the pass stopped after the last adapted layer
+    # gate and up share one read site per layer: 2 sites per layer, not 3
+    assert len(capture.sites) == 2 * len({m.layer for m in modules})
+
+
+def test_hooks_removed_after_success_and_error(qwen2_base, rank1_adapter, text_file):
+    model, tokenizer = load(qwen2_base, rank1_adapter)
+
+    def hook_count():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before = hook_count()
+    seqs = list(
+        iter_sequences(
+            read_rows(text_file), tokenizer, text_field=None, max_length=None, num_examples=None
+        )
+    )
+    run_analysis(model, seqs, AnalysisConfig(), torch.device("cpu"), progress=False)
+    assert hook_count() == before
+
+    def failing():
+        yield seqs[0]
+        assert hook_count() > before  # hooks are in place during the pass
+        raise RuntimeError("data source broke")
+
+    with pytest.raises(RuntimeError, match="data source broke"):
+        run_analysis(model, failing(), AnalysisConfig(), torch.device("cpu"), progress=False)
+    assert hook_count() == before
+
+
+def test_tracker_memory_does_not_grow_with_data():
+    tracker = Tracker(6, top_k=4, context_window=2, bins=10, device=torch.device("cpu"))
+
+    def state_bytes():
+        tensors = [v for v in vars(tracker).values() if isinstance(v, torch.Tensor)]
+        tensors += [v for v in vars(tracker.histogram).values() if isinstance(v, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    generator = torch.Generator().manual_seed(0)
+
+    def feed(batches):
+        for _ in range(batches):
+            acts = torch.randn(3, 50, 6, generator=generator) * 10
+            ids = torch.randint(0, 100, (3, 50), generator=generator)
+            tracker.update(acts, ids, torch.tensor([50, 20, 7]), torch.arange(3))
+
+    feed(1)
+    one = state_bytes()
+    feed(200)
+    assert state_bytes() == one
+    assert int(tracker.count[0]) == 201 * 77
+
+
+def test_histogram_exact_as_range_grows():
+    """Values arriving in widening ranges: counts stay exact, edges hug [min, max]."""
+    tracker = Tracker(2, top_k=1, context_window=0, bins=20, device=torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    seen = []
+    for scale in (1e-3, 1e-3, 0.5, 3.0, 1e3, 1e3):
+        acts = torch.tensor(rng.normal(0.2, scale, (1, 300, 2)), dtype=torch.float32)
+        tracker.update(
+            acts, torch.zeros(1, 300, dtype=torch.long), torch.tensor([300]), torch.tensor([0])
+        )
+        seen.append(acts[0].double().numpy())
+    values = np.concatenate(seen)
+    for d in range(2):
+        lo, hi = values[:, d].min(), values[:, d].max()
+        hist = tracker.histogram.export(d, float(tracker.min[d]), float(tracker.max[d]))
+        edges = np.array(hist["edges"])
+        assert 10 < len(hist["counts"]) <= 20
+        assert edges[0] <= lo and hi < edges[-1]
+        assert edges[-1] - edges[0] < (hi - lo) * 1.2
+        expected = np.bincount(
+            np.searchsorted(edges, values[:, d], side="right") - 1, minlength=len(hist["counts"])
+        )
+        assert hist["counts"] == expected.tolist()
+
+
+def test_constant_activations():
+    tracker = Tracker(1, top_k=2, context_window=1, bins=5, device=torch.device("cpu"))
+    acts = torch.zeros(1, 4, 1)
+    tracker.update(acts, torch.arange(4)[None], torch.tensor([4]), torch.tensor([0]))
+    hist = tracker.histogram.export(0, 0.0, 0.0)
+    assert hist["counts"] == [4] and hist["edges"][0] <= 0.0 < hist["edges"][1]
+    assert tracker.top_examples(0, negative=False) == []  # zero is neither positive nor negative
+    assert math.isclose(float(tracker.std()[0]), 0.0)
+
+
+def test_max_length_cuts_and_counts(tmp_path, qwen2_base, rank1_adapter, text_file):
+    doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--max-length", "8")
+    meta = doc["metadata"]
+    assert meta["num_truncated"] > 0
+    assert (
+        max(
+            e["token_index"]
+            for layer in doc["layers"]
+            for p in layer["projections"].values()
+            for d in p["directions"]
+            for e in d["top_positive"] + d["top_negative"]
+        )
+        < 8
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data-file", "missing.jsonl"], "data file not found"),
+        (["--text-field", "nope"], "text field 'nope' not in the data; fields are: id, text"),
+    ],
+)
+def test_user_errors_are_one_line(
+    tmp_path, capsys, qwen2_base, rank1_adapter, text_file, argv, message
+):
+    base = [
+        "--base-model",
+        str(qwen2_base),
+        "--lora-path",
+        str(rank1_adapter),
+        "--data-file",
+        str(text_file),
+        "--output",
+        str(tmp_path / "o.json"),
+        "--quiet",
+    ]
+    if argv[0] == "--data-file":
+        argv = ["--data-file", str(tmp_path / argv[1])]
+    assert main(base + argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_not_lora_adapter_is_refused(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(UserError, match="only LORA"):
+        load_model("unused", str(tmp_path), torch.float32, "cpu", None)
