@@ -45,20 +45,24 @@ class Analysis:
 
     def process(self, batch: Batch, sequences: list[Sequence]) -> None:
         input_ids = batch.input_ids.to(self.device)
-        acts = self.capture.run(input_ids, batch.attention_mask.to(self.device))  # [B, L, D]
+        acts = self.capture.run(input_ids, batch.attention_mask.to(self.device))  # [D, B*L]
         self.tracker.update(
-            acts, input_ids, batch.lengths.to(self.device), batch.example_index.to(self.device)
+            acts,
+            batch.real.to(self.device),
+            input_ids,
+            batch.lengths.to(self.device),
+            batch.example_index.to(self.device),
         )
         self.num_examples += len(sequences)
         self.num_tokens += batch.num_tokens
         self.num_truncated += sum(s.truncated for s in sequences)
 
     def document(self, metadata: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-        columns, sites = {}, {}
+        first, sites = {}, {}
         for site in self.capture.sites:
-            start = site.columns.start
+            start = site.rows.start
             for m in site.modules:
-                columns[m.name], sites[m.name] = start, site.label
+                first[m.name], sites[m.name] = start, site.label
                 start += m.rank
         run = {
             "num_examples": self.num_examples,
@@ -71,7 +75,7 @@ class Analysis:
         return build_document(
             {**metadata, **run},
             self.modules,
-            columns,
+            first,
             sites,
             self.tracker,
             token_decoder(tokenizer),

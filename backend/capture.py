@@ -2,7 +2,8 @@
 
 Modules that read the same tensor share a read site: gate_proj and up_proj both read the
 post_attention_layernorm output, so one matmul with their stacked A rows serves both. Each
-site's activations land in a column slice of one [B, L, D] buffer per batch, D = all directions.
+site's activations land in a row slice of one [D, B*L] buffer per batch, D = all directions:
+direction-major, so that the tracker's per-direction reductions read contiguous memory.
 Once the last site of the pass has fired, the hook raises `StopForward`: nothing after the last
 adapted layer (later layers, final norm, lm_head) is computed.
 """
@@ -14,7 +15,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from backend.directions import LoraModule
@@ -42,14 +42,14 @@ class ReadSite:
     label: str  # e.g. "post_attention_layernorm.output", "down_proj.input"
     reads_output: bool  # hook the module's output (a norm) or its input (the adapted module)
     modules: list[LoraModule] = field(default_factory=list)
-    columns: slice = field(default_factory=lambda: slice(0))  # directions in the [B, L, D] buffer
+    rows: slice = field(default_factory=lambda: slice(0))  # its directions in the [D, B*L] buffer
 
     def weight(self) -> torch.Tensor:
         return torch.cat([m.A for m in self.modules])  # [directions, in]
 
 
 def read_sites(model: nn.Module, modules: list[LoraModule]) -> list[ReadSite]:
-    """Group modules by the tensor they read; columns follow `modules` order within each site."""
+    """Group modules by the tensor they read, keeping `modules` order within each site."""
     sites: dict[str, ReadSite] = {}
     for m in modules:
         norm = SHARED_INPUTS.get(m.module)
@@ -71,7 +71,7 @@ def _has_module(model: nn.Module, path: str) -> bool:
 
 
 class ActivationCapture:
-    """Fills `self.buffer` ([B, L, D], float32, on `device`) during one forward pass."""
+    """Fills `self.buffer` ([D, B*L], float32, on `device`) during one forward pass."""
 
     def __init__(self, model: nn.Module, sites: list[ReadSite], device: torch.device) -> None:
         self.model = model
@@ -79,8 +79,8 @@ class ActivationCapture:
         self.device = device
         start = 0
         for site in sites:
-            site.columns = slice(start, start + sum(m.rank for m in site.modules))
-            start = site.columns.stop
+            site.rows = slice(start, start + sum(m.rank for m in site.modules))
+            start = site.rows.stop
         self.num_directions = start
         self.weights = [site.weight() for site in sites]
         self.buffer = torch.empty(0)
@@ -91,8 +91,9 @@ class ActivationCapture:
 
         def compute(x: torch.Tensor) -> None:
             # Cast as PEFT does before lora_A, so the values equal lora_A's output.
-            acts = F.linear(x.to(weight.dtype), weight)  # [B, L, d_site]
-            self.buffer[..., site.columns] = acts.to(self.device, torch.float32)
+            x = x.to(weight.dtype).reshape(-1, x.shape[-1])  # [B*L, in]
+            acts = torch.mm(weight, x.T)  # [d_site, B*L]
+            self.buffer[site.rows] = acts.to(self.device, torch.float32)
             self._fired += 1
             if self._fired == len(self.sites):
                 raise StopForward
@@ -119,9 +120,8 @@ class ActivationCapture:
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Activations of every direction at every position: [B, L, D]; padding is garbage."""
-        batch, length = input_ids.shape
-        self.buffer = torch.empty(batch, length, self.num_directions, device=self.device)
+        """Activations of every direction at every position: [D, B*L]; padding is garbage."""
+        self.buffer = torch.empty(self.num_directions, input_ids.numel(), device=self.device)
         self._fired = 0
         with suppress(StopForward):
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -34,6 +34,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, L] 1 for real tokens
     example_index: torch.Tensor  # [B]
     lengths: torch.Tensor  # [B]
+    real: torch.Tensor  # [N] positions of the real tokens in the flattened [B * L] layout
 
     @property
     def num_tokens(self) -> int:
@@ -203,4 +204,5 @@ def collate(group: list[Sequence]) -> Batch:
         attention_mask=attention_mask.long(),
         example_index=torch.tensor([s.example_index for s in group]),
         lengths=lengths,
+        real=attention_mask.flatten().nonzero().squeeze(1),
     )

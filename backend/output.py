@@ -33,10 +33,10 @@ def example_json(example: TopExample, decode: Callable[[int], str]) -> dict[str,
 
 
 def direction_json(
-    tracker: Tracker, column: int, module: LoraModule, component: int, decode: Callable[[int], str]
+    tracker: Tracker, index: int, module: LoraModule, component: int, decode: Callable[[int], str]
 ) -> dict[str, Any]:
-    count = int(tracker.count[column])
-    lo, hi = float(tracker.min[column]), float(tracker.max[column])
+    count = int(tracker.count[index])
+    lo, hi = float(tracker.min[index]), float(tracker.max[index])
     return {
         "component": component,
         "a_norm": float(module.A[component].float().norm()),
@@ -45,19 +45,19 @@ def direction_json(
             "count": count,
             "min": lo,
             "max": hi,
-            "mean": float(tracker.mean[column]),
-            "std": float(tracker.std()[column]),
+            "mean": float(tracker.mean[index]),
+            "std": float(tracker.std()[index]),
         },
-        "histogram": tracker.histogram.export(column, lo, hi),
-        "top_positive": [example_json(e, decode) for e in tracker.top_examples(column, False)],
-        "top_negative": [example_json(e, decode) for e in tracker.top_examples(column, True)],
+        "histogram": tracker.histogram.export(index, lo, hi),
+        "top_positive": [example_json(e, decode) for e in tracker.top_examples(index, False)],
+        "top_negative": [example_json(e, decode) for e in tracker.top_examples(index, True)],
     }
 
 
 def build_document(
     metadata: dict[str, Any],
     modules: list[LoraModule],
-    columns: dict[str, int],  # module name -> tracker column of its component 0
+    first: dict[str, int],  # module name -> tracker index of its component 0
     read_sites: dict[str, str],  # module name -> read site label
     tracker: Tracker,
     decode: Callable[[int], str],
@@ -82,7 +82,7 @@ def build_document(
                         "scaling": m.scaling,
                         "read_site": read_sites[m.name],
                         "directions": [
-                            direction_json(tracker, columns[m.name] + c, m, c, decode)
+                            direction_json(tracker, first[m.name] + c, m, c, decode)
                             for c in range(m.rank)
                         ],
                     }

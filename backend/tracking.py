@@ -1,11 +1,12 @@
 """Streaming, mergeable summaries of D directions' activations, updated a batch at a time.
 
-Everything lives on the device as [.., D] tensors and is updated with a handful of batched ops per
-batch: no per-token or per-direction Python, no host synchronisation. Memory is fixed by
-(D, k, window, bins), whatever the number of tokens.
+Everything lives on the device as [D, ...] tensors, updated with a fixed handful of batched ops
+per batch: no per-token or per-direction Python, no host synchronisation. Memory is fixed by
+(D, k, window, bins), whatever the number of tokens. Every summary merges exactly with another
+of its kind, which is how batches enter it and how processes and shards are combined.
 - top-k: the k largest and the k most negative activations per direction with their context
-  window, kept exact by merging the running top-k with each batch's candidates.
-- moments: count / mean / M2 in float64, combined with Chan et al.'s parallel formulas.
+  window; a batch's candidates are merged with the running top-k.
+- moments: count / mean / M2 (float64), combined with Chan et al.'s parallel formulas.
 - histogram: exact counts on a power-of-two grid that coarsens (merging bin pairs) as the range
   grows, so no value is ever re-read.
 """
@@ -21,6 +22,7 @@ import torch
 # bins, so a finer grid lets the output's edges hug [min, max] closely.
 OVERSAMPLE = 16
 _EMPTY_EXP = -(2**20)  # exponent of a direction that has seen no value yet
+CHUNK = 64  # top-k candidates are searched in chunks of this many tokens
 
 
 @dataclass
@@ -43,32 +45,47 @@ class Histogram:
         self.start = torch.zeros(num_directions, dtype=torch.long, device=device)
         self.counts = torch.zeros(num_directions, self.size, dtype=torch.long, device=device)
 
-    def _fit(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Coarsen/shift each grid so that [lo, hi] (float64, [D]) fits in `size` bins."""
+    def _grid(self, lo: torch.Tensor, hi: torch.Tensor, exp: torch.Tensor):
+        """The finest grid no finer than `exp` on which [lo, hi] (float64, [D]) fits."""
         n = self.size
         magnitude = torch.maximum(lo.abs(), hi.abs())
         # A zero span still needs a positive width; 2**-40 relative keeps indices small.
         span = torch.maximum(hi - lo, torch.clamp(magnitude * 2.0**-40, min=2.0**-100))
-        exp = torch.ceil(torch.log2(span / (n - 1))).long()
-        exp = torch.maximum(exp, self.exp)
-        too_wide = _floor_div(hi, exp) - _floor_div(lo, exp) > n - 1  # log2 rounding
-        exp = exp + too_wide.long()
-        start = _floor_div(lo, exp)
-        # Old bin j (global index start_old + j) lies in new bin (start_old + j) >> shift.
-        shift = (exp - self.exp).clamp(max=62)[:, None]
-        old = self.start[:, None] + torch.arange(n, device=lo.device)
-        index = ((old >> shift) - start[:, None]).clamp(0, n - 1)  # clamps only empty bins
-        self.counts = torch.zeros_like(self.counts).scatter_add_(1, index, self.counts)
-        self.exp, self.start = exp, start
+        exp = torch.maximum(torch.ceil(torch.log2(span / (n - 1))).long(), exp)
+        exp = exp + (_floor_div(hi, exp) - _floor_div(lo, exp) > n - 1).long()  # log2 rounding
+        return exp, _floor_div(lo, exp)
 
-    def update(self, values: torch.Tensor, valid: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-        """Add values [N, D] where valid [N, 1]; lo/hi [D]: the running min/max including them."""
-        self._fit(lo, hi)
-        n, d = self.size, values.shape[1]
-        index = _floor_div(values.double(), self.exp) - self.start  # [N, D] in [0, n)
-        index = index.masked_fill(~valid, n)  # padding goes to a spill bin, dropped below
-        flat = (index + torch.arange(d, device=values.device) * (n + 1)).flatten()
-        self.counts += torch.bincount(flat, minlength=d * (n + 1)).view(d, n + 1)[:, :n]
+    def _rebinned(self, counts, exp, start, new_exp, new_start) -> torch.Tensor:
+        # Old bin j (global index start + j) lies in new bin (start + j) >> (new_exp - exp).
+        shift = (new_exp - exp).clamp(max=62)[:, None]
+        old = start[:, None] + torch.arange(self.size, device=counts.device)
+        index = ((old >> shift) - new_start[:, None]).clamp(
+            0, self.size - 1
+        )  # only empty bins clamp
+        return torch.zeros_like(counts).scatter_add_(1, index, counts)
+
+    def _fit(self, lo: torch.Tensor, hi: torch.Tensor, exp: torch.Tensor) -> None:
+        new_exp, new_start = self._grid(lo, hi, exp)
+        self.counts = self._rebinned(self.counts, self.exp, self.start, new_exp, new_start)
+        self.exp, self.start = new_exp, new_start
+
+    def update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Add values x [D, N]; lo/hi [D]: the running min/max including them."""
+        self._fit(lo, hi, self.exp)
+        d, n = x.shape[0], self.size
+        # floor(x / 2**exp) in float32 is exact (a power-of-two scale, and start is itself
+        # floor(lo / 2**exp) of a float32 lo), and so is the difference of the two integers,
+        # which is below `size`. A value so small that x / 2**exp underflows to zero
+        # (|x| < 2**(exp - 149), a subnormal for any sane range) lands in the bin of zero.
+        scale = torch.ldexp(torch.ones(d, device=x.device), -self.exp)[:, None]
+        index = torch.floor(x * scale).sub_(self.start.float()[:, None]).int()  # [D, N] in [0, n)
+        index += torch.arange(0, d * n, n, dtype=torch.int, device=x.device)[:, None]
+        self.counts += torch.bincount(index.flatten(), minlength=d * n).view(d, n)
+
+    def merge(self, other: Histogram, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Add another histogram's counts; lo/hi: the min/max over both."""
+        self._fit(lo, hi, torch.maximum(self.exp, other.exp))
+        self.counts += self._rebinned(other.counts, other.exp, other.start, self.exp, self.start)
 
     def export(self, d: int, lo: float, hi: float) -> dict:
         """Direction d as at most `bins` bins of whole internal bins, edges covering [lo, hi]."""
@@ -84,8 +101,27 @@ class Histogram:
 
 
 def _floor_div(x: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
-    """floor(x / 2**exp) as int64; exact, since scaling by a power of two is exact."""
+    """floor(x / 2**exp) as int64 for float64 x; exact, since the scale is a power of two."""
     return torch.floor(torch.ldexp(x, -exp)).long()
+
+
+def chunked_topk(x: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=1) for x [D, N], reading x about once instead of sorting it.
+
+    The top k of a row lie in at most k chunks, those with the k largest chunk maxima; so the
+    full search runs over k * CHUNK candidates (plus the tail that fills no whole chunk).
+    """
+    d, n = x.shape
+    whole = n - n % CHUNK
+    if whole // CHUNK <= k:
+        return x.topk(min(k, n), dim=1, largest=largest)
+    chunks = x[:, :whole].view(d, whole // CHUNK, CHUNK)
+    peaks = chunks.amax(2) if largest else chunks.amin(2)  # [D, chunks]
+    best = peaks.topk(k, dim=1, largest=largest).indices  # [D, k]
+    columns = (best[..., None] * CHUNK + torch.arange(CHUNK, device=x.device)).flatten(1)
+    columns = torch.cat([columns, torch.arange(whole, n, device=x.device).expand(d, -1)], 1)
+    values, index = x.gather(1, columns).topk(k, dim=1, largest=largest)
+    return values, columns.gather(1, index)
 
 
 class Tracker:
@@ -103,86 +139,106 @@ class Tracker:
         self.min = torch.full((d,), math.inf, **f64)
         self.max = torch.full((d,), -math.inf, **f64)
         self.histogram = Histogram(d, bins, device)
-        # Top-k over 2D signed columns: column j < D holds direction j's activations, column
-        # D + j its negations, so "most negative" is just the top-k of the second half.
-        self.top_values = torch.full((k, 2 * d), -math.inf, device=device)  # [k, 2D]
-        self.top_example = torch.full((k, 2 * d), -1, dtype=torch.long, device=device)
-        self.top_position = torch.full((k, 2 * d), -1, dtype=torch.long, device=device)
-        self.context_ids = torch.full((k, 2 * d, c), -1, dtype=torch.long, device=device)
-        self.context_acts = torch.zeros(k, 2 * d, c, device=device)  # [k, 2D, 2W+1]
+        # Side 0 keeps the largest activations; side 1 the most negative, stored negated so
+        # that "better" means "larger" on both sides.
+        self.top_values = torch.full((2, d, k), -math.inf, device=device)  # [2, D, k]
+        self.top_example = torch.full((2, d, k), -1, dtype=torch.long, device=device)
+        self.top_position = torch.full((2, d, k), -1, dtype=torch.long, device=device)
+        self.context_ids = torch.full((2, d, k, c), -1, dtype=torch.long, device=device)
+        self.context_acts = torch.zeros(2, d, k, c, device=device)  # [2, D, k, 2W+1]
 
     def update(
         self,
-        acts: torch.Tensor,  # [B, L, D] float32
+        acts: torch.Tensor,  # [D, B*L] float32, row-major over (sequence, position)
+        real: torch.Tensor,  # [N] flat positions of the real (non-padding) tokens
         input_ids: torch.Tensor,  # [B, L]
         lengths: torch.Tensor,  # [B] real tokens per row (right padding)
         example_index: torch.Tensor,  # [B]
     ) -> None:
-        length = acts.shape[1]
-        real = torch.arange(length, device=acts.device)[None, :] < lengths[:, None]  # [B, L]
-        flat = acts.flatten(0, 1)  # [B*L, D]
-        valid = real.flatten()[:, None]  # [B*L, 1]
-        self._update_moments(flat, valid)
-        self.histogram.update(flat, valid, self.min, self.max)
-        self._update_top(acts, input_ids, lengths, example_index, valid)
+        x = acts.index_select(1, real)  # [D, N]
+        self._update_moments(x)
+        self.histogram.update(x, self.min, self.max)
+        self._update_top(x, acts, real, input_ids, lengths, example_index)
 
-    def _update_moments(self, flat: torch.Tensor, valid: torch.Tensor) -> None:
-        x = flat.double()
-        n = valid.sum()
-        batch_mean = (x * valid).sum(0) / n
-        batch_m2 = (((x - batch_mean) * valid) ** 2).sum(0)
+    def _update_moments(self, x: torch.Tensor) -> None:
+        x64 = x.double()  # float32 sums of many tokens would lose digits
+        mean = x64.mean(1)
+        m2 = (x64 - mean[:, None]).square_().sum(1)
+        self._merge_moments(x.shape[1], mean, m2, x64.amin(1), x64.amax(1))
+
+    def _merge_moments(self, n, mean, m2, lo, hi) -> None:
         total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        weight = n / total.double()  # (int / int tensors would give float32)
+        delta = mean - self.mean
+        self.mean += delta * weight
+        self.m2 += m2 + delta**2 * (self.count * weight)
         self.count = total
-        self.min = torch.minimum(self.min, x.masked_fill(~valid, math.inf).amin(0))
-        self.max = torch.maximum(self.max, x.masked_fill(~valid, -math.inf).amax(0))
+        self.min = torch.minimum(self.min, lo)
+        self.max = torch.maximum(self.max, hi)
 
-    def _update_top(self, acts, input_ids, lengths, example_index, valid) -> None:
-        length, d = acts.shape[1:]
-        k, device = self.top_k, acts.device
-        flat = acts.flatten(0, 1)
-        signed = torch.cat([flat, -flat], dim=1).masked_fill(~valid, -math.inf)  # [B*L, 2D]
-        values, index = torch.cat([self.top_values, signed]).topk(k, dim=0)  # [k, 2D]
-        kept = index < k  # winner was already in the running top-k
-        columns = torch.arange(2 * d, device=device)
-        # Winners from this batch: their row, position and context window.
-        token = (index - k).clamp(min=0)
-        row, pos = token // length, token % length
-        window = pos[..., None] + torch.arange(-self.window, self.window + 1, device=device)
-        inside = (window >= 0) & (window < lengths[row][..., None])  # [k, 2D, 2W+1]
-        window = window.clamp(0, length - 1)
-        ids = input_ids[row[..., None], window].masked_fill(~inside, -1)
-        ctx = acts[row[..., None], window, (columns % d)[None, :, None]]
-        # Winners from the running top-k keep what they had.
-        old = index.clamp(max=k - 1)
-        self.context_ids = torch.where(kept[..., None], self.context_ids[old, columns], ids)
-        self.context_acts = torch.where(kept[..., None], self.context_acts[old, columns], ctx)
-        self.top_example = torch.where(kept, self.top_example[old, columns], example_index[row])
-        self.top_position = torch.where(kept, self.top_position[old, columns], pos)
-        self.top_values = values
+    def _update_top(self, x, acts, real, input_ids, lengths, example_index) -> None:
+        (d, _), (length, k) = x.shape, (input_ids.shape[1], self.top_k)
+        high, high_at = chunked_topk(x, k, largest=True)
+        low, low_at = chunked_topk(x, k, largest=False)
+        values = torch.stack([high, -low])  # [2, D, k']
+        flat = real[torch.stack([high_at, low_at])]  # [2, D, k'] position in the [B*L] layout
+        row, pos = flat // length, flat % length
+        window = torch.arange(-self.window, self.window + 1, device=x.device)
+        inside = (pos[..., None] + window >= 0) & (
+            pos[..., None] + window < lengths[row][..., None]
+        )
+        at = (flat[..., None] + window).clamp(0, acts.shape[1] - 1)  # [2, D, k', 2W+1]
+        directions = torch.arange(d, device=x.device)[None, :, None, None]
+        self._merge_top(
+            values,
+            example_index[row],
+            pos,
+            input_ids.flatten()[at].masked_fill_(~inside, -1),
+            acts[directions, at],
+        )
+
+    def _merge_top(self, values, example, position, context_ids, context_acts) -> None:
+        """Keep the k best of the running top-k and these candidates ([2, D, m, ...])."""
+        values = torch.cat([self.top_values, values], 2)
+        best = values.topk(self.top_k, dim=2).indices  # [2, D, k]
+        self.top_values = values.gather(2, best)
+        self.top_example = torch.cat([self.top_example, example], 2).gather(2, best)
+        self.top_position = torch.cat([self.top_position, position], 2).gather(2, best)
+        best = best[..., None].expand(-1, -1, -1, self.context_ids.shape[3])
+        self.context_ids = torch.cat([self.context_ids, context_ids], 2).gather(2, best)
+        self.context_acts = torch.cat([self.context_acts, context_acts], 2).gather(2, best)
+
+    def merge(self, other: Tracker) -> None:
+        """Fold in another tracker of the same directions (another process, shard or run)."""
+        self._merge_moments(other.count, other.mean, other.m2, other.min, other.max)
+        self.histogram.merge(other.histogram, self.min, self.max)
+        self._merge_top(
+            other.top_values,
+            other.top_example,
+            other.top_position,
+            other.context_ids,
+            other.context_acts,
+        )
 
     def std(self) -> torch.Tensor:
         return (self.m2 / self.count.clamp(min=1)).sqrt()
 
     def top_examples(self, d: int, negative: bool) -> list[TopExample]:
-        """Direction d's top examples on one side, strongest first (one device-to-host copy)."""
-        column = d + self.num_directions if negative else d
+        """Direction d's top examples on one side, strongest first."""
+        side = int(negative)
         sign = -1.0 if negative else 1.0
-        values = self.top_values[:, column].cpu()
-        ids = self.context_ids[:, column].cpu()
-        acts = self.context_acts[:, column].cpu()
+        values = self.top_values[side, d].tolist()
+        ids, acts = self.context_ids[side, d], self.context_acts[side, d]
         examples = []
-        for i in range(self.top_k):
-            if not values[i] > 0:  # -inf fillers, and zeros, which are neither side
+        for i, value in enumerate(values):
+            if not value > 0:  # -inf fillers, and zeros, which are neither side
                 break
             inside = ids[i] >= 0
             examples.append(
                 TopExample(
-                    activation=sign * float(values[i]),
-                    example_index=int(self.top_example[i, column]),
-                    token_index=int(self.top_position[i, column]),
+                    activation=sign * value,
+                    example_index=int(self.top_example[side, d, i]),
+                    token_index=int(self.top_position[side, d, i]),
                     context_ids=ids[i][inside].tolist(),
                     context_acts=acts[i][inside].tolist(),
                     target=self.window - int((~inside[: self.window]).sum()),

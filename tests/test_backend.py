@@ -199,13 +199,13 @@ def test_capture_equals_lora_a_and_stops_early(qwen2_base, rank1_adapter):
     with capture.hooks():
         for i, seq in enumerate(ids):
             acts = capture.run(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
-            column = 0
+            row = 0
             for site in capture.sites:
                 for m in site.modules:
-                    got = acts[0, :, column].numpy()
+                    got = acts[row].numpy()
                     want = expected[(m.layer, m.module, 0)][i]
                     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-                    column += 1
+                    row += 1
     assert lm_head_calls == []  # the pass stopped after the last adapted layer
     # gate and up share one read site per layer: 2 sites per layer, not 3
     assert len(capture.sites) == 2 * len({m.layer for m in modules})
@@ -236,6 +236,86 @@ def test_hooks_removed_after_success_and_error(qwen2_base, rank1_adapter, text_f
     assert hook_count() == before
 
 
+def feed(tracker: Tracker, acts: torch.Tensor, lengths: list[int], first_example: int = 0):
+    """One batch of synthetic activations [B, L, D] (right padding) into the tracker."""
+    batch, length, d = acts.shape
+    real = (torch.arange(length)[None] < torch.tensor(lengths)[:, None]).flatten().nonzero()
+    ids = torch.arange(batch * length).view(batch, length)  # token id = flat position
+    example_index = torch.arange(first_example, first_example + batch)
+    tracker.update(
+        acts.reshape(-1, d).T.contiguous(), real[:, 0], ids, torch.tensor(lengths), example_index
+    )
+
+
+def synthetic_batches(seed: int, batches: int, d: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    for b in range(batches):
+        length = int(torch.randint(1, 3000, (1,), generator=generator))
+        lengths = torch.randint(1, length + 1, (4,), generator=generator).tolist()
+        lengths[0] = length
+        scale = 10.0 ** float(torch.randint(-3, 4, (1,), generator=generator))
+        yield torch.randn(4, length, d, generator=generator) * scale, lengths, 4 * b
+
+
+@pytest.mark.parametrize("k", [1, 4, 40])
+def test_tracker_matches_brute_force(k):
+    """Top-k with context (both search paths), moments and histogram against numpy."""
+    w, d = 2, 3
+    tracker = Tracker(d, top_k=k, context_window=w, bins=30, device=torch.device("cpu"))
+    tokens = []  # (value per direction, example, position, context ids, context values)
+    for acts, lengths, first in synthetic_batches(seed=k, batches=6, d=d):
+        feed(tracker, acts, lengths, first)
+        length = acts.shape[1]
+        for row, n in enumerate(lengths):
+            for pos in range(n):
+                lo, hi = max(0, pos - w), min(n, pos + w + 1)
+                ids = [row * length + p for p in range(lo, hi)]
+                tokens.append((acts[row, pos], first + row, pos, ids, acts[row, lo:hi], pos - lo))
+    values = torch.stack([t[0] for t in tokens]).double().numpy()  # [tokens, D]
+    for j in range(d):
+        assert int(tracker.count[j]) == len(tokens)
+        assert float(tracker.mean[j]) == pytest.approx(values[:, j].mean(), rel=1e-5, abs=1e-9)
+        assert float(tracker.std()[j]) == pytest.approx(values[:, j].std(), rel=1e-5)
+        assert float(tracker.min[j]) == values[:, j].min()
+        assert float(tracker.max[j]) == values[:, j].max()
+        hist = tracker.histogram.export(j, float(tracker.min[j]), float(tracker.max[j]))
+        edges = np.array(hist["edges"])
+        expected = np.bincount(np.searchsorted(edges, values[:, j], side="right") - 1)
+        assert hist["counts"] == expected.tolist()
+        for negative in (False, True):
+            order = np.argsort(values[:, j] if negative else -values[:, j], kind="stable")[:k]
+            got = tracker.top_examples(j, negative)
+            assert len(got) == k  # random normals: every side has more than k tokens
+            for example, i in zip(got, order, strict=True):
+                value, example_index, pos, ids, context, target = tokens[i]
+                assert example.activation == float(value[j])
+                assert (example.example_index, example.token_index) == (example_index, pos)
+                assert example.context_ids == ids and example.target == target
+                assert example.context_acts == context[:, j].tolist()
+
+
+def test_tracker_merge_equals_one_pass():
+    one = Tracker(3, top_k=5, context_window=1, bins=20, device=torch.device("cpu"))
+    parts = [
+        Tracker(3, top_k=5, context_window=1, bins=20, device=torch.device("cpu")) for _ in range(2)
+    ]
+    for i, (acts, lengths, first) in enumerate(synthetic_batches(seed=9, batches=6)):
+        feed(one, acts, lengths, first)
+        feed(parts[i % 2], acts, lengths, first)
+    merged = parts[0]
+    merged.merge(parts[1])
+    assert torch.equal(merged.count, one.count)
+    assert torch.equal(merged.min, one.min) and torch.equal(merged.max, one.max)
+    # float64 rounding only: the mean relative to the spread, M2 relative to itself
+    torch.testing.assert_close(merged.mean, one.mean, rtol=0, atol=1e-12 * float(one.std().max()))
+    torch.testing.assert_close(merged.m2, one.m2, rtol=1e-9, atol=0)
+    for j in range(3):
+        lo, hi = float(one.min[j]), float(one.max[j])
+        assert merged.histogram.export(j, lo, hi) == one.histogram.export(j, lo, hi)
+        for negative in (False, True):
+            assert merged.top_examples(j, negative) == one.top_examples(j, negative)
+
+
 def test_tracker_memory_does_not_grow_with_data():
     tracker = Tracker(6, top_k=4, context_window=2, bins=10, device=torch.device("cpu"))
 
@@ -245,16 +325,10 @@ def test_tracker_memory_does_not_grow_with_data():
         return sum(t.numel() * t.element_size() for t in tensors)
 
     generator = torch.Generator().manual_seed(0)
-
-    def feed(batches):
-        for _ in range(batches):
-            acts = torch.randn(3, 50, 6, generator=generator) * 10
-            ids = torch.randint(0, 100, (3, 50), generator=generator)
-            tracker.update(acts, ids, torch.tensor([50, 20, 7]), torch.arange(3))
-
-    feed(1)
+    feed(tracker, torch.randn(3, 50, 6, generator=generator), [50, 20, 7])
     one = state_bytes()
-    feed(200)
+    for _ in range(200):
+        feed(tracker, torch.randn(3, 50, 6, generator=generator) * 10, [50, 20, 7])
     assert state_bytes() == one
     assert int(tracker.count[0]) == 201 * 77
 
@@ -266,9 +340,7 @@ def test_histogram_exact_as_range_grows():
     seen = []
     for scale in (1e-3, 1e-3, 0.5, 3.0, 1e3, 1e3):
         acts = torch.tensor(rng.normal(0.2, scale, (1, 300, 2)), dtype=torch.float32)
-        tracker.update(
-            acts, torch.zeros(1, 300, dtype=torch.long), torch.tensor([300]), torch.tensor([0])
-        )
+        feed(tracker, acts, [300])
         seen.append(acts[0].double().numpy())
     values = np.concatenate(seen)
     for d in range(2):
@@ -286,12 +358,16 @@ def test_histogram_exact_as_range_grows():
 
 def test_constant_activations():
     tracker = Tracker(1, top_k=2, context_window=1, bins=5, device=torch.device("cpu"))
-    acts = torch.zeros(1, 4, 1)
-    tracker.update(acts, torch.arange(4)[None], torch.tensor([4]), torch.tensor([0]))
-    hist = tracker.histogram.export(0, 0.0, 0.0)
-    assert hist["counts"] == [4] and hist["edges"][0] <= 0.0 < hist["edges"][1]
-    assert tracker.top_examples(0, negative=False) == []  # zero is neither positive nor negative
+    feed(tracker, torch.full((1, 4, 1), 3.0), [4])
+    hist = tracker.histogram.export(0, 3.0, 3.0)
+    assert hist["counts"] == [4] and hist["edges"][0] <= 3.0 < hist["edges"][1]
+    assert tracker.top_examples(0, negative=True) == []
+    assert [e.activation for e in tracker.top_examples(0, negative=False)] == [3.0, 3.0]
     assert math.isclose(float(tracker.std()[0]), 0.0)
+    zeros = Tracker(1, top_k=2, context_window=1, bins=5, device=torch.device("cpu"))
+    feed(zeros, torch.zeros(1, 4, 1), [4])
+    assert zeros.top_examples(0, negative=False) == []  # zero is neither positive nor negative
+    assert zeros.histogram.export(0, 0.0, 0.0)["counts"] == [4]
 
 
 def test_max_length_cuts_and_counts(tmp_path, qwen2_base, rank1_adapter, text_file):
