@@ -1,0 +1,283 @@
+"""Render an activations file (shared/design/data-contract.md) as one self-contained HTML page.
+
+The page carries its data as JSON in a <script type="application/json"> element and draws one
+layer at a time with the JavaScript in templates/dashboard.js. To keep a full-size run small,
+the embedded data is the input with its floats rounded for display (DISPLAY_DIGITS significant
+digits; the page shows values exactly as embedded), the keys the page does not use dropped,
+and each token string stored once in a table that examples index into.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+KNOWN_SCHEMA_VERSIONS = (1,)
+DISPLAY_DIGITS = 4  # significant digits of every value on the page, tooltips included
+EDGE_DIGITS = 6  # histogram edges keep more, so that narrow bins stay distinct
+# MLP modules first, in data-flow order, then attention; modules not listed keep file order.
+MODULE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
+HEADER_FIELDS = (
+    ("model", "base_model"),
+    ("adapter", "adapter"),
+    ("dataset", "dataset"),
+    ("tokens", "num_tokens"),
+    ("examples", "num_examples"),
+    ("top k", "top_k"),
+    ("window", "context_window"),
+    ("dtype", "dtype"),
+    ("processes", "num_processes"),
+    ("created", "created_at"),
+)
+# Characters that must not appear raw inside <script>: "<" could close it or open "<!--",
+# U+2028/U+2029 break older JS parsers, and lone surrogates cannot be encoded as UTF-8.
+SCRIPT_UNSAFE = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
+ENDS_INLINE_ELEMENT = re.compile(r"</(script|style)|<!--", re.IGNORECASE)
+
+
+class DashboardError(Exception):
+    """A problem with the user's input or output, reported as one line without a traceback."""
+
+
+def load_activations(path: Path) -> dict:
+    """Read and sanity-check an activations file; raise DashboardError if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except FileNotFoundError:
+        raise DashboardError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DashboardError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise DashboardError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise DashboardError(f"{path}: invalid JSON ({e})") from None
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("layers"), list)
+        and isinstance(data.get("metadata"), dict)
+    ):
+        raise DashboardError(
+            f'{path}: not an activations file (needs a "layers" list and a "metadata" object)'
+        )
+    if "schema_version" not in data:
+        raise DashboardError(f"{path}: no schema_version (known: {_known_versions()})")
+    if data["schema_version"] not in KNOWN_SCHEMA_VERSIONS:
+        raise DashboardError(
+            f"{path}: unknown schema_version {data['schema_version']!r} "
+            f"(known: {_known_versions()})"
+        )
+    return data
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _known_versions() -> str:
+    return ", ".join(map(str, KNOWN_SCHEMA_VERSIONS))
+
+
+def render_dashboard(data: dict, title: str) -> str:
+    """The whole page as one HTML string."""
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined
+    )
+    css, js = inline_asset("dashboard.css"), inline_asset("dashboard.js")
+    return env.get_template("dashboard.html.j2").render(
+        title=title,
+        fields=header_fields(data["metadata"]),
+        data_json=script_json(compact_data(data)),
+        css=css,
+        js=js,
+        csp=content_security_policy(css, js),
+    )
+
+
+def inline_asset(name: str) -> Markup:
+    """One of our own CSS/JS files, verbatim: trusted, provided it cannot end its element."""
+    text = (TEMPLATES / name).read_text(encoding="utf-8")
+    if ENDS_INLINE_ELEMENT.search(text):
+        raise RuntimeError(f"templates/{name} contains a sequence that would end its element")
+    return Markup(text)
+
+
+def content_security_policy(css: str, js: str) -> str:
+    """Allow exactly our inline style and script and nothing from anywhere: no request can
+    leave the page, and markup that slipped in could run no handler."""
+    return (
+        f"default-src 'none'; style-src '{_sha256(css)}'; script-src '{_sha256(js)}'; "
+        "img-src data:; base-uri 'none'; form-action 'none'"
+    )
+
+
+def _sha256(text: str) -> str:
+    return "sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+def header_fields(metadata: dict) -> list[tuple[str, str]]:
+    return [(label, _display(metadata.get(key))) for label, key in HEADER_FIELDS]
+
+
+def _display(value: object) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def script_json(value: object) -> Markup:
+    """JSON that is inert inside <script type="application/json">; JSON.parse undoes the
+    \\uXXXX escapes, so the data the page reads is unchanged."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return Markup(SCRIPT_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+def compact_data(data: dict) -> dict:
+    """What the page embeds: the input's shape, with example "tokens" as indices into
+    "strings", floats rounded for display, and keys the page does not use dropped."""
+    strings: dict[str, int] = {}
+    layers = []
+    for i, layer in enumerate(data["layers"]):
+        try:
+            layers.append(_compact_layer(layer, strings))
+        except KeyError as e:
+            raise DashboardError(f"malformed activations file: layers[{i}] lacks {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise DashboardError(f"malformed activations file: layers[{i}]: {e}") from None
+    return {"metadata": data["metadata"], "strings": list(strings), "layers": layers}
+
+
+def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
+    projections = sorted(layer["projections"].items(), key=lambda item: _module_rank(item[0]))
+    return {
+        "layer": layer["layer"],
+        # Python dicts and JS objects both keep insertion order, so this order is the page's.
+        "projections": {name: _compact_projection(p, strings) for name, p in projections},
+        "cosine_similarities": [
+            {"space": c["space"], "labels": c["labels"], "matrix": _round_rows(c["matrix"])}
+            for c in layer.get("cosine_similarities", [])
+        ],
+    }
+
+
+def _module_rank(name: str) -> int:
+    return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
+
+
+def _compact_projection(projection: dict, strings: dict[str, int]) -> dict:
+    return {
+        "rank": projection["rank"],
+        "scaling": _round(projection["scaling"]),
+        "read_site": projection.get("read_site", "?"),
+        "directions": [_compact_direction(d, strings) for d in projection["directions"]],
+    }
+
+
+def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:
+    stats, hist = direction["stats"], direction["histogram"]
+    return {
+        "component": direction["component"],
+        "a_norm": _round(direction["a_norm"]),
+        "b_norm": _round(direction["b_norm"]),
+        "stats": {key: _round(stats[key]) for key in ("min", "max", "mean", "std")}
+        | {"count": stats["count"]},
+        "histogram": {
+            "edges": [_round(x, EDGE_DIGITS) for x in hist["edges"]],
+            "counts": hist["counts"],
+        },
+        "top_positive": [_compact_example(e, strings) for e in direction["top_positive"]],
+        "top_negative": [_compact_example(e, strings) for e in direction["top_negative"]],
+    }
+
+
+def _compact_example(example: dict, strings: dict[str, int]) -> dict:
+    return {
+        "activation": _round(example["activation"]),
+        "example_index": example["example_index"],
+        "token_index": example["token_index"],
+        "target": example["target"],
+        "tokens": [strings.setdefault(token, len(strings)) for token in example["tokens"]],
+        "activations": [_round(x) for x in example["activations"]],
+    }
+
+
+def _round_rows(matrix: list[list[float]]) -> list[list[float]]:
+    return [[_round(x) for x in row] for row in matrix]
+
+
+def _round(x: float, digits: int = DISPLAY_DIGITS) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory, so that `path` is either the old
+    file or the complete new one, never a partial page."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            # Lone surrogates (valid in JSON strings, not in UTF-8) become "?" rather than fail.
+            with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the page is meant to be shared
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise DashboardError(f"{path}: cannot write ({e.strerror or e})") from None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Render a LoRA activations JSON file as one self-contained HTML dashboard."
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path("backend/activations_data.json"),
+        help="activations JSON written by backend/generate_activations_data.py "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("lora_activations_dashboard.html"),
+        help="HTML file to write; replaced atomically (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--title",
+        default="LoRA activations dashboard",
+        help="page title and heading (default: %(default)s)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        data = load_activations(args.data)
+        html = render_dashboard(data, args.title)
+        write_atomically(args.output, html)
+    except DashboardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size_mb = args.output.stat().st_size / 1e6
+    print(f"wrote {args.output} ({size_mb:.2f} MB, {len(data['layers'])} layers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

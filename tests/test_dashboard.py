@@ -1,0 +1,323 @@
+"""generate_html_dashboard.py without a browser: rendering, escaping, errors, atomic output."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import subprocess
+import sys
+from html import unescape
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import generate_html_dashboard as dashboard
+from tests.synthetic import HOSTILE_TOKENS, check_activations, make_activations
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA_BLOCK = re.compile(
+    r'<script type="application/json" id="dashboard-data">(.*?)</script>', re.DOTALL
+)
+QWEN_32B_SHAPE = {"n_layers": 64, "k": 16, "window": 10, "bins": 50}
+
+
+def write_json(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def render(tmp_path: Path, data: dict, *extra: str) -> str:
+    out = tmp_path / "out.html"
+    assert dashboard.main(["--data", str(write_json(tmp_path / "in.json", data)),
+                           "--output", str(out), *extra]) == 0  # fmt: skip
+    return out.read_text(encoding="utf-8")
+
+
+def embedded(html: str) -> dict:
+    (block,) = DATA_BLOCK.findall(html)
+    return json.loads(block)
+
+
+def tokens_of(page_data: dict) -> list[list[str]]:
+    """Every example's context tokens, read back from the page's string table."""
+    strings = page_data["strings"]
+    return [
+        [strings[i] for i in example["tokens"]]
+        for layer in page_data["layers"]
+        for projection in layer["projections"].values()
+        for direction in projection["directions"]
+        for example in direction["top_positive"] + direction["top_negative"]
+    ]
+
+
+# ---- rendering ----------------------------------------------------------------------------
+
+
+def test_main_renders_a_page_and_prints_a_summary(tmp_path, capsys):
+    html = render(tmp_path, make_activations(n_layers=3), "--title", "Run <7>")
+    assert html.startswith("<!DOCTYPE html>")
+    assert "<title>Run &lt;7&gt;</title>" in html
+    assert "synthetic/Qwen2-like" in html  # the header's metadata
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"wrote {tmp_path / 'out.html'}") and "3 layers" in out
+
+
+def test_default_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "backend").mkdir()
+    write_json(tmp_path / "backend" / "activations_data.json", make_activations())
+    assert dashboard.main([]) == 0
+    assert (tmp_path / "lora_activations_dashboard.html").stat().st_size > 0
+
+
+def test_page_is_self_contained(tmp_path):
+    html = render(tmp_path, make_activations())
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html, re.IGNORECASE)
+    assert "@import" not in html and "url(" not in html and "fetch(" not in html
+    assert csp_of(html).startswith("default-src 'none';")
+
+
+def csp_of(html: str) -> str:
+    policy = re.search(r'http-equiv="Content-Security-Policy" content="([^"]*)"', html)[1]
+    return unescape(policy)
+
+
+def test_csp_hashes_match_the_inline_style_and_script(tmp_path):
+    html = render(tmp_path, make_activations())
+    (style,) = re.findall(r"<style>(.*?)</style>", html, re.DOTALL)
+    (script,) = re.findall(r"<script>(.*?)</script>", html, re.DOTALL)
+    csp = csp_of(html)
+    for text in (style, script):
+        digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+        assert f"sha256-{digest}" in csp
+
+
+def test_embedded_data_round_trips(tmp_path):
+    data = make_activations(n_layers=2, modules=["gate_proj", "q_proj"], rank=2, seed=3)
+    page_data = embedded(render(tmp_path, data))
+    assert page_data == dashboard.compact_data(data)
+    assert [layer["layer"] for layer in page_data["layers"]] == [0, 1]
+    assert tokens_of(page_data) == tokens_of_input(data)
+    original = data["layers"][1]["projections"]["q_proj"]["directions"][1]["top_negative"][0]
+    shown = page_data["layers"][1]["projections"]["q_proj"]["directions"][1]["top_negative"][0]
+    assert shown["activations"] == pytest.approx(original["activations"], rel=5e-4)
+    assert shown["activation"] == float(f"{original['activation']:.4g}")
+
+
+def tokens_of_input(data: dict) -> list[list[str]]:
+    return [
+        example["tokens"]
+        for layer in data["layers"]
+        for projection in layer["projections"].values()
+        for direction in projection["directions"]
+        for example in direction["top_positive"] + direction["top_negative"]
+    ]
+
+
+def test_modules_are_ordered_mlp_first_then_attention(tmp_path):
+    data = make_activations(modules=["o_proj", "down_proj", "q_proj", "gate_proj", "custom"])
+    page_data = embedded(render(tmp_path, data))
+    order = list(page_data["layers"][0]["projections"])
+    assert order == ["gate_proj", "down_proj", "q_proj", "o_proj", "custom"]
+
+
+# ---- untrusted text ---------------------------------------------------------------------
+
+
+def test_hostile_tokens_never_appear_raw(tmp_path):
+    data = make_activations(hostile_tokens=True)
+    html = render(tmp_path, data, "--title", "<script>alert(5)</script>")
+    assert "<img" not in html.lower()
+    assert html.lower().count("<script") == 2  # the data block and our own script
+    assert html.lower().count("</script") == 2
+    assert "<script>alert" not in html  # metadata and title are escaped too
+    assert "&lt;script&gt;alert(4)&lt;/script&gt;" in html
+    assert "\u2028" not in html and "\u2029" not in html
+    assert "\\u2028" in html and "\\u003c/script\\u003e" in html
+    assert set(HOSTILE_TOKENS) <= {t for tokens in tokens_of(embedded(html)) for t in tokens}
+
+
+def test_lone_surrogate_token_is_escaped_not_fatal(tmp_path):
+    data = make_activations()
+    example = data["layers"][0]["projections"]["gate_proj"]["directions"][0]["top_positive"][0]
+    example["tokens"][0] = "\ud800"
+    out = tmp_path / "out.html"
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps(data), encoding="ascii")  # json.dumps writes it as \ud800
+    assert dashboard.main(["--data", str(path), "--output", str(out)]) == 0
+    html = out.read_bytes().decode("utf-8")  # still valid UTF-8
+    assert "\ud800" in embedded(html)["strings"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.lists(st.text(), min_size=1, max_size=6))
+def test_any_token_text_survives_the_embedding(tokens):
+    data = make_activations(n_layers=1, modules=["up_proj"], k=1)
+    example = data["layers"][0]["projections"]["up_proj"]["directions"][0]["top_positive"][0]
+    example.update(tokens=tokens, activations=[0.5] * len(tokens), target=0)
+    html = dashboard.render_dashboard(data, "t")
+    assert tokens_of(embedded(html))[0] == tokens
+    assert html.lower().count("</script") == 2
+
+
+# ---- errors -----------------------------------------------------------------------------
+
+
+def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (input file, what the error message must mention)."""
+    good = make_activations()
+    no_version = {k: v for k, v in good.items() if k != "schema_version"}
+    malformed = make_activations()
+    del malformed["layers"][0]["projections"]["up_proj"]["directions"][0]["histogram"]
+    invalid = tmp_path / "invalid.json"
+    invalid.write_text('{"layers": [', encoding="utf-8")
+    nan = tmp_path / "nan.json"
+    nan.write_text(json.dumps(good).replace('"dtype": "bfloat16"', '"dtype": NaN'))
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00{")
+    return {
+        "missing": (tmp_path / "nope.json", "no such file"),
+        "invalid": (invalid, "invalid JSON"),
+        "nan": (nan, "NaN"),
+        "binary": (binary, "UTF-8"),
+        "directory": (tmp_path, "cannot read"),
+        "list": (write_json(tmp_path / "list.json", [1, 2]), "not an activations file"),
+        "no layers": (write_json(tmp_path / "m.json", {"metadata": {}}), "not an activations"),
+        "version 99": (write_json(tmp_path / "v.json", good | {"schema_version": 99}), "99"),
+        "no version": (write_json(tmp_path / "nv.json", no_version), "schema_version"),
+        "malformed": (write_json(tmp_path / "mal.json", malformed), "histogram"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "invalid", "nan", "binary", "directory", "list", "no layers", "version 99",
+     "no version", "malformed"],
+)  # fmt: skip
+def test_bad_input_is_one_clear_line(tmp_path, capsys, case):
+    path, mention = bad_inputs(tmp_path)[case]
+    out = tmp_path / "out.html"
+    assert dashboard.main(["--data", str(path), "--output", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and mention in lines[0]
+    assert "Traceback" not in captured.err
+    assert not out.exists()
+
+
+def test_unknown_version_names_the_version_and_the_known_one(tmp_path, capsys):
+    path = write_json(tmp_path / "v.json", make_activations() | {"schema_version": 99})
+    assert dashboard.main(["--data", str(path), "--output", str(tmp_path / "o.html")]) == 1
+    assert "schema_version 99 (known: 1)" in capsys.readouterr().err
+
+
+def test_script_exits_non_zero_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "generate_html_dashboard.py"), "--data", "absent.json",
+         "--output", str(tmp_path / "o.html")],
+        capture_output=True, text=True, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr == "error: absent.json: no such file\n"
+
+
+def test_help_describes_every_option(capsys):
+    with pytest.raises(SystemExit):
+        dashboard.main(["--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--data", "--output", "--title"):
+        assert re.search(rf"{option} \S+\s+\w", help_text)
+
+
+# ---- atomic output ----------------------------------------------------------------------
+
+
+def test_success_leaves_no_temporary_file(tmp_path):
+    render(tmp_path, make_activations())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "out.html"]
+    assert (tmp_path / "out.html").stat().st_mode & 0o777 == 0o644
+
+
+def test_error_keeps_the_previous_output(tmp_path):
+    out = tmp_path / "out.html"
+    out.write_text("previous")
+    path = write_json(tmp_path / "v.json", {"layers": [], "metadata": {}, "schema_version": 2})
+    assert dashboard.main(["--data", str(path), "--output", str(out)]) == 1
+    assert out.read_text() == "previous"
+
+
+def test_failed_write_keeps_the_previous_output_and_no_temporary(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out.html"
+    out.write_text("previous")
+    path = write_json(tmp_path / "in.json", make_activations())
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dashboard.os, "replace", fail)
+    assert dashboard.main(["--data", str(path), "--output", str(out)]) == 1
+    assert out.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "out.html"]
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_unwritable_output_directory_is_a_clear_error(tmp_path, capsys):
+    path = write_json(tmp_path / "in.json", make_activations())
+    out = tmp_path / "missing-dir" / "out.html"
+    assert dashboard.main(["--data", str(path), "--output", str(out)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {out}: cannot write")
+
+
+def test_inline_assets_cannot_end_their_element(tmp_path, monkeypatch):
+    (tmp_path / "bad.js").write_text("const s = '</SCRIPT>';")
+    monkeypatch.setattr(dashboard, "TEMPLATES", tmp_path)
+    with pytest.raises(RuntimeError, match=r"bad\.js"):
+        dashboard.inline_asset("bad.js")
+
+
+# ---- size -------------------------------------------------------------------------------
+
+
+def test_qwen_32b_shaped_run_is_under_5_mb(tmp_path):
+    data = make_activations(**QWEN_32B_SHAPE, seed=7)
+    html = render(tmp_path, data)
+    assert len(html.encode()) < 5_000_000
+    assert len(embedded(html)["layers"]) == 64
+
+
+# ---- the synthetic builder --------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_layers=st.integers(0, 3),
+    modules=st.lists(
+        st.sampled_from(["gate_proj", "up_proj", "down_proj", "q_proj", "o_proj"]),
+        unique=True,
+        min_size=1,
+    ),
+    rank=st.integers(1, 3),
+    k=st.integers(1, 5),
+    window=st.integers(0, 4),
+    bins=st.integers(1, 12),
+    seed=st.integers(0, 2**32),
+    hostile=st.booleans(),
+)
+def test_synthetic_data_is_contract_valid(n_layers, modules, rank, k, window, bins, seed, hostile):
+    data = make_activations(n_layers, modules, rank, k, window, bins, seed, hostile)
+    check_activations(data)
+    assert json.loads(json.dumps(data)) == data  # plain JSON, no NaN
+    assert data == make_activations(n_layers, modules, rank, k, window, bins, seed, hostile)
+
+
+def test_check_activations_catches_a_broken_file():
+    data = make_activations()
+    direction = data["layers"][0]["projections"]["gate_proj"]["directions"][0]
+    direction["top_positive"].reverse()
+    with pytest.raises(AssertionError):
+        check_activations(data)
