@@ -1,20 +1,29 @@
-"""One streaming pass: batches through the adapted model, activations into the tracker."""
+"""One streaming pass: batches through the adapted model, activations into the run's state.
+
+The pass can be checkpointed (every N examples or minutes, and on SIGINT/SIGTERM) and resumed
+from the last checkpoint with the same result as an unbroken pass.
+"""
 
 from __future__ import annotations
 
+import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from backend import UserError
 from backend.capture import ActivationCapture, read_sites
-from backend.data import Batch, Sequence, iter_batches
+from backend.data import Batch, Position, Sequence
 from backend.directions import find_lora_modules
-from backend.output import build_document
+from backend.output import layer_layout
+from backend.state import RunState
 from backend.tracking import Tracker
 
 
@@ -24,91 +33,150 @@ class AnalysisConfig:
     context_window: int = 10
     histogram_bins: int = 50
     max_batch_tokens: int = 8192
+    sort_window: int = 256  # sequences sorted by length together; a resume replays at most one
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM arrived; the state was saved."""
 
 
 class Analysis:
     """Every LoRA direction of `model`, tracked over the batches given to `process`."""
 
-    def __init__(self, model: nn.Module, config: AnalysisConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AnalysisConfig,
+        device: torch.device,
+        run: dict[str, Any],
+        slot: tuple[int, int] = (0, 1),
+    ) -> None:
         self.config = config
         self.device = device
         self.modules = find_lora_modules(model)
         self.capture = ActivationCapture(model, read_sites(model, self.modules), device)
-        self.tracker = Tracker(
+        first, labels = {}, {}
+        for site in self.capture.sites:
+            start = site.rows.start
+            for m in site.modules:
+                first[m.name], labels[m.name] = start, site.label
+                start += m.rank
+        tracker = Tracker(
             self.capture.num_directions,
             config.top_k,
             config.context_window,
             config.histogram_bins,
             device,
         )
-        self.num_examples = self.num_tokens = self.num_truncated = 0
+        self.state = RunState(run, layer_layout(self.modules, first, labels), tracker, slot=slot)
 
-    def process(self, batch: Batch, sequences: list[Sequence]) -> None:
+    def resume(self, saved: RunState, name: str) -> None:
+        """Continue from a checkpoint of this very run."""
+        if saved.run != self.state.run or saved.slot != self.state.slot:
+            differs = sorted(k for k in saved.run if saved.run[k] != self.state.run.get(k))
+            if saved.slot != self.state.slot:
+                differs.append("shard or process count")
+            raise UserError(f"{name} is a checkpoint of another run ({', '.join(differs)} differ)")
+        if saved.layers != self.state.layers:
+            raise UserError(f"{name} is a checkpoint of another adapter")
+        if saved.position is None:
+            raise UserError(f"{name} is a finished run: nothing to resume")
+        self.state = saved
+
+    def process(self, batch: Batch, sequences: list[Sequence], position: Position) -> None:
         input_ids = batch.input_ids.to(self.device)
         acts = self.capture.run(input_ids, batch.attention_mask.to(self.device))  # [D, B*L]
-        self.tracker.update(
+        self.state.tracker.update(
             acts,
             batch.real.to(self.device),
             input_ids,
             batch.lengths.to(self.device),
             batch.example_index.to(self.device),
         )
-        self.num_examples += len(sequences)
-        self.num_tokens += batch.num_tokens
-        self.num_truncated += sum(s.truncated for s in sequences)
-
-    def document(self, metadata: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-        first, sites = {}, {}
-        for site in self.capture.sites:
-            start = site.rows.start
-            for m in site.modules:
-                first[m.name], sites[m.name] = start, site.label
-                start += m.rank
-        run = {
-            "num_examples": self.num_examples,
-            "num_tokens": self.num_tokens,
-            "num_truncated": self.num_truncated,
-            "top_k": self.config.top_k,
-            "context_window": self.config.context_window,
-            "histogram_bins": self.config.histogram_bins,
-        }
-        return build_document(
-            {**metadata, **run},
-            self.modules,
-            first,
-            sites,
-            self.tracker,
-            token_decoder(tokenizer),
-        )
+        counters = self.state.counters
+        counters["num_examples"] += len(sequences)
+        counters["num_tokens"] += batch.num_tokens
+        counters["num_truncated"] += sum(s.truncated for s in sequences)
+        self.state.position = position
 
 
-def token_decoder(tokenizer: Any):
-    """id -> the text of that one token, as a reader should see it (cached)."""
-    cache: dict[int, str] = {}
+def token_decoder(tokenizer: Any) -> Callable[[int], str]:
+    """id -> the text of that one token, as a reader should see it."""
+    return lambda token_id: tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
 
-    def decode(token_id: int) -> str:
-        if token_id not in cache:
-            cache[token_id] = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
-        return cache[token_id]
 
-    return decode
+@dataclass
+class Checkpoints:
+    """Save the state to `path` every `examples` examples or `seconds` seconds, whichever first."""
+
+    path: Path
+    examples: int | None = None
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        self._last_time, self._last_count = time.monotonic(), 0
+
+    def due(self, counters: dict[str, int]) -> bool:
+        done = counters["num_examples"] - self._last_count
+        by_count = self.examples is not None and done >= self.examples
+        by_time = self.seconds is not None and time.monotonic() - self._last_time >= self.seconds
+        return by_count or by_time
+
+    def save(self, state: RunState, decode: Callable[[int], str]) -> None:
+        state.add_tokens(decode)
+        state.save(self.path)
+        self._last_time, self._last_count = time.monotonic(), state.counters["num_examples"]
+
+
+@contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM are noted (the pass then saves and stops) instead of killing mid-batch.
+
+    A second signal acts as usual, so a stuck run can still be stopped.
+    """
+    received: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def note(sig: int, frame: Any) -> None:
+        received.append(sig)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    for sig in previous:
+        signal.signal(sig, note)
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_analysis(
-    model: nn.Module,
-    sequences: Iterable[Sequence],
-    config: AnalysisConfig,
-    device: torch.device,
+    analysis: Analysis,
+    batches: Iterable[tuple[Batch, list[Sequence], Position]],
+    decode: Callable[[int], str],
+    checkpoints: Checkpoints | None = None,
     total: int | None = None,
     progress: bool = True,
-) -> Analysis:
-    """Stream `sequences` through `model` once; the hooks are gone afterwards, however it ends."""
-    analysis = Analysis(model, config, device)
-    start = time.perf_counter()
-    with analysis.capture.hooks(), tqdm(total=total, unit="ex", disable=not progress) as bar:
-        for batch, group in iter_batches(sequences, config.max_batch_tokens):
-            analysis.process(batch, group)
-            rate = analysis.num_tokens / (time.perf_counter() - start)
-            bar.set_postfix_str(f"{analysis.num_tokens} tok, {rate:,.0f} tok/s", refresh=False)
+) -> RunState:
+    """Stream the batches through the model once; the hooks are gone afterwards, however it ends.
+
+    Returns the finished state (position None, token strings recorded).
+    """
+    state = analysis.state
+    start, done = time.perf_counter(), state.counters["num_tokens"]
+    bar = tqdm(total=total, initial=state.counters["num_examples"], unit="ex", disable=not progress)
+    with analysis.capture.hooks(), deferred_signals() as signals, bar:
+        for batch, group, position in batches:
+            analysis.process(batch, group, position)
+            rate = (state.counters["num_tokens"] - done) / (time.perf_counter() - start)
+            bar.set_postfix_str(f"{state.counters['num_tokens']} tok, {rate:,.0f} tok/s", False)
             bar.update(len(group))
-    return analysis
+            if checkpoints is not None and (signals or checkpoints.due(state.counters)):
+                checkpoints.save(state, decode)
+            if signals:
+                where = f"; state saved to {checkpoints.path}" if checkpoints else ""
+                raise Interrupted(f"interrupted by signal {signals[0]}{where}: rerun with --resume")
+    state.position = None
+    state.add_tokens(decode)
+    return state

@@ -150,13 +150,17 @@ def iter_sequences(
     text_field: str | None,
     max_length: int | None,
     num_examples: int | None,
+    start_row: int = 0,
 ) -> Iterator[Sequence]:
-    """Tokenized rows, cut to max_length; rows with no tokens are skipped but keep their index."""
-    taken = 0
+    """Tokenized rows below num_examples, from start_row on (earlier rows are not tokenized).
+
+    Rows with no tokens are skipped but keep their index.
+    """
     for index, row in enumerate(rows):
-        if num_examples is not None and taken >= num_examples:
+        if num_examples is not None and index >= num_examples:
             break
-        taken += 1
+        if index < start_row:
+            continue
         ids = list(tokenize_row(row, tokenizer, text_field))
         if not ids:
             continue
@@ -164,33 +168,66 @@ def iter_sequences(
         yield Sequence(index, ids[:max_length] if truncated else ids, truncated)
 
 
+@dataclass
+class Position:
+    """Where a pass stands: `batch` batches of the sort window that starts at row `row` are done,
+    and that window's first batch is batch `number` of the whole pass.
+
+    Windows and their batches are a pure function of the rows, so a pass that starts reading at
+    `row` and drops `batch` batches sees exactly what an unbroken one would have.
+    """
+
+    row: int = 0
+    batch: int = 0
+    number: int = 0
+
+
 def iter_batches(
-    sequences: Iterable[Sequence], max_batch_tokens: int, sort_window: int = 256
-) -> Iterator[tuple[Batch, list[Sequence]]]:
+    sequences: Iterable[Sequence],
+    max_batch_tokens: int,
+    sort_window: int = 256,
+    start: Position | None = None,
+    slot: tuple[int, int] = (0, 1),
+) -> Iterator[tuple[Batch, list[Sequence], Position]]:
     """Token-budget batches (B * L <= max_batch_tokens) of length-sorted sequences.
 
     Sorting happens inside windows of `sort_window` sequences: padding stays small while memory
-    stays bounded. A sequence longer than the budget gets a batch of its own.
+    stays bounded. A sequence longer than the budget gets a batch of its own. Of the pass's
+    batches, this slot (i, n) takes those numbered i mod n: every process or shard forms the same
+    batches, so together they compute exactly what one process would. Each batch comes with the
+    position just after it.
     """
+    start = start or Position()
+    number, skip = start.number, start.batch
+    for window in _windows(sequences, sort_window):
+        groups = list(_pack(window, max_batch_tokens))
+        for i, group in enumerate(groups):
+            if i >= skip and (number + i) % slot[1] == slot[0]:
+                yield collate(group), group, Position(window[0].example_index, i + 1, number)
+        number, skip = number + len(groups), 0
+
+
+def _windows(sequences: Iterable[Sequence], size: int) -> Iterator[list[Sequence]]:
     window: list[Sequence] = []
     for seq in sequences:
         window.append(seq)
-        if len(window) == sort_window:
-            yield from _pack(window, max_batch_tokens)
+        if len(window) == size:
+            yield window
             window = []
-    yield from _pack(window, max_batch_tokens)
+    if window:
+        yield window
 
 
-def _pack(window: list[Sequence], max_batch_tokens: int) -> Iterator[tuple[Batch, list[Sequence]]]:
+def _pack(window: list[Sequence], max_batch_tokens: int) -> Iterator[list[Sequence]]:
     group: list[Sequence] = []
     for seq in sorted(window, key=lambda s: len(s.input_ids), reverse=True):
         # Longest first: the first member of a group sets its padded length.
         if group and (len(group) + 1) * len(group[0].input_ids) > max_batch_tokens:
-            yield collate(group), group
+            yield group
             group = []
         group.append(seq)
     if group:
-        yield collate(group), group
+        yield group
 
 
 def collate(group: list[Sequence]) -> Batch:

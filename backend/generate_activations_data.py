@@ -19,10 +19,19 @@ if not __package__:  # run as a script: import `backend` from the repo root, not
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from backend import UserError
-from backend.analysis import AnalysisConfig, run_analysis
-from backend.data import iter_sequences, peek, read_hub_rows, read_rows, row_content
+from backend.analysis import (
+    Analysis,
+    AnalysisConfig,
+    Checkpoints,
+    Interrupted,
+    run_analysis,
+    token_decoder,
+)
+from backend.data import iter_batches, iter_sequences, peek, read_hub_rows, read_rows, row_content
 from backend.loading import DTYPES, default_device, input_device, load_model, resolve_dtype
-from backend.output import write_json_atomic
+from backend.output import build_document, write_json_atomic
+from backend.processes import gather_states, init_processes
+from backend.state import RunState, check_shards, load_state, merge_states
 
 
 def positive_int(text: str) -> int:
@@ -41,6 +50,23 @@ def non_negative_int(text: str) -> int:
 
 def count_or_all(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
+
+
+def interval(text: str) -> tuple[int | None, float | None]:
+    """'500' -> every 500 examples; '10m' -> every 10 minutes."""
+    if text.endswith("m"):
+        minutes = float(text[:-1])
+        if not minutes > 0:
+            raise argparse.ArgumentTypeError(f"minutes must be positive, got {text!r}")
+        return None, minutes * 60
+    return positive_int(text), None
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -122,6 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
         default=8192,
         help="token budget of a batch (sequences x padded length)",
     )
+    scale = parser.add_argument_group(
+        "scale and resume",
+        "Under `torchrun` or `accelerate launch`, each process computes its share of the "
+        "batches and the main process merges and writes the result.",
+    )
+    scale.add_argument(
+        "--shard",
+        type=shard_spec,
+        default=(0, 1),
+        metavar="I/N",
+        help="compute only shard I of N (every Nth batch) and write a shard file to --output; "
+        "combine the N shard files with the `merge` command",
+    )
+    scale.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="checkpoint file (default: --output with .ckpt appended; one per process)",
+    )
+    scale.add_argument(
+        "--checkpoint-every",
+        type=interval,
+        default=(None, 600.0),
+        metavar="N|Nm",
+        help="save a checkpoint every N examples, or every N minutes with an m suffix "
+        "(default: 10m); SIGINT/SIGTERM also save one",
+    )
+    scale.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint if there is one; the result equals an unbroken run",
+    )
     output = parser.add_argument_group("output")
     output.add_argument(
         "--output",
@@ -133,10 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="generate_activations_data.py merge",
+        description="Combine the shard files of a --shard I/N run into one activations JSON, "
+        "exactly as one unbroken run would have written it.",
+    )
+    parser.add_argument("output", type=Path, help="the activations JSON to write")
+    parser.add_argument("shards", type=Path, nargs="+", help="shard files, one per shard")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return run(args)
+        if argv[:1] == ["merge"]:
+            return merge(build_merge_parser().parse_args(argv[1:]))
+        return run(build_parser().parse_args(argv))
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -150,46 +223,113 @@ def run(args: argparse.Namespace) -> int:
         rows, source = read_hub_rows(args.dataset, args.split), f"{args.dataset} ({args.split})"
     first, rows = peek(rows, source)
     row_content(first, args.text_field)  # a wrong field fails before the model loads
-    dtype = resolve_dtype(args.dtype, args.device)
-    model, tokenizer = load_model(
-        args.base_model, args.lora_path, dtype, args.device, args.device_map
-    )
-    sequences = iter_sequences(
-        rows,
-        tokenizer,
-        text_field=args.text_field,
-        max_length=args.max_length,
-        num_examples=args.num_examples,
-    )
+    rank, world, device = init_processes(args.device, args.device_map)
+    shard, shards = args.shard
+    slot = (shard * world + rank, shards * world)  # this process's batches: i % slots == slot
+    dtype = resolve_dtype(args.dtype, device.type)
+    model, tokenizer = load_model(args.base_model, args.lora_path, dtype, device, args.device_map)
     config = AnalysisConfig(
         top_k=args.top_k,
         context_window=args.context_window,
         histogram_bins=args.histogram_bins,
         max_batch_tokens=args.max_batch_tokens,
     )
-    analysis = run_analysis(
-        model, sequences, config, input_device(model), args.num_examples, not args.quiet
-    )
-    if analysis.num_examples == 0:
-        raise UserError(f"no examples with tokens in {source}")
-    metadata = {
+    run_options = {
         "base_model": args.base_model,
         "adapter": args.lora_path,
         "dataset": source,
-        "num_processes": 1,
+        "text_field": args.text_field,
+        "max_length": args.max_length,
+        "num_examples": args.num_examples,
         "dtype": str(dtype).removeprefix("torch."),
+        "top_k": args.top_k,
+        "context_window": args.context_window,
+        "histogram_bins": args.histogram_bins,
+        "max_batch_tokens": args.max_batch_tokens,
+    }
+    analysis = Analysis(model, config, input_device(model), run_options, (slot[0], slot[1]))
+    checkpoint = checkpoint_path(args, rank, world)
+    if args.resume and checkpoint.exists():
+        analysis.resume(load_state(checkpoint, analysis.device), str(checkpoint))
+    position = analysis.state.position
+    sequences = iter_sequences(
+        rows,
+        tokenizer,
+        text_field=args.text_field,
+        max_length=args.max_length,
+        num_examples=args.num_examples,
+        start_row=position.row,
+    )
+    batches = iter_batches(sequences, config.max_batch_tokens, config.sort_window, position, slot)
+    examples, seconds = args.checkpoint_every
+    total = None if args.num_examples is None else -(-args.num_examples // slot[1])
+    state = run_analysis(
+        analysis,
+        batches,
+        token_decoder(tokenizer),
+        Checkpoints(checkpoint, examples, seconds),
+        total=total,
+        progress=not args.quiet and rank == 0,
+    )
+    state = gather_states(state, rank, world)
+    if rank != 0:
+        return 0
+    if state.counters["num_examples"] == 0:
+        raise UserError(f"no examples with tokens in {source}")
+    if shards > 1:
+        state.slot = (shard, shards)
+        state.save(args.output)
+    else:
+        write_json_atomic(document(state), args.output)
+    for r in range(world):
+        checkpoint_path(args, r, world).unlink(missing_ok=True)
+    if not args.quiet:
+        summary(state, args.output, time.perf_counter() - started)
+    return 0
+
+
+def checkpoint_path(args: argparse.Namespace, rank: int, world: int) -> Path:
+    path = args.checkpoint or args.output.with_name(args.output.name + ".ckpt")
+    return path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
+
+
+def document(state: RunState) -> dict:
+    run = state.run
+    metadata = {
+        "base_model": run["base_model"],
+        "adapter": run["adapter"],
+        "dataset": run["dataset"],
+        **state.counters,
+        "num_processes": state.num_processes,
+        "top_k": run["top_k"],
+        "context_window": run["context_window"],
+        "histogram_bins": run["histogram_bins"],
+        "dtype": run["dtype"],
+        "max_length": run["max_length"],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(analysis.document(metadata, tokenizer), args.output)
-    if not args.quiet:
-        seconds = time.perf_counter() - started
-        print(
-            f"{analysis.num_examples} examples, {analysis.num_tokens} tokens "
-            f"({analysis.num_truncated} cut at --max-length), "
-            f"{analysis.capture.num_directions} directions in "
-            f"{len({m.layer for m in analysis.modules})} layers, {seconds:.1f} s "
-            f"-> {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)"
-        )
+    return build_document(metadata, state.layers, state.tracker, state.tokens)
+
+
+def summary(state: RunState, output: Path, seconds: float) -> None:
+    counters = state.counters
+    directions = sum(
+        len(p["directions"]) for layer in state.layers for p in layer["projections"].values()
+    )
+    print(
+        f"{counters['num_examples']} examples, {counters['num_tokens']} tokens "
+        f"({counters['num_truncated']} cut at --max-length), {directions} directions in "
+        f"{len(state.layers)} layers, {state.num_processes} process(es), {seconds:.1f} s "
+        f"-> {output} ({output.stat().st_size / 1e6:.1f} MB)"
+    )
+
+
+def merge(args: argparse.Namespace) -> int:
+    names = [str(p) for p in args.shards]
+    states = [load_state(p) for p in args.shards]
+    check_shards(states, names)
+    write_json_atomic(document(merge_states(states, names)), args.output)
+    print(f"merged {len(states)} shards -> {args.output}")
     return 0
 
 

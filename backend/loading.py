@@ -18,10 +18,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+def resolve_dtype(name: str | None, device_type: str) -> torch.dtype:
     """bfloat16 on a GPU, float32 on the CPU, unless asked otherwise."""
     if name is None:
-        return torch.float32 if device == "cpu" else torch.bfloat16
+        return torch.float32 if device_type == "cpu" else torch.bfloat16
     return DTYPES[name]
 
 
@@ -54,7 +54,11 @@ def base_model_dir(base_model: str) -> str:
 
 
 def load_model(
-    base_model: str, lora_path: str, dtype: torch.dtype, device: str, device_map: str | None
+    base_model: str,
+    lora_path: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    device_map: str | None,
 ) -> tuple[nn.Module, Any]:
     """(PEFT model in eval mode, tokenizer). With device_map, accelerate places the layers."""
     from peft import PeftModel

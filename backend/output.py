@@ -1,4 +1,5 @@
-"""The activations JSON of the data contract, assembled from the tracker and written atomically."""
+"""The activations JSON of the data contract: the layout of a run's directions, filled in from
+its tracker, written atomically."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -21,80 +22,99 @@ def short_floats(values: list[float]) -> list[float]:
     return [float(str(v)) for v in np.asarray(values, dtype=np.float32)]
 
 
-def example_json(example: TopExample, decode: Callable[[int], str]) -> dict[str, Any]:
+def layer_layout(
+    modules: list[LoraModule], first: dict[str, int], read_sites: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The document's layers without results: cosines, and per direction its tracker `index`."""
+    layers: dict[int, list[LoraModule]] = {}
+    for m in modules:
+        layers.setdefault(m.layer, []).append(m)
+    return [
+        {
+            "layer": layer,
+            "cosine_similarities": layer_cosines(members),
+            "projections": {
+                m.module: {
+                    "rank": m.rank,
+                    "scaling": m.scaling,
+                    "read_site": read_sites[m.name],
+                    "directions": [
+                        {
+                            "index": first[m.name] + c,
+                            "component": c,
+                            "a_norm": float(m.A[c].float().norm()),
+                            "b_norm": float(m.B[:, c].float().norm()),
+                        }
+                        for c in range(m.rank)
+                    ],
+                }
+                for m in members
+            },
+        }
+        for layer, members in sorted(layers.items())
+    ]
+
+
+def example_json(example: TopExample, tokens: dict[int, str]) -> dict[str, Any]:
     return {
         "activation": short_floats([example.activation])[0],
         "example_index": example.example_index,
         "token_index": example.token_index,
-        "tokens": [decode(i) for i in example.context_ids],
+        "tokens": [tokens[i] for i in example.context_ids],
         "activations": short_floats(example.context_acts),
         "target": example.target,
     }
 
 
-def direction_json(
-    tracker: Tracker, index: int, module: LoraModule, component: int, decode: Callable[[int], str]
-) -> dict[str, Any]:
-    count = int(tracker.count[index])
-    lo, hi = float(tracker.min[index]), float(tracker.max[index])
+def direction_json(layout: dict[str, Any], tracker: Tracker, tokens: dict[int, str]) -> dict:
+    i = layout["index"]
+    lo, hi = float(tracker.min[i]), float(tracker.max[i])
     return {
-        "component": component,
-        "a_norm": float(module.A[component].float().norm()),
-        "b_norm": float(module.B[:, component].float().norm()),
+        **{key: value for key, value in layout.items() if key != "index"},
         "stats": {
-            "count": count,
+            "count": int(tracker.count[i]),
             "min": lo,
             "max": hi,
-            "mean": float(tracker.mean[index]),
-            "std": float(tracker.std()[index]),
+            "mean": float(tracker.mean[i]),
+            "std": float(tracker.std()[i]),
         },
-        "histogram": tracker.histogram.export(index, lo, hi),
-        "top_positive": [example_json(e, decode) for e in tracker.top_examples(index, False)],
-        "top_negative": [example_json(e, decode) for e in tracker.top_examples(index, True)],
+        "histogram": tracker.histogram.export(i, lo, hi),
+        "top_positive": [example_json(e, tokens) for e in tracker.top_examples(i, False)],
+        "top_negative": [example_json(e, tokens) for e in tracker.top_examples(i, True)],
     }
 
 
 def build_document(
-    metadata: dict[str, Any],
-    modules: list[LoraModule],
-    first: dict[str, int],  # module name -> tracker index of its component 0
-    read_sites: dict[str, str],  # module name -> read site label
-    tracker: Tracker,
-    decode: Callable[[int], str],
+    metadata: dict[str, Any], layers: list[dict], tracker: Tracker, tokens: dict[int, str]
 ) -> dict[str, Any]:
-    layers: dict[int, list[LoraModule]] = {}
-    for m in modules:
-        layers.setdefault(m.layer, []).append(m)
+    """The contract's document: metadata, and the layout with every direction's results."""
+    modules = [name for layer in layers for name in layer["projections"]]
     return {
         "schema_version": SCHEMA_VERSION,
         "metadata": {
             **metadata,
-            "lora_layers": sorted(layers),
-            "modules": list(dict.fromkeys(m.module for m in modules)),
+            "lora_layers": [layer["layer"] for layer in layers],
+            "modules": list(dict.fromkeys(modules)),
         },
         "layers": [
             {
-                "layer": layer,
-                "cosine_similarities": layer_cosines(members),
+                **layer,
                 "projections": {
-                    m.module: {
-                        "rank": m.rank,
-                        "scaling": m.scaling,
-                        "read_site": read_sites[m.name],
+                    name: {
+                        **projection,
                         "directions": [
-                            direction_json(tracker, first[m.name] + c, m, c, decode)
-                            for c in range(m.rank)
+                            direction_json(d, tracker, tokens) for d in projection["directions"]
                         ],
                     }
-                    for m in members
+                    for name, projection in layer["projections"].items()
                 },
             }
-            for layer, members in sorted(layers.items())
+            for layer in layers
         ],
     }
 
 
-def write_json_atomic(document: dict[str, Any], path: Path) -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write to a temporary file beside `path`, then rename: readers never see half a file."""
     path = Path(path)
     try:
@@ -103,9 +123,16 @@ def write_json_atomic(document: dict[str, Any], path: Path) -> None:
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(document, f, allow_nan=False, separators=(",", ":"))
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_json_atomic(document: dict[str, Any], path: Path) -> None:
+    text = json.dumps(document, allow_nan=False, separators=(",", ":"))
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -80,7 +80,9 @@ class Histogram:
         scale = torch.ldexp(torch.ones(d, device=x.device), -self.exp)[:, None]
         index = torch.floor(x * scale).sub_(self.start.float()[:, None]).int()  # [D, N] in [0, n)
         index += torch.arange(0, d * n, n, dtype=torch.int, device=x.device)[:, None]
-        self.counts += torch.bincount(index.flatten(), minlength=d * n).view(d, n)
+        # index_add_, not bincount: bincount on a GPU waits for the host to size its output.
+        ones = torch.ones(1, dtype=torch.long, device=x.device).expand(index.numel())
+        self.counts.view(-1).index_add_(0, index.flatten(), ones)
 
     def merge(self, other: Histogram, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Add another histogram's counts; lo/hi: the min/max over both."""
@@ -126,6 +128,11 @@ def chunked_topk(x: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, 
 
 class Tracker:
     """Top-k with context, moments and histograms of D directions."""
+
+    STATE = (
+        "count", "mean", "m2", "min", "max",
+        "top_values", "top_example", "top_position", "context_ids", "context_acts",
+    )  # fmt: skip
 
     def __init__(
         self, num_directions: int, top_k: int, context_window: int, bins: int, device: torch.device
@@ -219,6 +226,24 @@ class Tracker:
             other.context_ids,
             other.context_acts,
         )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the tracker holds, on the CPU: for checkpoints, shards and processes."""
+        state = {name: getattr(self, name).cpu() for name in self.STATE}
+        for name in ("exp", "start", "counts"):
+            state[f"histogram.{name}"] = getattr(self.histogram, name).cpu()
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device) -> Tracker:
+        _, d, k, c = state["context_ids"].shape
+        bins = state["histogram.counts"].shape[1] // OVERSAMPLE
+        tracker = cls(d, k, (c - 1) // 2, bins, device)
+        for name in cls.STATE:
+            setattr(tracker, name, state[name].to(device))
+        for name in ("exp", "start", "counts"):
+            setattr(tracker.histogram, name, state[f"histogram.{name}"].to(device))
+        return tracker
 
     def std(self) -> torch.Tensor:
         return (self.m2 / self.count.clamp(min=1)).sqrt()

@@ -2,8 +2,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny import random_texts, save_adapter, save_base
+
+# Tiny models gain nothing from threads, and on a busy 2-core machine competing threads make
+# every op wait: one thread keeps the suite fast, and subprocesses use the same (OMP_NUM_THREADS).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

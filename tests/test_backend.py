@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from backend import UserError
-from backend.analysis import AnalysisConfig, run_analysis
+from backend.analysis import Analysis, AnalysisConfig, run_analysis, token_decoder
 from backend.capture import ActivationCapture, read_sites
-from backend.data import iter_sequences, read_rows
+from backend.data import iter_batches, iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.loading import load_model
@@ -223,7 +223,13 @@ def test_hooks_removed_after_success_and_error(qwen2_base, rank1_adapter, text_f
             read_rows(text_file), tokenizer, text_field=None, max_length=None, num_examples=None
         )
     )
-    run_analysis(model, seqs, AnalysisConfig(), torch.device("cpu"), progress=False)
+
+    def analyse(sequences):
+        analysis = Analysis(model, AnalysisConfig(), torch.device("cpu"), run={})
+        batches = iter_batches(sequences, max_batch_tokens=64)
+        return run_analysis(analysis, batches, token_decoder(tokenizer), progress=False)
+
+    analyse(seqs)
     assert hook_count() == before
 
     def failing():
@@ -232,7 +238,7 @@ def test_hooks_removed_after_success_and_error(qwen2_base, rank1_adapter, text_f
         raise RuntimeError("data source broke")
 
     with pytest.raises(RuntimeError, match="data source broke"):
-        run_analysis(model, failing(), AnalysisConfig(), torch.device("cpu"), progress=False)
+        analyse(failing())
     assert hook_count() == before
 
 

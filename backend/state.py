@@ -1,0 +1,118 @@
+"""A run's accumulated state: what a checkpoint, a shard file and a process's result all are.
+
+The state holds the tracker's tensors, the layout of the directions, the counters, the strings
+of the tokens its top-k contexts use (so that merging needs no tokenizer), and where the pass
+stands. States of the same run over disjoint rows merge exactly into the state of one pass over
+all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend import UserError
+from backend.data import Position
+from backend.output import write_atomic
+from backend.tracking import Tracker
+
+CPU = torch.device("cpu")
+FORMAT = "lora-activations-state"
+VERSION = 1
+COUNTERS = ("num_examples", "num_tokens", "num_truncated")
+
+
+@dataclass
+class RunState:
+    run: dict[str, Any]  # the options that define the run: equal for a resume or a merge
+    layers: list[dict[str, Any]]  # the document's layout (output.layer_layout)
+    tracker: Tracker
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    tokens: dict[int, str] = field(default_factory=dict)  # strings of the top-k context ids
+    position: Position | None = field(default_factory=Position)  # None once the pass is done
+    slot: tuple[int, int] = (0, 1)  # this state's batches: number % slots == slot
+    num_processes: int = 1  # processes whose results it holds
+
+    def add_tokens(self, decode) -> None:
+        """Record the strings of every id in the top-k contexts (decode: id -> str)."""
+        ids = torch.unique(self.tracker.context_ids).tolist()
+        self.tokens.update({i: decode(i) for i in ids if i >= 0 and i not in self.tokens})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "run": self.run,
+            "layers": self.layers,
+            "tracker": self.tracker.state_dict(),
+            "counters": self.counters,
+            "tokens": self.tokens,
+            "position": None if self.position is None else vars(self.position),
+            "slot": list(self.slot),
+            "num_processes": self.num_processes,
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any], device: torch.device) -> RunState:
+        return cls(
+            run=state["run"],
+            layers=state["layers"],
+            tracker=Tracker.from_state_dict(state["tracker"], device),
+            counters=state["counters"],
+            tokens=state["tokens"],
+            position=None if state["position"] is None else Position(**state["position"]),
+            slot=tuple(state["slot"]),
+            num_processes=state["num_processes"],
+        )
+
+    def save(self, path: Path) -> None:
+        state = self.to_dict()
+        write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_state(path: Path, device: torch.device = CPU) -> RunState:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no such file: {path}") from None
+    except Exception as e:  # pickle, zip and torch errors alike: not a state file of ours
+        raise UserError(f"{path} is not a state file ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not a state file of this tool")
+    if state.get("version") != VERSION:
+        raise UserError(f"{path}: state version {state.get('version')}, expected {VERSION}")
+    return RunState.from_dict(state, device)
+
+
+def merge_states(states: list[RunState], names: list[str]) -> RunState:
+    """One state holding all of `states`: finished passes of one run over disjoint batches."""
+    first = states[0]
+    for state, name in zip(states, names, strict=True):
+        if state.position is not None:
+            raise UserError(f"{name} is an unfinished run: finish it with --resume first")
+        if state.run != first.run or state.layers != first.layers:
+            differs = sorted(k for k in first.run if state.run.get(k) != first.run[k])
+            what = ", ".join(differs) if differs else "the adapter's directions"
+            raise UserError(f"{name} is not from the same run as {names[0]} ({what} differ)")
+    tracker = Tracker.from_state_dict(first.tracker.state_dict(), CPU)
+    merged = RunState(first.run, first.layers, tracker, dict(first.counters), dict(first.tokens))
+    merged.position, merged.num_processes = None, first.num_processes
+    for state in states[1:]:
+        merged.tracker.merge(state.tracker)
+        merged.tokens.update(state.tokens)
+        merged.num_processes += state.num_processes
+        for key in COUNTERS:
+            merged.counters[key] += state.counters[key]
+    return merged
+
+
+def check_shards(states: list[RunState], names: list[str]) -> None:
+    """Refuse a set of shard files that does not hold each shard of one split exactly once."""
+    slots = sorted((s.slot, name) for s, name in zip(states, names, strict=True))
+    total = slots[0][0][1]
+    if [slot for slot, _ in slots] != [(i, total) for i in range(total)]:
+        have = ", ".join(f"{name}: shard {i}/{n}" for (i, n), name in slots)
+        raise UserError(f"need shards 0..{total - 1} of {total}, each once; got {have}")

@@ -1,0 +1,160 @@
+"""Processes, shards and resume give the result of one unbroken run (tiny real model, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend.generate_activations_data import main
+from tests.tiny import random_texts
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "backend" / "generate_activations_data.py")
+
+
+@pytest.fixture(scope="module")
+def many_texts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "many.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(120, seed=5)))
+    return path
+
+
+def args(base, adapter, data, out, *extra) -> list[str]:
+    return ["--base-model", str(base), "--lora-path", str(adapter), "--data-file", str(data),
+            "--num-examples", "all", "--top-k", "6", "--context-window", "2",
+            "--max-batch-tokens", "96", "--output", str(out), "--quiet", *extra]  # fmt: skip
+
+
+def subprocess_env() -> dict[str, str]:
+    # The same intra-op threads as this process: CPU kernels' rounding depends on the count.
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
+
+
+def results(doc: dict) -> dict:
+    """What a run found, without when it ran or how many processes it used."""
+    meta = {k: v for k, v in doc["metadata"].items() if k not in ("created_at", "num_processes")}
+    return {"metadata": meta, "layers": doc["layers"]}
+
+
+def assert_same(a: dict, b: dict, exact: bool) -> None:
+    """Equal results: exactly, or up to float rounding of means and the order of tied tokens."""
+    if exact:
+        assert results(a) == results(b)
+        return
+    assert results(a)["metadata"] == results(b)["metadata"]
+    for la, lb in zip(a["layers"], b["layers"], strict=True):
+        assert la["cosine_similarities"] == lb["cosine_similarities"]
+        for name, pa in la["projections"].items():
+            for da, db in zip(pa["directions"], lb["projections"][name]["directions"], strict=True):
+                assert da["histogram"] == db["histogram"]
+                sa, sb = da["stats"], db["stats"]
+                assert (sa["count"], sa["min"], sa["max"]) == (sb["count"], sb["min"], sb["max"])
+                assert sa["mean"] == pytest.approx(sb["mean"], rel=1e-12, abs=1e-15)
+                assert sa["std"] == pytest.approx(sb["std"], rel=1e-12)
+                for side in ("top_positive", "top_negative"):
+                    assert [e["activation"] for e in da[side]] == [
+                        e["activation"] for e in db[side]
+                    ]
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, qwen2_base, rank1_adapter, many_texts) -> dict:
+    out = tmp_path_factory.mktemp("unbroken") / "out.json"
+    assert main(args(qwen2_base, rank1_adapter, many_texts, out)) == 0
+    return json.loads(out.read_text())
+
+
+def test_two_processes_equal_one(tmp_path, qwen2_base, rank1_adapter, many_texts, unbroken):
+    out = tmp_path / "out.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", "29533", SCRIPT, *args(qwen2_base, rank1_adapter, many_texts, out),
+               "--device", "cpu"]  # fmt: skip
+    env = subprocess_env()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["metadata"]["num_processes"] == 2
+    assert_same(doc, unbroken, exact=False)
+    assert not list(tmp_path.glob("*.ckpt*"))  # checkpoints are removed once the output exists
+
+
+def test_shards_merged_equal_one_run(tmp_path, qwen2_base, rank1_adapter, many_texts, unbroken):
+    shards = [tmp_path / f"shard{i}.pt" for i in range(3)]
+    for i, shard in enumerate(shards):
+        assert main(args(qwen2_base, rank1_adapter, many_texts, shard, "--shard", f"{i}/3")) == 0
+    out = tmp_path / "merged.json"
+    assert main(["merge", str(out), *map(str, reversed(shards))]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["metadata"]["num_processes"] == 3
+    assert_same(doc, unbroken, exact=False)
+
+
+def test_merge_refuses_incomplete_or_mixed_shards(tmp_path, capsys, qwen2_base, rank1_adapter,
+                                                  many_texts):  # fmt: skip
+    shard0 = tmp_path / "s0.pt"
+    assert main(args(qwen2_base, rank1_adapter, many_texts, shard0, "--shard", "0/2")) == 0
+    assert main(["merge", str(tmp_path / "o.json"), str(shard0)]) == 1
+    assert "need shards 0..1 of 2" in capsys.readouterr().err
+    other = tmp_path / "s1.pt"
+    extra = ("--shard", "1/2", "--top-k", "3")
+    assert main(args(qwen2_base, rank1_adapter, many_texts, other, *extra)) == 0
+    assert main(["merge", str(tmp_path / "o.json"), str(shard0), str(other)]) == 1
+    assert "top_k" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "o.json"), str(many_texts)]) == 1
+    assert "not a state file" in capsys.readouterr().err
+    assert not (tmp_path / "o.json").exists()
+
+
+def run_until_checkpoint(command: list[str], checkpoint: Path) -> subprocess.Popen:
+    """Start a run and return it once it has saved a checkpoint and is still going."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env()
+    )
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.2)  # a few more batches, and likely a checkpoint being rewritten
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    return process
+
+
+@pytest.fixture(scope="module")
+def long_run(tmp_path_factory, qwen2_base, rank1_adapter) -> tuple[Path, dict]:
+    """A data file long enough to interrupt a run of it, and its unbroken result."""
+    folder = tmp_path_factory.mktemp("long")
+    data = folder / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(2000, seed=8)))
+    out = folder / "out.json"
+    assert main(args(qwen2_base, rank1_adapter, data, out, "--max-batch-tokens", "48")) == 0
+    return data, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_to_the_same_result(tmp_path, qwen2_base, rank1_adapter, long_run,
+                                               sig):  # fmt: skip
+    data, unbroken = long_run
+    out = tmp_path / "out.json"
+    checkpoint = tmp_path / "run.ckpt"
+    run = args(qwen2_base, rank1_adapter, data, out, "--max-batch-tokens", "48",
+               "--checkpoint", str(checkpoint))  # fmt: skip
+    every_batch = [*run, "--checkpoint-every", "1"]
+    process = run_until_checkpoint([sys.executable, SCRIPT, *every_batch], checkpoint)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    if sig == signal.SIGINT:  # saved, said so, and stopped
+        assert process.returncode == 130 and "rerun with --resume" in stderr, stderr[-2000:]
+        assert "Traceback" not in stderr
+    assert not out.exists() and checkpoint.exists()
+    assert main([*run, "--resume"]) == 0
+    assert_same(json.loads(out.read_text()), unbroken, exact=True)
+    assert not checkpoint.exists()
