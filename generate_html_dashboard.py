@@ -13,15 +13,16 @@ import argparse
 import base64
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
+
+from backend import UserError
+from backend.atomic import write_atomic
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 KNOWN_SCHEMA_VERSIONS = (1,)
@@ -47,7 +48,7 @@ SCRIPT_UNSAFE = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
 ENDS_INLINE_ELEMENT = re.compile(r"</(script|style)|<!--", re.IGNORECASE)
 
 
-class DashboardError(Exception):
+class DashboardError(UserError):
     """A problem with the user's input or output, reported as one line without a traceback."""
 
 
@@ -222,24 +223,6 @@ def _round(x: float, digits: int = DISPLAY_DIGITS) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory, so that `path` is either the old
-    file or the complete new one, never a partial page."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            # Lone surrogates (valid in JSON strings, not in UTF-8) become "?" rather than fail.
-            with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
-                f.write(text)
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; the page is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise DashboardError(f"{path}: cannot write ({e.strerror or e})") from None
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Render a LoRA activations JSON file as one self-contained HTML dashboard."
@@ -270,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = load_activations(args.data)
         html = render_dashboard(data, args.title)
-        write_atomically(args.output, html)
-    except DashboardError as e:
+        # Lone surrogates (valid in JSON strings, not in UTF-8) become "?" rather than fail.
+        write_atomic(args.output, lambda f: f.write(html.encode("utf-8", errors="replace")))
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     size_mb = args.output.stat().st_size / 1e6

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="generate_activations_data.py",
         description=__doc__.split("\n\n")[0],
+        epilog="Shard files of a --shard I/N run combine into one activations JSON with: "
+        "generate_activations_data.py merge OUT.json SHARD_FILE...",
         formatter_class=HelpFormatter,
     )
     model = parser.add_argument_group("model")
@@ -159,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=(0, 1),
         metavar="I/N",
         help="compute only shard I of N (every Nth batch) and write a shard file to --output; "
-        "combine the N shard files with the `merge` command",
+        "combine the N shard files with the `merge` command (default: 0/1, the whole run)",
     )
     scale.add_argument(
         "--checkpoint",
@@ -221,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         rows, source = read_rows(args.data_file), str(args.data_file)
     else:
         rows, source = read_hub_rows(args.dataset, args.split), f"{args.dataset} ({args.split})"
+    available = len(rows) if hasattr(rows, "__len__") else None  # hub datasets know their size
     first, rows = peek(rows, source)
     row_content(first, args.text_field)  # a wrong field fails before the model loads
     rank, world, device = init_processes(args.device, args.device_map)
@@ -262,7 +265,9 @@ def run(args: argparse.Namespace) -> int:
     )
     batches = iter_batches(sequences, config.max_batch_tokens, config.sort_window, position, slot)
     examples, seconds = args.checkpoint_every
-    total = None if args.num_examples is None else -(-args.num_examples // slot[1])
+    # The bar counts this process's examples: known in advance only when it does all batches.
+    known = [n for n in (args.num_examples, available) if n is not None]
+    total = min(known) if known and slot[1] == 1 else None
     state = run_analysis(
         analysis,
         batches,

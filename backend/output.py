@@ -4,22 +4,13 @@ its tracker, written atomically."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import numpy as np
-
-from backend import SCHEMA_VERSION, UserError
+from backend import SCHEMA_VERSION
+from backend.atomic import write_atomic
 from backend.directions import LoraModule, layer_cosines
 from backend.tracking import TopExample, Tracker
-
-
-def short_floats(values: list[float]) -> list[float]:
-    """float32 values as the shortest decimals that round-trip them (keeps the file small)."""
-    return [float(str(v)) for v in np.asarray(values, dtype=np.float32)]
 
 
 def layer_layout(
@@ -57,11 +48,11 @@ def layer_layout(
 
 def example_json(example: TopExample, tokens: dict[int, str]) -> dict[str, Any]:
     return {
-        "activation": short_floats([example.activation])[0],
+        "activation": example.activation,
         "example_index": example.example_index,
         "token_index": example.token_index,
         "tokens": [tokens[i] for i in example.context_ids],
-        "activations": short_floats(example.context_acts),
+        "activations": example.context_acts,
         "target": example.target,
     }
 
@@ -112,25 +103,6 @@ def build_document(
             for layer in layers
         ],
     }
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write to {path.parent}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_json_atomic(document: dict[str, Any], path: Path) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from backend import UserError
+from backend.atomic import write_atomic
 from backend.data import Position
-from backend.output import write_atomic
 from backend.tracking import Tracker
 
 CPU = torch.device("cpu")

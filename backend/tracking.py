@@ -90,16 +90,22 @@ class Histogram:
         self.counts += self._rebinned(other.counts, other.exp, other.start, self.exp, self.start)
 
     def export(self, d: int, lo: float, hi: float) -> dict:
-        """Direction d as at most `bins` bins of whole internal bins, edges covering [lo, hi]."""
+        """Direction d as `bins` bins of whole internal bins, edges covering [lo, hi].
+
+        Bins group `group` internal bins each; the occupied ones need `used` <= `bins` of them,
+        and the rest are empty bins split between both ends, so every direction has `bins` bins.
+        """
         width = math.ldexp(1.0, int(self.exp[d]))
         start = int(self.start[d])
         first, last = math.floor(lo / width) - start, math.floor(hi / width) - start
         group = math.ceil((last - first + 1) / self.bins)
-        num = math.ceil((last - first + 1) / group)
-        counts = self.counts[d, first : first + num * group].cpu()
-        counts = torch.nn.functional.pad(counts, (0, num * group - counts.numel()))
-        edges = [(start + first + i * group) * width for i in range(num + 1)]
-        return {"edges": edges, "counts": counts.view(num, group).sum(1).tolist()}
+        used = math.ceil((last - first + 1) / group)
+        first -= (self.bins - used) // 2 * group  # global bin indices may go past the grid
+        counts = torch.zeros(self.bins * group, dtype=torch.long)
+        inside = slice(max(first, 0), min(first + self.bins * group, self.size))
+        counts[inside.start - first : inside.stop - first] = self.counts[d, inside].cpu()
+        edges = [(start + first + i * group) * width for i in range(self.bins + 1)]
+        return {"edges": edges, "counts": counts.view(self.bins, group).sum(1).tolist()}
 
 
 def _floor_div(x: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:

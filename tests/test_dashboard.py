@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import backend.atomic
 import generate_html_dashboard as dashboard
 from tests.synthetic import HOSTILE_TOKENS, check_activations, make_activations
 
@@ -259,7 +260,7 @@ def test_failed_write_keeps_the_previous_output_and_no_temporary(tmp_path, monke
     def fail(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(dashboard.os, "replace", fail)
+    monkeypatch.setattr(backend.atomic.os, "replace", fail)
     assert dashboard.main(["--data", str(path), "--output", str(out)]) == 1
     assert out.read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.json", "out.html"]
@@ -268,7 +269,7 @@ def test_failed_write_keeps_the_previous_output_and_no_temporary(tmp_path, monke
 
 def test_unwritable_output_directory_is_a_clear_error(tmp_path, capsys):
     path = write_json(tmp_path / "in.json", make_activations())
-    out = tmp_path / "missing-dir" / "out.html"
+    out = tmp_path / "in.json" / "out.html"  # its "directory" is a file
     assert dashboard.main(["--data", str(path), "--output", str(out)]) == 1
     assert capsys.readouterr().err.startswith(f"error: {out}: cannot write")
 
