@@ -97,7 +97,26 @@
 
   // ---- examples -------------------------------------------------------------------------
 
-  function exampleRow(example, scale) {
+  // Examples with the same context, position and value are one finding (typically a prompt
+  // prefix that every example shares): one row, saying how many examples it stands for.
+  function sameContext(a, b) {
+    return a.token_index === b.token_index && a.activation === b.activation &&
+      a.target === b.target && a.tokens.length === b.tokens.length &&
+      a.tokens.every((id, j) => id === b.tokens[j]);
+  }
+
+  function groupRepeats(examples) {
+    const groups = [];
+    for (const example of examples) {
+      const last = groups[groups.length - 1];
+      if (last && sameContext(last[0], example)) last.push(example);
+      else groups.push([example]);
+    }
+    return groups;
+  }
+
+  function exampleRow(group, scale) {
+    const example = group[0];
     const row = el("li", "example");
     const side = el("div", "side");
     const value = el("span", "value", fmt(example.activation));
@@ -105,6 +124,12 @@
     const where = el("span", "where", `#${example.example_index} t${example.token_index}`);
     where.title = `example ${example.example_index}, token ${example.token_index}`;
     side.append(value, where);
+    if (group.length > 1) {
+      const repeats = el("span", "repeats", `×${group.length} examples`);
+      repeats.title = "the same context in examples " +
+        group.map((e) => `#${e.example_index}`).join(", ");
+      side.append(repeats);
+    }
 
     const context = el("div", "context");
     const start = example.token_index - example.target;
@@ -135,7 +160,7 @@
       return section;
     }
     const list = el("ol", "example-list");
-    for (const example of examples) list.append(exampleRow(example, scale));
+    for (const group of groupRepeats(examples)) list.append(exampleRow(group, scale));
     section.append(list);
     return section;
   }

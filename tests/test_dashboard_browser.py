@@ -285,6 +285,21 @@ def test_statistics_histograms_and_cosine_tables(open_page, qwen_32b_shaped):
 # ---- untrusted text ---------------------------------------------------------------------
 
 
+def test_repeated_contexts_show_once_with_their_count(open_page, tmp_path):
+    """A prompt prefix shared by every example fills a top list with one context: one row."""
+    data = make_activations(n_layers=1, k=4, seed=3)
+    direction = data["layers"][0]["projections"]["gate_proj"]["directions"][0]
+    first = direction["top_positive"][0]
+    direction["top_positive"][1:3] = [{**first, "example_index": i} for i in (101, 102)]
+    page = open_page(rendered(tmp_path, data).path.as_uri()).page
+    card = page.locator(".card").first
+    rows = card.locator(".examples.pos li.example")
+    assert rows.count() == 2  # [first, its two repeats], the fourth example
+    assert rows.first.locator(".repeats").text_content() == "×3 examples"
+    assert "#101, #102" in rows.first.locator(".repeats").get_attribute("title")
+    assert card.locator(".examples.pos h4").text_content().endswith("(4)")
+
+
 def test_hostile_tokens_render_as_text(open_page, small):
     opened = open_page(small.url)
     page = opened.page
