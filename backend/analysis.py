@@ -21,10 +21,19 @@ from tqdm import tqdm
 from backend import UserError
 from backend.capture import ActivationCapture, read_sites
 from backend.data import Batch, Position, Sequence
-from backend.directions import find_lora_modules
+from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.output import layer_layout
 from backend.state import RunState
 from backend.tracking import Tracker
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Token budget of a batch when the user sets none.
+
+    A GPU needs large batches to be busy. A CPU gains nothing past a couple of thousand tokens
+    and loses cache: benchmarks/bench_pipeline.py ran SmolLM2 1.38x slower at 8192 than at 2048.
+    """
+    return 2048 if device.type == "cpu" else 8192
 
 
 @dataclass
@@ -32,8 +41,25 @@ class AnalysisConfig:
     top_k: int = 16
     context_window: int = 10
     histogram_bins: int = 50
-    max_batch_tokens: int = 8192
+    max_batch_tokens: int = 8192  # see default_batch_tokens
+    logit_tokens: int = 10  # tokens listed per side of a direction's logit effects
     sort_window: int = 256  # sequences sorted by length together; a resume replays at most one
+
+
+def sibling_table(modules: list[LoraModule], first: dict[str, int]) -> torch.Tensor:
+    """[D, S]: for each direction, the other modules' directions of its layer and component
+    (-1 where it has fewer than S), whose activations its kept contexts carry too."""
+    rows: dict[int, list[int]] = {}  # direction index -> its siblings
+    for m in modules:
+        for c in range(m.rank):
+            rows[first[m.name] + c] = [
+                first[other.name] + c
+                for other in modules
+                if other.layer == m.layer and other is not m and c < other.rank
+            ]
+    width = max(map(len, rows.values()), default=0)
+    padded = [rows[d] + [-1] * (width - len(rows[d])) for d in range(len(rows))]
+    return torch.tensor(padded, dtype=torch.long).view(len(rows), width)
 
 
 class Interrupted(UserError):
@@ -67,8 +93,17 @@ class Analysis:
             config.context_window,
             config.histogram_bins,
             device,
+            siblings=sibling_table(self.modules, first),
+            vocab_size=model.get_input_embeddings().weight.shape[0],
         )
-        self.state = RunState(run, layer_layout(self.modules, first, labels), tracker, slot=slot)
+        effects = logit_effects(model, self.modules, config.logit_tokens)
+        self.state = RunState(
+            run,
+            layer_layout(self.modules, first, labels, effects),
+            tracker,
+            cross_layer_cosine(self.modules),
+            slot=slot,
+        )
 
     def resume(self, saved: RunState, name: str) -> None:
         """Continue from a checkpoint of this very run."""

@@ -118,3 +118,51 @@ def layer_cosines(modules: list[LoraModule]) -> list[dict]:
         }
         for space in names
     ]
+
+
+def cross_layer_cosine(modules: list[LoraModule]) -> dict:
+    """Cosines between all vectors in the residual stream, across layers ("L3.gate_proj.A[0]").
+
+    Shows which layers read (A) what earlier layers write (B).
+    """
+    labelled = [
+        (f"L{m.layer}.{label}", vector)
+        for m in modules
+        for label, vector in vectors_by_space([m]).get("residual", [])
+    ]
+    return {
+        "labels": [label for label, _ in labelled],
+        "matrix": cosine_matrix([v for _, v in labelled]) if labelled else [],
+    }
+
+
+def logit_effects(model: nn.Module, modules: list[LoraModule], n: int) -> dict[str, list[dict]]:
+    """For each module writing into the residual stream, per component: the n token ids whose
+    logits its write vector B raises most and lowers most, read through the final norm's weight
+    and the unembedding, as a feature dashboard shows a feature's output logits.
+
+    (The final norm also divides by the RMS of the whole residual: a positive factor that scales
+    every logit alike and so changes no ranking.) Returns {module name: [{"top": [(id, value)],
+    "bottom": [...]}, ...]}; empty when the model has no final norm with a weight.
+    """
+    writers = [m for m in modules if SPACES.get(m.module, ("", ""))[1] == "residual"]
+    norm = getattr(model.get_base_model().get_decoder(), "norm", None)
+    unembed = model.get_output_embeddings()
+    if not writers or unembed is None or getattr(norm, "weight", None) is None:
+        return {}
+    weight = unembed.weight.detach()  # [V, hidden]
+    gain = norm.weight.detach().to(weight.device, torch.float32)[:, None]
+    b = torch.cat([m.B.detach().to(weight.device, torch.float32) for m in writers], 1)  # [h, R]
+    logits = (weight @ (b * gain).to(weight.dtype)).float().T  # [R, V], in the model's dtype
+    top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+    effects, row = {}, 0
+    for m in writers:
+        effects[m.name] = [
+            {
+                side: list(zip(found.indices[r].tolist(), found.values[r].tolist(), strict=True))
+                for side, found in (("top", top), ("bottom", bottom))
+            }
+            for r in range(row, row + m.rank)
+        ]
+        row += m.rank
+    return effects

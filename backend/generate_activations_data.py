@@ -24,6 +24,7 @@ from backend.analysis import (
     AnalysisConfig,
     Checkpoints,
     Interrupted,
+    default_batch_tokens,
     run_analysis,
     token_decoder,
 )
@@ -141,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_argument(
         "--histogram-bins", type=positive_int, default=50, help="at most this many bins"
     )
+    analysis.add_argument(
+        "--min-token-count",
+        type=positive_int,
+        default=5,
+        help="a token string is ranked among a direction's top and bottom tokens (by mean "
+        "activation) once it was seen this many times",
+    )
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument(
         "--dtype",
@@ -156,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument(
         "--max-batch-tokens",
         type=positive_int,
-        default=8192,
-        help="token budget of a batch (sequences x padded length)",
+        help="token budget of a batch (sequences x padded length; default: 2048 on the CPU, "
+        "8192 on a GPU)",
     )
     scale = parser.add_argument_group(
         "scale and resume",
@@ -241,11 +249,12 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device.type)
     base = resolve_base_model(args.base_model)
     model, tokenizer = load_model(base, args.lora_path, dtype, device, args.device_map)
+    max_batch_tokens = args.max_batch_tokens or default_batch_tokens(input_device(model))
     config = AnalysisConfig(
         top_k=args.top_k,
         context_window=args.context_window,
         histogram_bins=args.histogram_bins,
-        max_batch_tokens=args.max_batch_tokens,
+        max_batch_tokens=max_batch_tokens,
     )
     run_options = {
         "base_model": base.name,
@@ -258,7 +267,8 @@ def run(args: argparse.Namespace) -> int:
         "top_k": args.top_k,
         "context_window": args.context_window,
         "histogram_bins": args.histogram_bins,
-        "max_batch_tokens": args.max_batch_tokens,
+        "min_token_count": args.min_token_count,
+        "max_batch_tokens": max_batch_tokens,
     }
     analysis = Analysis(model, config, input_device(model), run_options, (slot[0], slot[1]))
     checkpoint = checkpoint_path(args, rank, world)
@@ -323,7 +333,14 @@ def document(state: RunState) -> dict:
         "max_length": run["max_length"],
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    return build_document(metadata, state.layers, state.tracker, state.tokens)
+    return build_document(
+        metadata,
+        state.layers,
+        state.tracker,
+        state.tokens,
+        state.cross_layer_cosine,
+        run["min_token_count"],
+    )
 
 
 def summary(state: RunState, output: Path, seconds: float) -> None:
@@ -337,6 +354,14 @@ def summary(state: RunState, output: Path, seconds: float) -> None:
         f"{len(state.layers)} layers, {state.num_processes} process(es), {seconds:.1f} s "
         f"-> {output} ({output.stat().st_size / 1e6:.1f} MB)"
     )
+    nonfinite = int(state.tracker.nonfinite.sum())
+    if nonfinite:
+        worst = int(state.tracker.nonfinite.argmax())
+        print(
+            f"warning: {nonfinite} NaN/infinite activations were left out of the statistics "
+            f"(most in direction {worst}); see stats.nonfinite per direction",
+            file=sys.stderr,
+        )
 
 
 def merge(args: argparse.Namespace) -> int:

@@ -4,22 +4,44 @@ its tracker, written atomically."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from backend import SCHEMA_VERSION
 from backend.atomic import write_atomic
+from backend.contexts import Example
 from backend.directions import LoraModule, layer_cosines
-from backend.tracking import TopExample, Tracker
+from backend.tracking import Tracker
+
+TOP_TOKENS = 10  # token strings listed per direction and side
 
 
 def layer_layout(
-    modules: list[LoraModule], first: dict[str, int], read_sites: dict[str, str]
+    modules: list[LoraModule],
+    first: dict[str, int],
+    read_sites: dict[str, str],
+    effects: dict[str, list[dict]],
 ) -> list[dict[str, Any]]:
-    """The document's layers without results: cosines, and per direction its tracker `index`."""
+    """The document's layers without results: cosines, and per direction its tracker `index`
+    (and, for modules writing into the residual stream, its logit effects as token ids)."""
     layers: dict[int, list[LoraModule]] = {}
     for m in modules:
         layers.setdefault(m.layer, []).append(m)
+
+    def direction(m: LoraModule, c: int) -> dict[str, Any]:
+        b_norm = float(m.B[:, c].float().norm())
+        found = {
+            "index": first[m.name] + c,
+            "component": c,
+            "a_norm": float(m.A[c].float().norm()),
+            "b_norm": b_norm,
+            "write_norm_scale": m.scaling * b_norm,
+        }
+        if m.name in effects:
+            found["logit_effects"] = effects[m.name][c]
+        return found
+
     return [
         {
             "layer": layer,
@@ -29,15 +51,7 @@ def layer_layout(
                     "rank": m.rank,
                     "scaling": m.scaling,
                     "read_site": read_sites[m.name],
-                    "directions": [
-                        {
-                            "index": first[m.name] + c,
-                            "component": c,
-                            "a_norm": float(m.A[c].float().norm()),
-                            "b_norm": float(m.B[:, c].float().norm()),
-                        }
-                        for c in range(m.rank)
-                    ],
+                    "directions": [direction(m, c) for c in range(m.rank)],
                 }
                 for m in members
             },
@@ -46,46 +60,109 @@ def layer_layout(
     ]
 
 
-def example_json(example: TopExample, tokens: dict[int, str]) -> dict[str, Any]:
+def layout_token_ids(layers: list[dict[str, Any]]) -> set[int]:
+    """Token ids the layout names (logit effects): their strings go into the output too."""
     return {
-        "activation": example.activation,
-        "example_index": example.example_index,
-        "token_index": example.token_index,
-        "tokens": [tokens[i] for i in example.context_ids],
-        "activations": example.context_acts,
-        "target": example.target,
+        token
+        for layer in layers
+        for projection in layer["projections"].values()
+        for d in projection["directions"]
+        for side in d.get("logit_effects", {}).values()
+        for token, _ in side
     }
 
 
-def direction_json(layout: dict[str, Any], tracker: Tracker, tokens: dict[int, str]) -> dict:
-    i = layout["index"]
-    lo, hi = float(tracker.min[i]), float(tracker.max[i])
-    return {
-        **{key: value for key, value in layout.items() if key != "index"},
-        "stats": {
-            "count": int(tracker.count[i]),
-            "min": lo,
-            "max": hi,
-            "mean": float(tracker.mean[i]),
-            "std": float(tracker.std()[i]),
-        },
-        "histogram": tracker.histogram.export(i, lo, hi),
-        "top_positive": [example_json(e, tokens) for e in tracker.top_examples(i, False)],
-        "top_negative": [example_json(e, tokens) for e in tracker.top_examples(i, True)],
-    }
+def finite_or_none(values: list[float]) -> list[float | None]:
+    """JSON has no NaN or infinity: a value that is not finite becomes null."""
+    return [v if math.isfinite(v) else None for v in values]
+
+
+class Document:
+    """Turns a finished tracker into the contract's direction entries."""
+
+    def __init__(
+        self, layers: list[dict], tracker: Tracker, tokens: dict[int, str], min_token_count: int
+    ) -> None:
+        self.tracker, self.tokens, self.min_token_count = tracker, tokens, min_token_count
+        self.module_of = {
+            d["index"]: name
+            for layer in layers
+            for name, projection in layer["projections"].items()
+            for d in projection["directions"]
+        }
+
+    def example(self, example: Example) -> dict[str, Any]:
+        found = {
+            "activation": example.activation,
+            "example_index": example.example_index,
+            "token_index": example.token_index,
+            "tokens": [self.tokens[i] for i in example.context_ids],
+            "activations": finite_or_none(example.context_acts),
+            "target": example.target,
+        }
+        if example.siblings:
+            found["sibling_activations"] = {
+                self.module_of[d]: finite_or_none(acts) for d, acts in example.siblings.items()
+            }
+        return found
+
+    def direction(self, layout: dict[str, Any]) -> dict:
+        t, i = self.tracker, layout["index"]
+        seen = int(t.count[i]) > 0
+        lo, hi = (float(t.min[i]), float(t.max[i])) if seen else (0.0, 0.0)
+        siblings = t.siblings[i].tolist()
+        found = {key: value for key, value in layout.items() if key not in ("index",)}
+        if "logit_effects" in layout:
+            found["logit_effects"] = {
+                side: [{"token": self.tokens[token], "value": v} for token, v in effects]
+                for side, effects in layout["logit_effects"].items()
+            }
+        found.update(
+            {
+                "stats": {
+                    "count": int(t.count[i]),
+                    "min": lo,
+                    "max": hi,
+                    "mean": float(t.mean[i]),
+                    "std": float(t.std()[i]),
+                    "nonfinite": int(t.nonfinite[i]),
+                },
+                "histogram": t.histogram.export(i, lo, hi),
+                "top_positive": [self.example(e) for e in t.top_examples(i, False)],
+                "top_negative": [self.example(e) for e in t.top_examples(i, True)],
+                "quantile_samples": [
+                    {**r, "examples": [self.example(e) for e in r["examples"]]}
+                    for r in t.samples.export(i, lo, hi, siblings)
+                ],
+                "position_profile": t.positions.export(i),
+            }
+        )
+        if t.tokens is not None:
+            top, bottom = t.tokens.export(i, self.min_token_count, TOP_TOKENS)
+            for key, rows in (("top_tokens", top), ("bottom_tokens", bottom)):
+                found[key] = [{"token": self.tokens[r.pop("id")], **r} for r in rows]
+        return found
 
 
 def build_document(
-    metadata: dict[str, Any], layers: list[dict], tracker: Tracker, tokens: dict[int, str]
+    metadata: dict[str, Any],
+    layers: list[dict],
+    tracker: Tracker,
+    tokens: dict[int, str],
+    cross_layer: dict[str, Any],
+    min_token_count: int,
 ) -> dict[str, Any]:
     """The contract's document: metadata, and the layout with every direction's results."""
     modules = [name for layer in layers for name in layer["projections"]]
+    document = Document(layers, tracker, tokens, min_token_count)
     return {
         "schema_version": SCHEMA_VERSION,
         "metadata": {
             **metadata,
             "lora_layers": [layer["layer"] for layer in layers],
             "modules": list(dict.fromkeys(modules)),
+            "min_token_count": min_token_count,
+            "num_nonfinite": int(tracker.nonfinite.sum()),
         },
         "layers": [
             {
@@ -93,15 +170,14 @@ def build_document(
                 "projections": {
                     name: {
                         **projection,
-                        "directions": [
-                            direction_json(d, tracker, tokens) for d in projection["directions"]
-                        ],
+                        "directions": [document.direction(d) for d in projection["directions"]],
                     }
                     for name, projection in layer["projections"].items()
                 },
             }
             for layer in layers
         ],
+        "cross_layer_cosine": cross_layer,
     }
 
 

@@ -17,11 +17,12 @@ import torch
 from backend import UserError
 from backend.atomic import write_atomic
 from backend.data import Position
+from backend.output import layout_token_ids
 from backend.tracking import Tracker
 
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
-VERSION = 1
+VERSION = 2
 COUNTERS = ("num_examples", "num_tokens", "num_truncated")
 
 
@@ -30,6 +31,7 @@ class RunState:
     run: dict[str, Any]  # the options that define the run: equal for a resume or a merge
     layers: list[dict[str, Any]]  # the document's layout (output.layer_layout)
     tracker: Tracker
+    cross_layer_cosine: dict[str, Any] = field(default_factory=dict)  # across layers
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     tokens: dict[int, str] = field(default_factory=dict)  # strings of the top-k context ids
     position: Position | None = field(default_factory=Position)  # None once the pass is done
@@ -37,8 +39,16 @@ class RunState:
     num_processes: int = 1  # processes whose results it holds
 
     def add_tokens(self, decode) -> None:
-        """Record the strings of every id in the top-k contexts (decode: id -> str)."""
-        ids = torch.unique(self.tracker.context_ids).tolist()
+        """Record the strings of every id the output may show (decode: id -> str): those of the
+        kept contexts, the logit effects, and every token seen, which the token profiles rank
+        only once merged with other processes' or shards'."""
+        t = self.tracker
+        ids = set(
+            torch.unique(torch.cat([t.context_ids.flatten(), t.samples.ids.flatten().long()]))
+        )
+        ids = {int(i) for i in ids} | layout_token_ids(self.layers)
+        if t.tokens is not None:
+            ids.update(t.tokens.seen().tolist())
         self.tokens.update({i: decode(i) for i in ids if i >= 0 and i not in self.tokens})
 
     def to_dict(self) -> dict[str, Any]:
@@ -47,6 +57,7 @@ class RunState:
             "version": VERSION,
             "run": self.run,
             "layers": self.layers,
+            "cross_layer_cosine": self.cross_layer_cosine,
             "tracker": self.tracker.state_dict(),
             "counters": self.counters,
             "tokens": self.tokens,
@@ -61,6 +72,7 @@ class RunState:
             run=state["run"],
             layers=state["layers"],
             tracker=Tracker.from_state_dict(state["tracker"], device),
+            cross_layer_cosine=state["cross_layer_cosine"],
             counters=state["counters"],
             tokens=state["tokens"],
             position=None if state["position"] is None else Position(**state["position"]),
@@ -98,7 +110,14 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
             what = ", ".join(differs) if differs else "the adapter's directions"
             raise UserError(f"{name} is not from the same run as {names[0]} ({what} differ)")
     tracker = Tracker.from_state_dict(first.tracker.state_dict(), CPU)
-    merged = RunState(first.run, first.layers, tracker, dict(first.counters), dict(first.tokens))
+    merged = RunState(
+        first.run,
+        first.layers,
+        tracker,
+        first.cross_layer_cosine,
+        dict(first.counters),
+        dict(first.tokens),
+    )
     merged.position, merged.num_processes = None, first.num_processes
     for state in states[1:]:
         merged.tracker.merge(state.tracker)

@@ -1,38 +1,33 @@
 """Streaming, mergeable summaries of D directions' activations, updated a batch at a time.
 
 Everything lives on the device as [D, ...] tensors, updated with a fixed handful of batched ops
-per batch: no per-token or per-direction Python, no host synchronisation. Memory is fixed by
-(D, k, window, bins), whatever the number of tokens. Every summary merges exactly with another
-of its kind, which is how batches enter it and how processes and shards are combined.
+per batch: no per-token or per-direction Python, and at most one host synchronisation (the
+quantile samples'). Memory is fixed by (D, k, window, bins, vocabulary), whatever the number of
+tokens. Every summary merges exactly with another of its kind, which is how batches enter it and
+how processes and shards are combined.
 - top-k: the k largest and the k most negative activations per direction with their context
   window; a batch's candidates are merged with the running top-k.
 - moments: count / mean / M2 (float64), combined with Chan et al.'s parallel formulas.
 - histogram: exact counts on a power-of-two grid that coarsens (merging bin pairs) as the range
   grows, so no value is ever re-read.
+- quantile samples (backend.sampling), position and token profiles (backend.profiles).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+
+from backend.contexts import BatchTokens, Example, unpack
+from backend.profiles import PositionProfile, TokenProfile
+from backend.sampling import QuantileSamples
 
 # Internal histogram resolution relative to the requested bins: the output groups whole internal
 # bins, so a finer grid lets the output's edges hug [min, max] closely.
 OVERSAMPLE = 16
 _EMPTY_EXP = -(2**20)  # exponent of a direction that has seen no value yet
 CHUNK = 64  # top-k candidates are searched in chunks of this many tokens
-
-
-@dataclass
-class TopExample:
-    activation: float
-    example_index: int
-    token_index: int
-    context_ids: list[int]  # token ids of the clipped window
-    context_acts: list[float]  # this direction's activation at each of them
-    target: int  # position of the token itself inside the window
 
 
 class Histogram:
@@ -69,8 +64,8 @@ class Histogram:
         self.counts = self._rebinned(self.counts, self.exp, self.start, new_exp, new_start)
         self.exp, self.start = new_exp, new_start
 
-    def update(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Add values x [D, N]; lo/hi [D]: the running min/max including them."""
+    def update(self, x: torch.Tensor, finite: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+        """Add values x [D, N] where `finite`; lo/hi [D]: the running min/max including them."""
         self._fit(lo, hi, self.exp)
         d, n = x.shape[0], self.size
         # floor(x / 2**exp) in float32 is exact (a power-of-two scale, and start is itself
@@ -79,10 +74,10 @@ class Histogram:
         # (|x| < 2**(exp - 149), a subnormal for any sane range) lands in the bin of zero.
         scale = torch.ldexp(torch.ones(d, device=x.device), -self.exp)[:, None]
         index = torch.floor(x * scale).sub_(self.start.float()[:, None]).int()  # [D, N] in [0, n)
+        index.masked_fill_(~finite, 0)  # counted with weight 0 below
         index += torch.arange(0, d * n, n, dtype=torch.int, device=x.device)[:, None]
         # index_add_, not bincount: bincount on a GPU waits for the host to size its output.
-        ones = torch.ones(1, dtype=torch.long, device=x.device).expand(index.numel())
-        self.counts.view(-1).index_add_(0, index.flatten(), ones)
+        self.counts.view(-1).index_add_(0, index.flatten(), finite.flatten().long())
 
     def merge(self, other: Histogram, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Add another histogram's counts; lo/hi: the min/max over both."""
@@ -133,20 +128,37 @@ def chunked_topk(x: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, 
 
 
 class Tracker:
-    """Top-k with context, moments and histograms of D directions."""
+    """Every summary of D directions: top-k with context, moments, histograms, quantile samples,
+    position and (given a vocabulary size) token profiles.
+
+    NaN and infinite activations are counted per direction and kept out of every summary.
+    """
 
     STATE = (
-        "count", "mean", "m2", "min", "max",
+        "count", "mean", "m2", "min", "max", "nonfinite", "siblings",
         "top_values", "top_example", "top_position", "context_ids", "context_acts",
+        "context_siblings",
     )  # fmt: skip
 
     def __init__(
-        self, num_directions: int, top_k: int, context_window: int, bins: int, device: torch.device
+        self,
+        num_directions: int,
+        top_k: int,
+        context_window: int,
+        bins: int,
+        device: torch.device,
+        siblings: torch.Tensor | None = None,  # [D, S] see backend.contexts; None: no siblings
+        vocab_size: int = 0,  # token profiles need ids below it; 0: no token profiles
     ) -> None:
         d, k, c = num_directions, top_k, 2 * context_window + 1
         self.num_directions, self.top_k, self.window = d, k, context_window
+        if siblings is None:
+            siblings = torch.empty(d, 0, dtype=torch.long)
+        self.siblings = siblings.to(device)
+        s = self.siblings.shape[1]
         f64 = {"dtype": torch.float64, "device": device}
         self.count = torch.zeros(d, dtype=torch.long, device=device)
+        self.nonfinite = torch.zeros(d, dtype=torch.long, device=device)
         self.mean = torch.zeros(d, **f64)
         self.m2 = torch.zeros(d, **f64)
         self.min = torch.full((d,), math.inf, **f64)
@@ -159,6 +171,10 @@ class Tracker:
         self.top_position = torch.full((2, d, k), -1, dtype=torch.long, device=device)
         self.context_ids = torch.full((2, d, k, c), -1, dtype=torch.long, device=device)
         self.context_acts = torch.zeros(2, d, k, c, device=device)  # [2, D, k, 2W+1]
+        self.context_siblings = torch.zeros(2, d, k, s, c, device=device)  # [2, D, k, S, 2W+1]
+        self.samples = QuantileSamples(d, c, s, device)
+        self.positions = PositionProfile(d, device)
+        self.tokens = TokenProfile(d, vocab_size, device) if vocab_size else None
 
     def update(
         self,
@@ -168,20 +184,38 @@ class Tracker:
         lengths: torch.Tensor,  # [B] real tokens per row (right padding)
         example_index: torch.Tensor,  # [B]
     ) -> None:
+        batch = BatchTokens(
+            acts, real, input_ids, lengths, example_index, self.window, self.siblings
+        )
         x = acts.index_select(1, real)  # [D, N]
-        self._update_moments(x)
-        self.histogram.update(x, self.min, self.max)
-        self._update_top(x, acts, real, input_ids, lengths, example_index)
+        finite = torch.isfinite(x)
+        self.nonfinite += x.shape[1] - finite.sum(1)
+        # x with its non-finite values made harmless, as each summary needs them
+        zeroed = x.double().masked_fill_(~finite, 0.0)  # for sums; float64: many tokens
+        high = x.masked_fill(~finite, -math.inf)  # for maxima
+        low = x.masked_fill(~finite, math.inf)  # for minima
+        self._update_moments(zeroed, finite, low, high)
+        self.histogram.update(x, finite, *self.range())
+        self._update_top(high, low, batch)
+        self.samples.update(x, finite, batch)
+        self.positions.update(zeroed, finite, batch.position)
+        if self.tokens is not None:
+            self.tokens.update(x, finite, batch.ids)
 
-    def _update_moments(self, x: torch.Tensor) -> None:
-        x64 = x.double()  # float32 sums of many tokens would lose digits
-        mean = x64.mean(1)
-        m2 = (x64 - mean[:, None]).square_().sum(1)
-        self._merge_moments(x.shape[1], mean, m2, x64.amin(1), x64.amax(1))
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """min and max [D], 0 for a direction that has seen no finite value yet."""
+        seen = self.count > 0
+        return self.min.where(seen, 0.0), self.max.where(seen, 0.0)
+
+    def _update_moments(self, zeroed, finite, low, high) -> None:
+        n = finite.sum(1)  # [D]
+        mean = zeroed.sum(1) / n.clamp(min=1)
+        m2 = (zeroed - mean[:, None]).masked_fill_(~finite, 0.0).square_().sum(1)
+        self._merge_moments(n, mean, m2, low.amin(1).double(), high.amax(1).double())
 
     def _merge_moments(self, n, mean, m2, lo, hi) -> None:
         total = self.count + n
-        weight = n / total.double()  # (int / int tensors would give float32)
+        weight = n / total.clamp(min=1).double()  # (int / int tensors would give float32)
         delta = mean - self.mean
         self.mean += delta * weight
         self.m2 += m2 + delta**2 * (self.count * weight)
@@ -189,90 +223,92 @@ class Tracker:
         self.min = torch.minimum(self.min, lo)
         self.max = torch.maximum(self.max, hi)
 
-    def _update_top(self, x, acts, real, input_ids, lengths, example_index) -> None:
-        (d, _), (length, k) = x.shape, (input_ids.shape[1], self.top_k)
-        high, high_at = chunked_topk(x, k, largest=True)
-        low, low_at = chunked_topk(x, k, largest=False)
-        values = torch.stack([high, -low])  # [2, D, k']
-        flat = real[torch.stack([high_at, low_at])]  # [2, D, k'] position in the [B*L] layout
-        row, pos = flat // length, flat % length
-        window = torch.arange(-self.window, self.window + 1, device=x.device)
-        inside = (pos[..., None] + window >= 0) & (
-            pos[..., None] + window < lengths[row][..., None]
-        )
-        at = (flat[..., None] + window).clamp(0, acts.shape[1] - 1)  # [2, D, k', 2W+1]
-        directions = torch.arange(d, device=x.device)[None, :, None, None]
-        self._merge_top(
-            values,
-            example_index[row],
-            pos,
-            input_ids.flatten()[at].masked_fill_(~inside, -1),
-            acts[directions, at],
-        )
+    def _update_top(self, high: torch.Tensor, low: torch.Tensor, batch: BatchTokens) -> None:
+        d, k = high.shape[0], self.top_k
+        best, best_at = chunked_topk(high, k, largest=True)
+        worst, worst_at = chunked_topk(low, k, largest=False)
+        n = torch.stack([best_at, worst_at])  # [2, D, k'] indices into the real tokens
+        direction = torch.arange(d, device=n.device)[None, :, None].expand_as(n)
+        ids, acts, siblings = batch.contexts(direction, n)
+        values = torch.stack([best, -worst])  # [2, D, k']
+        self._merge_top(values, batch.example[n], batch.position[n], ids, acts, siblings)
 
-    def _merge_top(self, values, example, position, context_ids, context_acts) -> None:
+    def _merge_top(self, values, example, position, ids, acts, siblings) -> None:
         """Keep the k best of the running top-k and these candidates ([2, D, m, ...])."""
         values = torch.cat([self.top_values, values], 2)
         best = values.topk(self.top_k, dim=2).indices  # [2, D, k]
         self.top_values = values.gather(2, best)
         self.top_example = torch.cat([self.top_example, example], 2).gather(2, best)
         self.top_position = torch.cat([self.top_position, position], 2).gather(2, best)
-        best = best[..., None].expand(-1, -1, -1, self.context_ids.shape[3])
-        self.context_ids = torch.cat([self.context_ids, context_ids], 2).gather(2, best)
-        self.context_acts = torch.cat([self.context_acts, context_acts], 2).gather(2, best)
+        c = self.context_ids.shape[3]
+        at = best[..., None].expand(-1, -1, -1, c)
+        self.context_ids = torch.cat([self.context_ids, ids], 2).gather(2, at)
+        self.context_acts = torch.cat([self.context_acts, acts], 2).gather(2, at)
+        at = best[..., None, None].expand(-1, -1, -1, *self.context_siblings.shape[3:])
+        self.context_siblings = torch.cat([self.context_siblings, siblings], 2).gather(2, at)
 
     def merge(self, other: Tracker) -> None:
         """Fold in another tracker of the same directions (another process, shard or run)."""
         self._merge_moments(other.count, other.mean, other.m2, other.min, other.max)
-        self.histogram.merge(other.histogram, self.min, self.max)
+        self.nonfinite += other.nonfinite
+        self.histogram.merge(other.histogram, *self.range())
         self._merge_top(
             other.top_values,
             other.top_example,
             other.top_position,
             other.context_ids,
             other.context_acts,
+            other.context_siblings,
         )
+        self.samples.merge(other.samples)
+        self.positions.merge(other.positions)
+        if self.tokens is not None and other.tokens is not None:
+            self.tokens.merge(other.tokens)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything the tracker holds, on the CPU: for checkpoints, shards and processes."""
         state = {name: getattr(self, name).cpu() for name in self.STATE}
         for name in ("exp", "start", "counts"):
             state[f"histogram.{name}"] = getattr(self.histogram, name).cpu()
+        parts = {"samples": self.samples, "positions": self.positions, "tokens": self.tokens}
+        for prefix, part in parts.items():
+            if part is not None:
+                state.update({f"{prefix}.{k}": v for k, v in part.state_dict().items()})
         return state
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device) -> Tracker:
         _, d, k, c = state["context_ids"].shape
         bins = state["histogram.counts"].shape[1] // OVERSAMPLE
-        tracker = cls(d, k, (c - 1) // 2, bins, device)
+        tracker = cls(d, k, (c - 1) // 2, bins, device, state["siblings"])
         for name in cls.STATE:
             setattr(tracker, name, state[name].to(device))
         for name in ("exp", "start", "counts"):
             setattr(tracker.histogram, name, state[f"histogram.{name}"].to(device))
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix)}
+
+        tracker.samples = QuantileSamples.from_state_dict(part("samples"), device)
+        tracker.positions = PositionProfile.from_state_dict(part("positions"), device)
+        if "tokens.vocab_size" in state:
+            tracker.tokens = TokenProfile.from_state_dict(part("tokens"), device)
         return tracker
 
     def std(self) -> torch.Tensor:
         return (self.m2 / self.count.clamp(min=1)).sqrt()
 
-    def top_examples(self, d: int, negative: bool) -> list[TopExample]:
+    def top_examples(self, d: int, negative: bool) -> list[Example]:
         """Direction d's top examples on one side, strongest first."""
         side = int(negative)
+        kept = int((self.top_values[side, d] > 0).sum())  # -inf fillers and zeros: neither side
         sign = -1.0 if negative else 1.0
-        values = self.top_values[side, d].tolist()
-        ids, acts = self.context_ids[side, d], self.context_acts[side, d]
-        examples = []
-        for i, value in enumerate(values):
-            if not value > 0:  # -inf fillers, and zeros, which are neither side
-                break
-            inside = ids[i] >= 0
-            examples.append(
-                TopExample(
-                    activation=sign * value,
-                    example_index=int(self.top_example[side, d, i]),
-                    token_index=int(self.top_position[side, d, i]),
-                    context_ids=ids[i][inside].tolist(),
-                    context_acts=acts[i][inside].tolist(),
-                    target=self.window - int((~inside[: self.window]).sum()),
-                )
-            )
-        return examples
+        return unpack(
+            sign * self.top_values[side, d, :kept],
+            self.top_example[side, d, :kept],
+            self.top_position[side, d, :kept],
+            self.context_ids[side, d, :kept],
+            self.context_acts[side, d, :kept],
+            self.context_siblings[side, d, :kept],
+            self.siblings[d].tolist(),
+        )

@@ -45,7 +45,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend.analysis import Analysis, AnalysisConfig, run_analysis, token_decoder
+from backend.analysis import (
+    Analysis,
+    AnalysisConfig,
+    default_batch_tokens,
+    run_analysis,
+    token_decoder,
+)
 from backend.data import Sequence, iter_batches, iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.tracking import Tracker
@@ -58,7 +64,7 @@ DEMO_ADAPTER = REPO / "demo" / "adapter"
 DEMO_DATA = REPO / "demo" / "data"
 MLP = ["gate_proj", "up_proj", "down_proj"]
 MODELS = ("smollm2", "deep-narrow", "qwen2-1.5b-random")
-DEFAULTS = AnalysisConfig()  # top_k, context_window, histogram_bins, max_batch_tokens
+DEFAULTS = AnalysisConfig()  # top_k, context_window, histogram_bins (budget: args.budget)
 # Token budgets tried for the floor; the pipeline also runs at the default and the floor's best.
 BUDGETS = {"cpu": (2048, 4096, 8192, 16384), "cuda": (8192, 16384, 32768, 65536)}
 PIPELINE_TARGETS = {"smollm2": 1.10, "deep-narrow": 1.25}  # max pipeline / best floor
@@ -345,7 +351,7 @@ def child_memory(args: argparse.Namespace) -> None:
     w = build_model(args.child_memory, spec, device, adapter)
     stream = stream_sequences(w.name, spec, args.scale, spec.memory)
     analysis = Analysis(w.model, DEFAULTS, device, {"benchmark": w.name})
-    batches = iter_batches(stream, DEFAULTS.max_batch_tokens, DEFAULTS.sort_window)
+    batches = iter_batches(stream, args.budget, DEFAULTS.sort_window)
     state = run_analysis(analysis, batches, w.decode, progress=False)
     result = {"peak_rss_mib": peak_rss_mib(), "tokens": state.counters["num_tokens"]}
     if device.type == "cuda":
@@ -418,8 +424,8 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> ModelResu
 
     # Warm-up (lazy init, allocator), then the floor's budget sweep on a slice: one run each.
     warm = w.sequences[:2]
-    run_floor(w, DEFAULTS.max_batch_tokens, warm)
-    run_pipeline(w, DEFAULTS.max_batch_tokens, warm)
+    run_floor(w, args.budget, warm)
+    run_pipeline(w, args.budget, warm)
     budgets = BUDGETS[device.type][:2] if args.quick else BUDGETS[device.type]
     sweep = w.sequences[: spec.sweep] if spec.sweep else w.sequences
     print(f"   floor budget sweep on {len(sweep)} sequences:", flush=True)
@@ -432,7 +438,7 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> ModelResu
     # which tells the analysis's own cost there from that of a worse batch size.
     print(f"   timings, best of {args.repeats}:", flush=True)
     for _ in range(args.repeats):
-        for b in sorted({DEFAULTS.max_batch_tokens, best_budget}):
+        for b in sorted({args.budget, best_budget}):
             gc.collect()
             t.add(f"floor@{b}", run_floor(w, b))
             gc.collect()
@@ -540,13 +546,13 @@ def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
-def table(results: list[ModelResult]) -> list[str]:
+def table(results: list[ModelResult], default: int) -> list[str]:
     header = (
         "model", "tokens", "pipeline tok/s", "floor tok/s", "pipe/floor",
-        f"both@{DEFAULTS.max_batch_tokens}", "seed/floor", "seed/floor b=1",
+        f"both@{default}", "seed/floor", "seed/floor b=1",
         "RSS 1x MiB", "RSS 4x MiB", "4x/1x",
     )  # fmt: skip
-    rows, default = [header], DEFAULTS.max_batch_tokens
+    rows = [header]
     for r in results:
         pipeline, floor = r.fastest("pipeline@"), r.fastest("floor@")
         rss = [r.memory[s]["peak_rss_mib"] if s in r.memory else None for s in (1, 4)]
@@ -570,9 +576,8 @@ def table(results: list[ModelResult]) -> list[str]:
     return [lines[0], "-" * len(lines[0]), *lines[1:]]
 
 
-def verdicts(results: list[ModelResult], tracker: dict[str, float]) -> list[str]:
+def verdicts(results: list[ModelResult], tracker: dict[str, float], default: int) -> list[str]:
     lines = []
-    default = DEFAULTS.max_batch_tokens
     for r in results:
         pipeline, floor = r.fastest("pipeline@"), r.fastest("floor@")
         ratio = r.ratio(pipeline, floor)
@@ -623,14 +628,14 @@ def report(
         for what, runs in r.timings.runs.items():
             print(f"    {what:<18} " + " ".join(f"{s:.2f}" for s in runs))
     print()
-    print("\n".join(table(results)))
+    print("\n".join(table(results, args.budget)))
     print(
         "pipe/floor: fastest pipeline / fastest floor (budgets in brackets); "
-        f"both@{DEFAULTS.max_batch_tokens}: the two at the default budget; "
+        f"both@{args.budget}: the two at the default budget; "
         "seed: the naive baseline"
     )
     print()
-    print("\n".join(verdicts(results, tracker)))
+    print("\n".join(verdicts(results, tracker, args.budget)))
     print(f"\nbenchmark wall time: {seconds:.0f} s")
     return {
         "machine": info,
@@ -681,6 +686,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.budget = default_batch_tokens(torch.device(args.device))  # as the CLI's default
     torch.set_num_threads(args.threads)
     if args.child_memory:
         child_memory(args)

@@ -311,15 +311,17 @@ def test_tracker_matches_brute_force(k):
 
 
 def test_tracker_merge_equals_one_pass():
-    one = Tracker(3, top_k=5, context_window=1, bins=20, device=torch.device("cpu"))
-    parts = [
-        Tracker(3, top_k=5, context_window=1, bins=20, device=torch.device("cpu")) for _ in range(2)
-    ]
+    def tracker() -> Tracker:
+        siblings = torch.tensor([[1, 2], [0, 2], [0, 1]])  # one layer's gate, up and down
+        cpu = torch.device("cpu")
+        return Tracker(3, 5, 1, 20, cpu, siblings=siblings, vocab_size=4 * 3000)
+
+    one, parts = tracker(), [tracker(), tracker()]
     for i, (acts, lengths, first) in enumerate(synthetic_batches(seed=9, batches=6)):
         feed(one, acts, lengths, first)
         feed(parts[i % 2], acts, lengths, first)
     merged = parts[0]
-    merged.merge(parts[1])
+    merged.merge(Tracker.from_state_dict(parts[1].state_dict(), torch.device("cpu")))
     assert torch.equal(merged.count, one.count)
     assert torch.equal(merged.min, one.min) and torch.equal(merged.max, one.max)
     # float64 rounding only: the mean relative to the spread, M2 relative to itself
@@ -330,14 +332,20 @@ def test_tracker_merge_equals_one_pass():
         assert merged.histogram.export(j, lo, hi) == one.histogram.export(j, lo, hi)
         for negative in (False, True):
             assert merged.top_examples(j, negative) == one.top_examples(j, negative)
+        assert merged.samples.export(j, lo, hi, [0]) == one.samples.export(j, lo, hi, [0])
+    for a, b in ((merged.positions, one.positions), (merged.tokens, one.tokens)):
+        assert torch.equal(a.count, b.count)
+        torch.testing.assert_close(a.sum, b.sum, rtol=1e-12, atol=1e-9)
+    assert torch.equal(merged.tokens.min, one.tokens.min)
+    assert torch.equal(merged.tokens.max, one.tokens.max)
 
 
 def test_tracker_memory_does_not_grow_with_data():
-    tracker = Tracker(6, top_k=4, context_window=2, bins=10, device=torch.device("cpu"))
+    tracker = Tracker(6, 4, 2, 10, torch.device("cpu"), vocab_size=150)
 
     def state_bytes():
-        tensors = [v for v in vars(tracker).values() if isinstance(v, torch.Tensor)]
-        tensors += [v for v in vars(tracker.histogram).values() if isinstance(v, torch.Tensor)]
+        parts = (tracker, tracker.histogram, tracker.samples, tracker.positions, tracker.tokens)
+        tensors = [v for p in parts for v in vars(p).values() if isinstance(v, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     generator = torch.Generator().manual_seed(0)

@@ -41,7 +41,7 @@ def subprocess_env() -> dict[str, str]:
 def results(doc: dict) -> dict:
     """What a run found, without when it ran or how many processes it used."""
     meta = {k: v for k, v in doc["metadata"].items() if k not in ("created_at", "num_processes")}
-    return {"metadata": meta, "layers": doc["layers"]}
+    return {"metadata": meta, "layers": doc["layers"], "cosine": doc["cross_layer_cosine"]}
 
 
 def assert_same(a: dict, b: dict, exact: bool) -> None:
@@ -50,6 +50,7 @@ def assert_same(a: dict, b: dict, exact: bool) -> None:
         assert results(a) == results(b)
         return
     assert results(a)["metadata"] == results(b)["metadata"]
+    assert results(a)["cosine"] == results(b)["cosine"]
     for la, lb in zip(a["layers"], b["layers"], strict=True):
         assert la["cosine_similarities"] == lb["cosine_similarities"]
         for name, pa in la["projections"].items():
@@ -63,6 +64,17 @@ def assert_same(a: dict, b: dict, exact: bool) -> None:
                     assert [e["activation"] for e in da[side]] == [
                         e["activation"] for e in db[side]
                     ]
+                assert da["quantile_samples"] == db["quantile_samples"]  # a seeded, exact sample
+                for side in ("top_tokens", "bottom_tokens"):
+                    assert [(t["token"], t["count"]) for t in da[side]] == [
+                        (t["token"], t["count"]) for t in db[side]
+                    ]
+                    assert [t["mean"] for t in da[side]] == pytest.approx(
+                        [t["mean"] for t in db[side]], rel=1e-12
+                    )
+                pa, pb = da["position_profile"], db["position_profile"]
+                assert (pa["edges"], pa["count"]) == (pb["edges"], pb["count"])
+                assert pa["mean"] == pytest.approx(pb["mean"], rel=1e-12, abs=1e-15)
 
 
 @pytest.fixture(scope="module")
