@@ -135,6 +135,24 @@ class Analysis:
         self.state.position = position
 
 
+def store_sequences(
+    state: RunState, sequences: Iterable[Sequence], decode: Callable[[int], str]
+) -> None:
+    """Keep the token ids of every example the results may show (--store-sequences).
+
+    `sequences` is the run's data once more, in row order; it is read up to the last example
+    shown, and only tokenized: no forward pass.
+    """
+    kept = state.tracker.examples_kept()
+    last = max(kept, default=-1)
+    for sequence in sequences:
+        if sequence.example_index > last:
+            break
+        if sequence.example_index in kept:
+            state.sequences[sequence.example_index] = sequence.input_ids
+    state.add_tokens(decode)
+
+
 def token_decoder(tokenizer: Any) -> Callable[[int], str]:
     """id -> the text of that one token, as a reader should see it."""
     return lambda token_id: tokenizer.decode([token_id], clean_up_tokenization_spaces=False)

@@ -10,8 +10,10 @@ tokens in context, exact statistics and a histogram, and the read/write cosine s
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from backend.analysis import (
     Interrupted,
     default_batch_tokens,
     run_analysis,
+    store_sequences,
     token_decoder,
 )
 from backend.data import iter_batches, iter_sequences, peek, read_hub_rows, read_rows, row_content
@@ -205,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=Path("backend/activations_data.json"),
         help="where to write the JSON (atomically)",
     )
+    output.add_argument(
+        "--store-sequences",
+        action="store_true",
+        help="also keep the whole token sequence of every example the output shows, so the "
+        "dashboard can show an example in full (the file grows by those examples' tokens)",
+    )
     output.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
 
@@ -234,12 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def open_rows(args: argparse.Namespace) -> tuple[Iterable[dict], str]:
+    """The rows of the data, from their first, and a name of their source."""
+    if args.data_file is not None:
+        return read_rows(args.data_file), str(args.data_file)
+    return read_hub_rows(args.dataset, args.split), f"{args.dataset} ({args.split})"
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.data_file is not None:
-        rows, source = read_rows(args.data_file), str(args.data_file)
-    else:
-        rows, source = read_hub_rows(args.dataset, args.split), f"{args.dataset} ({args.split})"
+    rows, source = open_rows(args)
     available = len(rows) if hasattr(rows, "__len__") else None  # hub datasets know their size
     first, rows = peek(rows, source)
     row_content(first, args.text_field)  # a wrong field fails before the model loads
@@ -268,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         "context_window": args.context_window,
         "histogram_bins": args.histogram_bins,
         "min_token_count": args.min_token_count,
+        "store_sequences": args.store_sequences,
         "max_batch_tokens": max_batch_tokens,
     }
     analysis = Analysis(model, config, input_device(model), run_options, (slot[0], slot[1]))
@@ -275,27 +289,30 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and checkpoint.exists():
         analysis.resume(load_state(checkpoint, analysis.device), str(checkpoint))
     position = analysis.state.position
-    sequences = iter_sequences(
-        rows,
-        tokenizer,
+    tokenize = functools.partial(
+        iter_sequences,
+        tokenizer=tokenizer,
         text_field=args.text_field,
         max_length=args.max_length,
         num_examples=args.num_examples,
-        start_row=position.row,
     )
+    sequences = tokenize(rows, start_row=position.row)
     batches = iter_batches(sequences, config.max_batch_tokens, config.sort_window, position, slot)
     examples, seconds = args.checkpoint_every
     # The bar counts this process's examples: known in advance only when it does all batches.
     known = [n for n in (args.num_examples, available) if n is not None]
     total = min(known) if known and slot[1] == 1 else None
+    decode = token_decoder(tokenizer)
     state = run_analysis(
         analysis,
         batches,
-        token_decoder(tokenizer),
+        decode,
         Checkpoints(checkpoint, examples, seconds),
         total=total,
         progress=not args.quiet and rank == 0,
     )
+    if args.store_sequences:
+        store_sequences(state, tokenize(open_rows(args)[0]), decode)
     state = gather_states(state, rank, world)
     if rank != 0:
         return 0
@@ -340,6 +357,7 @@ def document(state: RunState) -> dict:
         state.tokens,
         state.cross_layer_cosine,
         run["min_token_count"],
+        state.sequences,
     )
 
 

@@ -151,11 +151,13 @@ def build_document(
     tokens: dict[int, str],
     cross_layer: dict[str, Any],
     min_token_count: int,
+    sequences: dict[int, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """The contract's document: metadata, and the layout with every direction's results."""
+    """The contract's document: metadata, the layout with every direction's results, and the
+    stored sequences of the examples shown (if any were stored)."""
     modules = [name for layer in layers for name in layer["projections"]]
     document = Document(layers, tracker, tokens, min_token_count)
-    return {
+    found = {
         "schema_version": SCHEMA_VERSION,
         "metadata": {
             **metadata,
@@ -178,6 +180,26 @@ def build_document(
             for layer in layers
         ],
         "cross_layer_cosine": cross_layer,
+    }
+    if sequences:
+        source = metadata.get("dataset", "")
+        found["examples"] = {
+            str(i): {"tokens": [tokens[t] for t in sequences[i]], "source": source}
+            for i in sorted(examples_shown(found["layers"]))
+        }
+    return found
+
+
+def examples_shown(layers: list[dict[str, Any]]) -> set[int]:
+    """The example indices of every Example in the document's layers."""
+    return {
+        e["example_index"]
+        for layer in layers
+        for projection in layer["projections"].values()
+        for d in projection["directions"]
+        for e in d["top_positive"]
+        + d["top_negative"]
+        + [e for r in d["quantile_samples"] for e in r["examples"]]
     }
 
 

@@ -34,6 +34,7 @@ class RunState:
     cross_layer_cosine: dict[str, Any] = field(default_factory=dict)  # across layers
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     tokens: dict[int, str] = field(default_factory=dict)  # strings of the top-k context ids
+    sequences: dict[int, list[int]] = field(default_factory=dict)  # --store-sequences: token ids
     position: Position | None = field(default_factory=Position)  # None once the pass is done
     slot: tuple[int, int] = (0, 1)  # this state's batches: number % slots == slot
     num_processes: int = 1  # processes whose results it holds
@@ -49,6 +50,8 @@ class RunState:
         ids = {int(i) for i in ids} | layout_token_ids(self.layers)
         if t.tokens is not None:
             ids.update(t.tokens.seen().tolist())
+        for sequence in self.sequences.values():
+            ids.update(sequence)
         self.tokens.update({i: decode(i) for i in ids if i >= 0 and i not in self.tokens})
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,6 +64,7 @@ class RunState:
             "tracker": self.tracker.state_dict(),
             "counters": self.counters,
             "tokens": self.tokens,
+            "sequences": self.sequences,
             "position": None if self.position is None else vars(self.position),
             "slot": list(self.slot),
             "num_processes": self.num_processes,
@@ -75,6 +79,7 @@ class RunState:
             cross_layer_cosine=state["cross_layer_cosine"],
             counters=state["counters"],
             tokens=state["tokens"],
+            sequences=state["sequences"],
             position=None if state["position"] is None else Position(**state["position"]),
             slot=tuple(state["slot"]),
             num_processes=state["num_processes"],
@@ -117,11 +122,13 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
         first.cross_layer_cosine,
         dict(first.counters),
         dict(first.tokens),
+        dict(first.sequences),
     )
     merged.position, merged.num_processes = None, first.num_processes
     for state in states[1:]:
         merged.tracker.merge(state.tracker)
         merged.tokens.update(state.tokens)
+        merged.sequences.update(state.sequences)
         merged.num_processes += state.num_processes
         for key in COUNTERS:
             merged.counters[key] += state.counters[key]

@@ -295,6 +295,12 @@ class Tracker:
             tracker.tokens = TokenProfile.from_state_dict(part("tokens"), device)
         return tracker
 
+    def examples_kept(self) -> set[int]:
+        """Indices of the examples the kept top-k and quantile samples come from (a superset
+        of those the output shows)."""
+        shown = torch.cat([self.top_example.flatten(), self.samples.example.flatten()])
+        return {int(i) for i in torch.unique(shown) if i >= 0}
+
     def std(self) -> torch.Tensor:
         return (self.m2 / self.count.clamp(min=1)).sqrt()
 

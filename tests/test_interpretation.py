@@ -14,9 +14,10 @@ import torch
 from backend.analysis import Analysis, AnalysisConfig, run_analysis, token_decoder
 from backend.data import iter_batches, iter_sequences, read_rows
 from backend.directions import find_lora_modules
+from backend.generate_activations_data import main
 from backend.output import build_document
 from backend.sampling import SAMPLES, token_keys
-from tests.test_backend import load, reference, run_cli
+from tests.test_backend import K, W, load, reference, run_cli
 from tests.tiny import save_adapter
 
 
@@ -37,6 +38,12 @@ def directions(doc: dict):
         for name, projection in layer["projections"].items():
             for d in projection["directions"]:
                 yield (layer["layer"], name, d["component"]), d
+
+
+def examples(direction: dict) -> list[dict]:
+    """Every Example of a direction: top-k on both sides and quantile samples."""
+    samples = [e for r in direction["quantile_samples"] for e in r["examples"]]
+    return direction["top_positive"] + direction["top_negative"] + samples
 
 
 def flat(values, seqs, key):
@@ -82,9 +89,7 @@ def test_sibling_activations_are_the_layers_other_directions(run):
     doc, values, seqs, _ = run
     row_of = {s.example_index: i for i, s in enumerate(seqs)}
     for (layer, name, component), direction in directions(doc):
-        examples = direction["top_positive"] + direction["top_negative"]
-        examples += [e for r in direction["quantile_samples"] for e in r["examples"]]
-        for e in examples:
+        for e in examples(direction):
             assert set(e["sibling_activations"]) == {"gate_proj", "up_proj", "down_proj"} - {name}
             start = e["token_index"] - e["target"]
             for sibling, acts in e["sibling_activations"].items():
@@ -202,3 +207,27 @@ def test_nan_and_inf_are_counted_and_left_out(tmp_path, qwen2_base, text_file):
         assert sum(direction["position_profile"]["count"]) == total - bad
         contexts = [a for e in direction["top_positive"] for a in e["activations"]]
         assert all(a is None or math.isfinite(a) for a in contexts)
+
+
+def test_store_sequences_keeps_every_shown_example_whole(
+    tmp_path, qwen2_base, rank1_adapter, text_file
+):
+    doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--store-sequences")
+    _, seqs, tokenizer = reference(qwen2_base, rank1_adapter, text_file)
+    decode = token_decoder(tokenizer)
+    shown = {e["example_index"] for _, d in directions(doc) for e in examples(d)}
+    by_index = {s.example_index: s for s in seqs}
+    assert set(doc["examples"]) == {str(i) for i in shown}
+    for index, stored in doc["examples"].items():
+        assert stored["tokens"] == [decode(t) for t in by_index[int(index)].input_ids]
+        assert stored["source"] == str(text_file)
+    # Shards store their own examples; merged, they equal one run's.
+    shards = [tmp_path / f"shard{i}.pt" for i in range(2)]
+    for i, shard in enumerate(shards):
+        argv = ["--base-model", str(qwen2_base), "--lora-path", str(rank1_adapter)]
+        argv += ["--data-file", str(text_file), "--output", str(shard), "--quiet"]
+        argv += ["--top-k", str(K), "--context-window", str(W)]
+        assert main([*argv, "--shard", f"{i}/2", "--store-sequences"]) == 0
+    merged = tmp_path / "merged.json"
+    assert main(["merge", str(merged), *map(str, shards)]) == 0
+    assert json.loads(merged.read_text())["examples"] == doc["examples"]
