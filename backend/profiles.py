@@ -10,10 +10,25 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 POSITION_BUCKETS = 22  # 0, 1, [2, 4), ..., [2**19, 2**20), then everything from 2**20 on
+
+
+@dataclass
+class TokenRows:
+    """A batch's activations token-major, as the profiles add them up."""
+
+    x: torch.Tensor  # [N, D] float32
+    finite: torch.Tensor  # [N, D] bool
+
+    @cached_property
+    def zeroed(self) -> torch.Tensor:
+        """float64 (sums of many tokens), 0 where not finite."""
+        return self.x.double().masked_fill_(~self.finite, 0.0)
 
 
 class PositionProfile:
@@ -24,11 +39,11 @@ class PositionProfile:
         # bucket b > 0 holds positions [2**(b-1), 2**b)
         self.edges = torch.tensor([2**b for b in range(POSITION_BUCKETS - 1)], device=device)
 
-    def update(self, zeroed: torch.Tensor, finite: torch.Tensor, position: torch.Tensor):
-        """zeroed [D, N]: activations, 0 where not finite; position [N]."""
+    def update(self, rows: TokenRows, position: torch.Tensor) -> None:
+        """position [N]: each token's position in its sequence."""
         bucket = torch.bucketize(position, self.edges, right=True)  # [N]
-        self.sum.index_add_(0, bucket, zeroed.T)
-        self.count.index_add_(0, bucket, finite.T.long())
+        self.sum.index_add_(0, bucket, rows.zeroed)
+        self.count.index_add_(0, bucket, rows.finite.long())
 
     def merge(self, other: PositionProfile) -> None:
         self.sum += other.sum
@@ -63,14 +78,13 @@ class TokenProfile:
         self.min = torch.full(shape, math.inf, device=device)
         self.max = torch.full(shape, -math.inf, device=device)
 
-    def update(self, x: torch.Tensor, finite: torch.Tensor, ids: torch.Tensor) -> None:
-        """x, finite: [D, N]; ids [N]."""
-        x, finite = x.T.contiguous(), finite.T.contiguous()  # [N, D]: rows add to rows
-        self.sum.index_add_(0, ids, x.double().masked_fill_(~finite, 0.0))
-        self.count.index_add_(0, ids, finite.int())
-        index = ids[:, None].expand_as(x)
-        self.min.scatter_reduce_(0, index, x.masked_fill(~finite, math.inf), "amin")
-        self.max.scatter_reduce_(0, index, x.masked_fill_(~finite, -math.inf), "amax")
+    def update(self, rows: TokenRows, ids: torch.Tensor) -> None:
+        """ids [N]: each token's id."""
+        self.sum.index_add_(0, ids, rows.zeroed)
+        self.count.index_add_(0, ids, rows.finite.int())
+        index = ids[:, None].expand_as(rows.x)
+        self.min.scatter_reduce_(0, index, rows.x.masked_fill(~rows.finite, math.inf), "amin")
+        self.max.scatter_reduce_(0, index, rows.x.masked_fill(~rows.finite, -math.inf), "amax")
 
     def merge(self, other: TokenProfile) -> None:
         self.sum += other.sum

@@ -20,7 +20,7 @@ import math
 import torch
 
 from backend.contexts import BatchTokens, Example, unpack
-from backend.profiles import PositionProfile, TokenProfile
+from backend.profiles import PositionProfile, TokenProfile, TokenRows
 from backend.sampling import QuantileSamples
 
 # Internal histogram resolution relative to the requested bins: the output groups whole internal
@@ -198,9 +198,12 @@ class Tracker:
         self.histogram.update(x, finite, *self.range())
         self._update_top(high, low, batch)
         self.samples.update(x, finite, batch)
-        self.positions.update(zeroed, finite, batch.position)
+        # The profiles add a row of D values per token: token-major copies make those rows
+        # contiguous.
+        rows = TokenRows(x.T.contiguous(), finite.T.contiguous())
+        self.positions.update(rows, batch.position)
         if self.tokens is not None:
-            self.tokens.update(x, finite, batch.ids)
+            self.tokens.update(rows, batch.ids)
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """min and max [D], 0 for a direction that has seen no finite value yet."""
