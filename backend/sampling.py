@@ -1,9 +1,9 @@
 """Seeded random samples of tokens from across each direction's distribution, exact and mergeable.
 
 Every token gets a pseudo-random key from (example index, position) alone. Per direction, the
-activations fall into buckets by sign and |activation|, eight per octave (edges 1, 1.125, 1.25,
-... 1.875, 2, 2.25, ... times a power of two: the top bits of the float32 itself, so that a
-narrow distribution still spans many buckets); each bucket keeps the
+activations fall into buckets by sign and |activation|, four per octave (edges 1, 1.25, 1.5,
+1.75, 2, 2.5, ... times a power of two: the top bits of the float32 itself, so that a narrow
+distribution still spans several buckets); each bucket keeps the
 SAMPLES tokens of smallest key, with their context. The tokens of smallest key in a set are a
 uniform random sample of it, whatever order the tokens came in, and the smallest keys of a union
 of buckets are found among those of its buckets: so any range made of whole buckets has an exact
@@ -20,11 +20,11 @@ import torch
 from backend.contexts import BatchTokens, unpack
 
 SAMPLES = 3  # tokens kept per bucket, and shown per range
-# |activation| buckets: below 2**-12, eight per octave up to 2**12, and from 2**12 on. A float32's
-# bits shifted right by 20 keep its exponent and first three mantissa bits, in |value| order.
-SHIFT = 20
-FIRST_EDGE = (127 - 12) << 3  # the bits of 2**-12, shifted
-PER_SIGN = 8 * 24 + 2
+# |activation| buckets: below 2**-12, four per octave up to 2**12, and from 2**12 on. A float32's
+# bits shifted right by 21 keep its exponent and first two mantissa bits, in |value| order.
+SHIFT = 21
+FIRST_EDGE = (127 - 12) << 2  # the bits of 2**-12, shifted
+PER_SIGN = 4 * 24 + 2
 EMPTY = 2**62  # key of an empty slot: every real key is below it
 # Ranges of |activation| shown, as quantiles; each snaps to the nearest bucket edge.
 QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
