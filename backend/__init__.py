@@ -6,8 +6,17 @@ model's own forward pass), `tracking` (streaming top-k, statistics, histograms),
 JSON of the data contract), and `analysis`, which ties them into one streaming pass.
 """
 
+import sys
+
 SCHEMA_VERSION = 1
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, never a traceback."""
+
+
+def warn(message: str) -> None:
+    """One `warning: ...` line on stderr that does not break a progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
