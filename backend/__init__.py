@@ -1,6 +1,7 @@
 """Read what a LoRA adapter has learned: per-direction activations of `lora_A · x`.
 
-One module per concern: `loading` (model, tokenizer, adapter), `directions` (the A/B vectors
+One module per concern: `adapter` (an adapter's files checked before loading), `loading` (model,
+tokenizer, adapter), `directions` (the A/B vectors
 PEFT created), `data` (rows -> token batches), `capture` (hooks that compute activations in the
 model's own forward pass), `tracking` (streaming top-k, statistics, histograms), `output` (the
 JSON of the data contract), and `analysis`, which ties them into one streaming pass.

@@ -8,6 +8,7 @@ all of them.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ from backend.tracking import Tracker
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
 VERSION = 1
-COUNTERS = ("num_examples", "num_tokens", "num_truncated")
+COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
+# Every process and shard reads all the rows, so each counts all skipped ones: these are not
+# summed when states merge.
+PER_RUN_COUNTERS = ("num_skipped_rows",)
 
 
 @dataclass
@@ -61,7 +65,7 @@ class RunState:
             run=state["run"],
             layers=state["layers"],
             tracker=Tracker.from_state_dict(state["tracker"], device),
-            counters=state["counters"],
+            counters=dict.fromkeys(COUNTERS, 0) | state["counters"],
             tokens=state["tokens"],
             position=None if state["position"] is None else Position(**state["position"]),
             slot=tuple(state["slot"]),
@@ -105,7 +109,8 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
         merged.tokens.update(state.tokens)
         merged.num_processes += state.num_processes
         for key in COUNTERS:
-            merged.counters[key] += state.counters[key]
+            combine = max if key in PER_RUN_COUNTERS else operator.add
+            merged.counters[key] = combine(merged.counters[key], state.counters[key])
     return merged
 
 
