@@ -39,6 +39,10 @@ class AnalysisConfig:
 class Interrupted(UserError):
     """SIGINT or SIGTERM arrived; the state was saved."""
 
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 class Analysis:
     """Every LoRA direction of `model`, tracked over the batches given to `process`."""
@@ -203,8 +207,9 @@ def run_analysis(
             if checkpoints is not None and (signals or checkpoints.due(state.counters)):
                 checkpoints.save(state, decode)
             if signals:
+                name = signal.Signals(signals[0]).name
                 where = f"; state saved to {checkpoints.path}" if checkpoints else ""
-                raise Interrupted(f"interrupted by signal {signals[0]}{where}: rerun with --resume")
+                raise Interrupted(signals[0], f"interrupted by {name}{where}: rerun with --resume")
     state.position = None
     state.add_tokens(decode)
     return state

@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(build_parser().parse_args(argv))
     except Interrupted as e:
         print(e, file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before or after the pass, where there is nothing to save
+        print("interrupted", file=sys.stderr)
         return 130
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -332,3 +332,20 @@ def test_one_sequence_out_of_memory_suggests_max_length(tmp_path, capsys, cli):
     assert "out of GPU memory on one sequence of" in err.splitlines()[-1]
     assert err.splitlines()[-1].endswith("cut sequences with --max-length")
     assert not (tmp_path / "out" / "o.json").exists()
+
+
+def test_keyboard_interrupt_is_one_line(tmp_path, capsys, cli):
+    """A KeyboardInterrupt that no handler of ours defers (Ctrl-C while loading, a second
+    Ctrl-C during the pass) stops the run without a traceback."""
+
+    def hook(module, args):
+        raise KeyboardInterrupt
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        code = main(cli())
+    finally:
+        handle.remove()
+    err = capsys.readouterr().err
+    assert code == 130 and err.splitlines()[-1] == "interrupted" and "Traceback" not in err
+    assert not (tmp_path / "out" / "o.json").exists()

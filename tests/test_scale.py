@@ -140,7 +140,7 @@ def long_run(tmp_path_factory, qwen2_base, rank1_adapter) -> tuple[Path, dict]:
     return data, json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_killed_run_resumes_to_the_same_result(tmp_path, qwen2_base, rank1_adapter, long_run,
                                                sig):  # fmt: skip
     data, unbroken = long_run
@@ -152,8 +152,11 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, qwen2_base, rank1_adapt
     process = run_until_checkpoint([sys.executable, SCRIPT, *every_batch], checkpoint)
     process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
-    if sig == signal.SIGINT:  # saved, said so, and stopped
-        assert process.returncode == 130 and "rerun with --resume" in stderr, stderr[-2000:]
+    if sig != signal.SIGKILL:  # saved, said so in one line, and stopped
+        assert process.returncode == 128 + sig, stderr[-2000:]
+        assert stderr.splitlines()[-1] == (
+            f"interrupted by {sig.name}; state saved to {checkpoint}: rerun with --resume"
+        )
         assert "Traceback" not in stderr
     assert not out.exists() and checkpoint.exists()
     assert main([*run, "--resume"]) == 0
