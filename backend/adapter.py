@@ -121,11 +121,12 @@ def safetensors_shapes(path: Path) -> Shapes:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
+        return {name: tuple(t["shape"]) for name, t in header.items() if name != "__metadata__"}
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    except (struct.error, ValueError, MemoryError, OverflowError):
+    except (struct.error, ValueError, MemoryError, OverflowError, AttributeError, LookupError,
+            TypeError):  # fmt: skip
         raise UserError(f"{path} is not a safetensors file") from None
-    return {name: tuple(t["shape"]) for name, t in header.items() if name != "__metadata__"}
 
 
 def lora_shapes(lora_path: str) -> Shapes:
@@ -134,8 +135,12 @@ def lora_shapes(lora_path: str) -> Shapes:
     if weights["adapter_model.safetensors"] is not None:
         shapes = safetensors_shapes(weights["adapter_model.safetensors"])
     elif weights["adapter_model.bin"] is not None:
-        state = torch.load(weights["adapter_model.bin"], map_location="cpu", weights_only=True)
-        shapes = {name: tuple(t.shape) for name, t in state.items()}
+        try:
+            state = torch.load(weights["adapter_model.bin"], map_location="cpu", weights_only=True)
+            shapes = {name: tuple(t.shape) for name, t in state.items()}
+        except Exception as e:  # pickle, zip and torch errors alike: not a weights file
+            what = f"not a weights file ({type(e).__name__})"
+            raise UserError(f"{lora_path}: adapter_model.bin is {what}") from None
     else:
         raise UserError(f"{lora_path} has no adapter weights ({' or '.join(WEIGHTS)})")
     lora = {}

@@ -69,6 +69,8 @@ def bad_models(tmp_path_factory, qwen2_base, rank1_adapter) -> dict[str, tuple[l
     (broken / "adapter_config.json").write_text("{not json")
     no_weights = copy_adapter(adapter, tmp / "no weights")
     (no_weights / "adapter_model.safetensors").unlink()
+    garbage = copy_adapter(adapter, tmp / "garbage")
+    (garbage / "adapter_model.safetensors").write_bytes(b"\xff" * 100)
     wider = copy_adapter(adapter, tmp / "wider")  # gate_proj reads 64 features, not 32
     weights = load_file(wider / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight"
@@ -81,6 +83,7 @@ def bad_models(tmp_path_factory, qwen2_base, rank1_adapter) -> dict[str, tuple[l
         "adapter no config": (["--lora-path", str(tmp / "empty")], "no adapter_config.json"),
         "adapter config broken": (["--lora-path", str(broken)], "not valid JSON"),
         "adapter no weights": (["--lora-path", str(no_weights)], "no adapter weights"),
+        "adapter weights broken": (["--lora-path", str(garbage)], "is not a safetensors file"),
         "merged": (["--lora-path", str(base)], "full model (a merged adapter?)"),
         "not lora": (
             ["--lora-path", str(copy_adapter(adapter, tmp / "ia3", peft_type="IA3"))],
@@ -102,8 +105,8 @@ def bad_models(tmp_path_factory, qwen2_base, rank1_adapter) -> dict[str, tuple[l
 
 
 MODEL_CASES = ["adapter missing", "adapter a file", "adapter no config", "adapter config broken",
-               "adapter no weights", "merged", "not lora", "dora", "other sizes", "more layers",
-               "base missing", "base not a model"]  # fmt: skip
+               "adapter no weights", "adapter weights broken", "merged", "not lora", "dora",
+               "other sizes", "more layers", "base missing", "base not a model"]  # fmt: skip
 
 
 def refuse_loading(*args, **kwargs):
