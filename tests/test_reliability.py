@@ -180,6 +180,14 @@ def test_bad_data_is_refused_before_loading(tmp_path, capsys, cli, case):
     assert not (tmp_path / "out").exists()
 
 
+def test_rows_without_tokens_are_an_empty_dataset(tmp_path, capsys, cli):
+    data = write_lines(tmp_path / "blank.jsonl", [json.dumps({"text": ""})] * 3)
+    code = main(cli("--data-file", str(data)))
+    err = capsys.readouterr().err
+    assert code == 1 and err.splitlines()[-1] == f"error: no examples with tokens in {data}"
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_missing_text_field_names_the_fields(capsys, cli):
     with no_model_loaded():
         code = main(cli("--text-field", "body"))
