@@ -134,6 +134,31 @@ def test_bad_model_or_adapter_is_refused_before_loading(tmp_path, capsys, cli, b
     assert not (tmp_path / "out").exists()
 
 
+def cache_as_hub_repo(cache: Path, repo_id: str, files: Path) -> None:
+    """`files` as the cached snapshot of hub repository `repo_id`, the way huggingface_hub lays
+    out its cache."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(files, repo / "snapshots" / ("0" * 40))
+
+
+def test_cached_hub_repos_are_checked_before_loading(tmp_path, capsys, cli, qwen2_base,
+                                                    bad_models, monkeypatch):  # fmt: skip
+    """A hub adapter and base model already in the local cache are read from there."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache_as_hub_repo(cache, "tester/tiny-qwen2", qwen2_base)
+    cache_as_hub_repo(cache, "tester/wider-adapter", Path(bad_models["other sizes"][0][1]))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    capsys.readouterr()
+    with no_model_loaded():
+        code = main(cli("--base-model", "tester/tiny-qwen2", "--lora-path", "tester/wider-adapter"))
+    assert_one_line_error(capsys, code, "tester/wider-adapter does not fit the base model: "
+                          "model.layers.1.mlp.gate_proj is 48x32")  # fmt: skip
+
+
 # ---- the data ----------------------------------------------------------------------------
 
 
