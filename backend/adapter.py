@@ -1,8 +1,9 @@
 """A PEFT adapter checked before any model is loaded: that it is plain LoRA, and that its weight
 shapes fit the base model's (both read from safetensors headers, not from the weights).
 
-Local directories and hub repositories already in the local cache are checked before loading;
-a hub repository that is not there yet is checked once it is loaded.
+Local directories and hub repositories already in the local cache are read; where the base
+model's weights are not (a hub model not downloaded yet, .bin files), the fit is checked again
+once it is loaded, and a hub adapter not downloaded yet is left to peft.
 """
 
 from __future__ import annotations
