@@ -74,10 +74,10 @@ def load_activations(path: Path) -> dict:
         )
     if "schema_version" not in data:
         raise DashboardError(f"{path}: no schema_version (known: {_known_versions()})")
-    if data["schema_version"] not in KNOWN_SCHEMA_VERSIONS:
+    version = data["schema_version"]
+    if type(version) is not int or version not in KNOWN_SCHEMA_VERSIONS:  # true == 1 in Python
         raise DashboardError(
-            f"{path}: unknown schema_version {data['schema_version']!r} "
-            f"(known: {_known_versions()})"
+            f"{path}: unknown schema_version {json.dumps(version)} (known: {_known_versions()})"
         )
     return data
 

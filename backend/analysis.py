@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from backend import UserError
+from backend import UserError, warn
 from backend.capture import ActivationCapture, read_sites
-from backend.data import Batch, Position, Sequence
+from backend.data import Batch, Position, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.output import layer_layout
 from backend.state import RunState
@@ -65,6 +65,10 @@ def sibling_table(modules: list[LoraModule], first: dict[str, int]) -> torch.Ten
 class Interrupted(UserError):
     """SIGINT or SIGTERM arrived; the state was saved."""
 
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 class Analysis:
     """Every LoRA direction of `model`, tracked over the batches given to `process`."""
@@ -104,6 +108,7 @@ class Analysis:
             cross_layer_cosine(self.modules),
             slot=slot,
         )
+        self._split_before = False  # warn about the first out-of-memory split only
 
     def resume(self, saved: RunState, name: str) -> None:
         """Continue from a checkpoint of this very run."""
@@ -119,8 +124,25 @@ class Analysis:
         self.state = saved
 
     def process(self, batch: Batch, sequences: list[Sequence], position: Position) -> None:
+        self._track(batch, sequences)
+        counters = self.state.counters
+        counters["num_examples"] += len(sequences)
+        counters["num_tokens"] += batch.num_tokens
+        counters["num_truncated"] += sum(s.truncated for s in sequences)
+        self.state.position = position
+
+    def _track(self, batch: Batch, sequences: list[Sequence]) -> None:
+        """The batch's activations into the tracker; a batch that runs out of GPU memory is
+        split in two and each half tracked the same way (the tracker's result does not depend
+        on how tokens are grouped into batches)."""
         input_ids = batch.input_ids.to(self.device)
-        acts = self.capture.run(input_ids, batch.attention_mask.to(self.device))  # [D, B*L]
+        try:
+            acts = self.capture.run(input_ids, batch.attention_mask.to(self.device))  # [D, B*L]
+        except torch.OutOfMemoryError:
+            acts = None  # split below, once the exception has let go of the forward's tensors
+        if acts is None:
+            self._split(batch, sequences)
+            return
         self.state.tracker.update(
             acts,
             batch.real.to(self.device),
@@ -128,11 +150,21 @@ class Analysis:
             batch.lengths.to(self.device),
             batch.example_index.to(self.device),
         )
-        counters = self.state.counters
-        counters["num_examples"] += len(sequences)
-        counters["num_tokens"] += batch.num_tokens
-        counters["num_truncated"] += sum(s.truncated for s in sequences)
-        self.state.position = position
+
+    def _split(self, batch: Batch, sequences: list[Sequence]) -> None:
+        shape = "x".join(map(str, batch.input_ids.shape))
+        if len(sequences) == 1:
+            raise UserError(
+                f"out of GPU memory on one sequence of {batch.num_tokens} tokens (example "
+                f"{sequences[0].example_index}): cut sequences with --max-length"
+            )
+        if not self._split_before:
+            warn(f"out of GPU memory on a batch of {shape} tokens: retrying it in smaller batches")
+            self._split_before = True
+        torch.cuda.empty_cache()
+        half = len(sequences) // 2  # sorted longest first: the second half pads to less
+        for part in (sequences[:half], sequences[half:]):
+            self._track(collate(part), part)
 
 
 def store_sequences(
@@ -228,8 +260,9 @@ def run_analysis(
             if checkpoints is not None and (signals or checkpoints.due(state.counters)):
                 checkpoints.save(state, decode)
             if signals:
+                name = signal.Signals(signals[0]).name
                 where = f"; state saved to {checkpoints.path}" if checkpoints else ""
-                raise Interrupted(f"interrupted by signal {signals[0]}{where}: rerun with --resume")
+                raise Interrupted(signals[0], f"interrupted by {name}{where}: rerun with --resume")
     state.position = None
     state.add_tokens(decode)
     return state

@@ -33,6 +33,20 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any work and without creating anything, a path write_atomic cannot write."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: cannot write (it is a directory)")
+    folder = path.parent
+    while not folder.exists():  # write_atomic creates the missing folders from here
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{path}: cannot write ({folder} is not a directory)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write (no permission to write in {folder})")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from backend import UserError
+from backend import UserError, warn
 
 S1K_FIELDS = ("question", "deepseek_thinking_trajectory", "deepseek_attempt")
 CHAT_FIELDS = ("messages", "conversations")
+Row = dict[str, Any] | None  # None: a row that could not be read, skipped in place
 
 
 @dataclass
@@ -90,61 +91,101 @@ def tokenize_row(row: dict[str, Any], tokenizer: Any, text_field: str | None) ->
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def peek(rows: Iterable[dict[str, Any]], source: str) -> tuple[dict[str, Any], Iterator]:
-    """The first row (to check before any model is loaded), and all rows again."""
-    iterator = iter(rows)
-    first = next(iterator, None)
-    if first is None:
-        raise UserError(f"no rows in {source}")
-    return first, itertools.chain([first], iterator)
+def peek(rows: Iterable[Row], source: str) -> tuple[dict[str, Any], Iterator[Row]]:
+    """The first readable row (to check before any model is loaded), and all rows again."""
+    iterator, seen = iter(rows), []
+    for row in iterator:
+        seen.append(row)
+        if row is not None:
+            return row, itertools.chain(seen, iterator)
+    raise UserError(f"no rows in {source}")
 
 
-def read_rows(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a local file: JSONL, JSON (a list of objects), Parquet, or text (a row per line)."""
+def read_rows(path: Path, skipped: list[int] | None = None) -> Iterator[Row]:
+    """Rows of a local file: JSONL, JSON (a list of objects), Parquet, or text (a row per line).
+
+    A malformed JSONL line is skipped with a warning, its line number appended to `skipped`; it
+    still counts as a row (None), so every later row keeps its index.
+    """
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a data file")
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        yield from _read_jsonl(path)
-    elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise UserError(f"{path}: expected a JSON list of objects")
-        yield from rows
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            yield from _read_jsonl(path, [] if skipped is None else skipped)
+        elif suffix == ".json":
+            yield from _read_json(path)
+        elif suffix == ".parquet":
+            yield from _read_parquet(path)
+        else:
+            with path.open(encoding="utf-8") as f:
+                for line in f:
+                    yield {"text": line.rstrip("\n")}
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
-        for record_batch in pq.ParquetFile(path).iter_batches():
-            yield from record_batch.to_pylist()
-    else:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                yield {"text": line.rstrip("\n")}
 
-
-def _read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
+def _read_jsonl(path: Path, skipped: list[int]) -> Iterator[Row]:
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is one malformed line
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8-sig").rstrip("\r\n"))
+            except UnicodeDecodeError:
+                problem = "not UTF-8 text"
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object per line")
-            yield row
+                problem = f"not valid JSON ({e.msg})"
+            else:
+                if isinstance(row, dict):
+                    yield row
+                    continue
+                problem = "not a JSON object"
+            warn(f"{path}:{number}: {problem}; line skipped")
+            skipped.append(number)
+            yield None
+
+
+def _read_json(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(rows, list):
+        raise UserError(f"{path}: expected a JSON list of objects")
+    for index, row in enumerate(rows):  # all checked before the first row is used
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: item {index} of the list is not a JSON object")
+    yield from rows
+
+
+def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        for record_batch in pq.ParquetFile(path).iter_batches():
+            yield from record_batch.to_pylist()
+    except pa.ArrowException as e:
+        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
 
 
 def read_hub_rows(name: str, split: str) -> Iterable[dict[str, Any]]:
     """Rows of a dataset through `datasets` (a hub id, or a local dataset directory)."""
     import datasets
 
-    return datasets.load_dataset(name, split=split)
+    try:
+        return datasets.load_dataset(name, split=split)
+    except (OSError, ValueError) as e:  # not found, offline, an unknown split
+        raise UserError(f"cannot read dataset {name} ({split}): {str(e).splitlines()[0]}") from None
 
 
 def iter_sequences(
-    rows: Iterable[dict[str, Any]],
+    rows: Iterable[Row],
     tokenizer: Any,
     *,
     text_field: str | None,
@@ -154,12 +195,11 @@ def iter_sequences(
 ) -> Iterator[Sequence]:
     """Tokenized rows below num_examples, from start_row on (earlier rows are not tokenized).
 
-    Rows with no tokens are skipped but keep their index.
+    Rows with no tokens, and unreadable rows (None), are skipped but keep their index.
     """
-    for index, row in enumerate(rows):
-        if num_examples is not None and index >= num_examples:
-            break
-        if index < start_row:
+    # islice: no row past num_examples is read, so a reader counts only the rows used.
+    for index, row in enumerate(itertools.islice(rows, num_examples)):
+        if index < start_row or row is None:
             continue
         ids = list(tokenize_row(row, tokenizer, text_field))
         if not ids:

@@ -31,6 +31,7 @@ from backend.analysis import (
     store_sequences,
     token_decoder,
 )
+from backend.atomic import check_writable
 from backend.data import iter_batches, iter_sequences, peek, read_hub_rows, read_rows, row_content
 from backend.loading import (
     DTYPES,
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-file",
         type=Path,
         help="local JSONL, JSON (a list of rows), Parquet, or text (one example per line); "
-        "overrides --dataset",
+        "overrides --dataset; malformed JSONL lines are skipped with a warning and counted",
     )
     data.add_argument(
         "--text-field",
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--max-length",
         type=positive_int,
-        help="cut sequences to this many tokens (default: no cut)",
+        help="cut sequences to this many tokens, e.g. when one does not fit in GPU memory "
+        "(default: no cut)",
     )
     analysis = parser.add_argument_group("analysis")
     analysis.add_argument(
@@ -237,26 +239,34 @@ def main(argv: list[str] | None = None) -> int:
         return run(build_parser().parse_args(argv))
     except Interrupted as e:
         print(e, file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before or after the pass, where there is nothing to save
+        print("interrupted", file=sys.stderr)
         return 130
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
-def open_rows(args: argparse.Namespace) -> tuple[Iterable[dict], str]:
-    """The rows of the data, from their first, and a name of their source."""
+def open_rows(args: argparse.Namespace, skipped: list[int]) -> tuple[Iterable[dict], str]:
+    """The rows of the data, from their first, and a name of their source; the line numbers of
+    malformed JSONL lines skipped are appended to `skipped` as they are read."""
     if args.data_file is not None:
-        return read_rows(args.data_file), str(args.data_file)
+        return read_rows(args.data_file, skipped), str(args.data_file)
     return read_hub_rows(args.dataset, args.split), f"{args.dataset} ({args.split})"
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    rows, source = open_rows(args)
+    skipped: list[int] = []  # line numbers of the malformed rows skipped
+    rows, source = open_rows(args, skipped)
     available = len(rows) if hasattr(rows, "__len__") else None  # hub datasets know their size
     first, rows = peek(rows, source)
     row_content(first, args.text_field)  # a wrong field fails before the model loads
     rank, world, device = init_processes(args.device, args.device_map)
+    checkpoint = checkpoint_path(args, rank, world)
+    for path in (args.output, checkpoint):  # before the model loads, not after the pass
+        check_writable(path)
     shard, shards = args.shard
     slot = (shard * world + rank, shards * world)  # this process's batches: i % slots == slot
     dtype = resolve_dtype(args.dtype, device.type)
@@ -285,7 +295,6 @@ def run(args: argparse.Namespace) -> int:
         "max_batch_tokens": max_batch_tokens,
     }
     analysis = Analysis(model, config, input_device(model), run_options, (slot[0], slot[1]))
-    checkpoint = checkpoint_path(args, rank, world)
     if args.resume and checkpoint.exists():
         analysis.resume(load_state(checkpoint, analysis.device), str(checkpoint))
     position = analysis.state.position
@@ -311,8 +320,9 @@ def run(args: argparse.Namespace) -> int:
         total=total,
         progress=not args.quiet and rank == 0,
     )
+    state.counters["num_skipped_rows"] = len(skipped)  # of all rows read, resumed runs too
     if args.store_sequences:
-        store_sequences(state, tokenize(open_rows(args)[0]), decode)
+        store_sequences(state, tokenize(open_rows(args, [])[0]), decode)
     state = gather_states(state, rank, world)
     if rank != 0:
         return 0
@@ -368,7 +378,8 @@ def summary(state: RunState, output: Path, seconds: float) -> None:
     )
     print(
         f"{counters['num_examples']} examples, {counters['num_tokens']} tokens "
-        f"({counters['num_truncated']} cut at --max-length), {directions} directions in "
+        f"({counters['num_truncated']} cut at --max-length, {counters['num_skipped_rows']} "
+        f"malformed rows skipped), {directions} directions in "
         f"{len(state.layers)} layers, {state.num_processes} process(es), {seconds:.1f} s "
         f"-> {output} ({output.stat().st_size / 1e6:.1f} MB)"
     )

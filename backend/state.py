@@ -8,6 +8,7 @@ all of them.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from backend.tracking import Tracker
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
 VERSION = 2
-COUNTERS = ("num_examples", "num_tokens", "num_truncated")
+COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
+# Every process and shard reads all the rows, so each counts all skipped ones: these are not
+# summed when states merge.
+PER_RUN_COUNTERS = ("num_skipped_rows",)
 
 
 @dataclass
@@ -131,7 +135,8 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
         merged.sequences.update(state.sequences)
         merged.num_processes += state.num_processes
         for key in COUNTERS:
-            merged.counters[key] += state.counters[key]
+            combine = max if key in PER_RUN_COUNTERS else operator.add
+            merged.counters[key] = combine(merged.counters[key], state.counters[key])
     return merged
 
 

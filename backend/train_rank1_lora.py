@@ -107,11 +107,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def read_traces(path: Path) -> list[dict[str, Any]]:
     """All rows of an s1K-1.1 file, checked before any model is loaded."""
-    rows = list(read_rows(path))
-    for number, row in enumerate(rows, start=1):
+    rows = []
+    for number, row in enumerate(read_rows(path), start=1):
+        if row is None:  # a malformed line: read_rows warned about it
+            continue
         missing = [field for field in S1K_FIELDS if field not in row]
         if missing:
             raise UserError(f"{path}: row {number} lacks {', '.join(missing)} (s1K-1.1 schema)")
+        rows.append(row)
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.browser import browser, open_page  # noqa: F401  (fixtures of every browser test)
 from tests.tiny import random_texts, save_adapter, save_base
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine competing threads make

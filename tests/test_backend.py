@@ -443,5 +443,5 @@ def test_user_errors_are_one_line(
 
 def test_not_lora_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(UserError, match="only LORA"):
+    with pytest.raises(UserError, match="only plain LoRA"):
         load_model(BaseModel("unused", "unused"), str(tmp_path), torch.float32, "cpu", None)

@@ -189,6 +189,8 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "list": (write_json(tmp_path / "list.json", [1, 2]), "not an activations file"),
         "no layers": (write_json(tmp_path / "m.json", {"metadata": {}}), "not an activations"),
         "version 99": (write_json(tmp_path / "v.json", good | {"schema_version": 99}), "99"),
+        "version true": (write_json(tmp_path / "t.json", good | {"schema_version": True}), "true"),
+        "version text": (write_json(tmp_path / "s.json", good | {"schema_version": "1"}), '"1"'),
         "no version": (write_json(tmp_path / "nv.json", no_version), "schema_version"),
         "malformed": (write_json(tmp_path / "mal.json", malformed), "histogram"),
     }
@@ -197,7 +199,7 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize(
     "case",
     ["missing", "invalid", "nan", "binary", "directory", "list", "no layers", "version 99",
-     "no version", "malformed"],
+     "version true", "version text", "no version", "malformed"],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line(tmp_path, capsys, case):
     path, mention = bad_inputs(tmp_path)[case]

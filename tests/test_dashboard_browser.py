@@ -7,27 +7,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Page
 
-import generate_html_dashboard as dashboard
+from tests.browser import DESKTOP, Rendered, rendered
 from tests.synthetic import HOSTILE_TOKENS, make_activations
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 LOCAL_URL_PREFIXES = ("file:", "data:", "about:blank")
-DESKTOP = {"viewport": {"width": 1400, "height": 1000}}
 PHONE = {
     "viewport": {"width": 390, "height": 844},
     "device_scale_factor": 2,
@@ -35,43 +22,6 @@ PHONE = {
     "has_touch": True,
 }
 SMALL_LAYERS = [3, 5, 9, 12]
-
-
-@dataclass
-class Rendered:
-    path: Path
-    data: dict
-
-    @property
-    def url(self) -> str:
-        return self.path.as_uri()
-
-
-@dataclass
-class Opened:
-    """A page and what it did: every request, dialog and script error."""
-
-    page: Page
-    requests: list[str] = field(default_factory=list)
-    dialogs: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} not found: install it with `apt-get install chromium`")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def rendered(directory: Path, data: dict) -> Rendered:
-    source, page = directory / "activations.json", directory / "dashboard.html"
-    source.write_text(json.dumps(data), encoding="utf-8")
-    assert dashboard.main(["--data", str(source), "--output", str(page)]) == 0
-    return Rendered(page, data)
 
 
 @pytest.fixture(scope="session")
@@ -91,30 +41,6 @@ def small(tmp_path_factory) -> Rendered:
 def qwen_32b_shaped(tmp_path_factory) -> Rendered:
     data = make_activations(n_layers=64, k=16, window=10, bins=50, seed=32)
     return rendered(tmp_path_factory.mktemp("qwen"), data)
-
-
-@pytest.fixture
-def open_page(browser) -> Iterator[Callable[..., Opened]]:
-    """Open a URL in a fresh context; afterwards, no page may have shown a dialog or a script
-    error (a CSP violation is one)."""
-    opened: list[Opened] = []
-
-    def open_(url: str, **context_options) -> Opened:
-        page = browser.new_context(**(DESKTOP | context_options)).new_page()
-        record = Opened(page)
-        page.on("request", lambda request: record.requests.append(request.url))
-        page.on("dialog", lambda dialog: (record.dialogs.append(dialog.message), dialog.dismiss()))
-        page.on("pageerror", lambda error: record.errors.append(str(error)))
-        page.on("console", lambda m: m.type == "error" and record.errors.append(m.text))
-        page.goto(url)
-        opened.append(record)
-        return record
-
-    yield open_
-    for record in opened:
-        record.page.context.close()
-        assert not record.dialogs, f"the page opened dialogs: {record.dialogs}"
-        assert not record.errors, f"script errors or CSP violations: {record.errors}"
 
 
 def heading(page: Page) -> str:
