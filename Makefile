@@ -26,7 +26,7 @@ demo: $(VENV)/.installed
 		--base-model embedded \
 		--lora-path demo/adapter \
 		--data-file demo/data/heldout.jsonl \
-		--num-examples all \
+		--num-examples all --store-sequences \
 		--output backend/activations_data.json
 	$(BIN)/python generate_html_dashboard.py \
 		--data backend/activations_data.json \
