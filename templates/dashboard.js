@@ -97,6 +97,14 @@
 
   // ---- examples -------------------------------------------------------------------------
 
+  // Examples are embedded as rows of DATA.example_fields, without "activation" (it is the
+  // activation at the target): objects are made only for the examples on screen.
+  function exampleOf(row) {
+    const example = Object.fromEntries(DATA.example_fields.map((field, i) => [field, row[i]]));
+    example.activation = example.activations[example.target];
+    return example;
+  }
+
   // Examples with the same context, position and value are one finding (typically a prompt
   // prefix that every example shares): one row, saying how many examples it stands for.
   function sameContext(a, b) {
@@ -160,7 +168,7 @@
       return section;
     }
     const list = el("ol", "example-list");
-    for (const group of groupRepeats(examples)) list.append(exampleRow(group, scale));
+    for (const group of groupRepeats(examples.map(exampleOf))) list.append(exampleRow(group, scale));
     section.append(list);
     return section;
   }
