@@ -4,7 +4,8 @@ The page carries its data as JSON in a <script type="application/json"> element 
 layer at a time with the JavaScript in templates/dashboard.js. To keep a full-size run small,
 the embedded data is the input with its floats rounded for display (DISPLAY_DIGITS significant
 digits; the page shows values exactly as embedded), the keys the page does not use dropped,
-and each token string stored once in a table that examples index into.
+each token string stored once in a table that examples, token tables and logit effects index
+into, and examples written as rows of EXAMPLE_FIELDS rather than objects.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@
     statsOpen: false,
     logCounts: false,
     width: WINDOW, // context tokens shown on each side of the target
-    cards: [], // the cards on screen, each with the redraw functions of its example lists
+    cards: [], // the cards on screen, each with what its view and the page's settings redraw
     marks: new Map(), // direction key -> draws a value on that direction's histogram
   };
 

@@ -473,6 +473,7 @@ def _check_position_profile(profile: dict, stats: dict) -> None:
     edges, mean = profile["edges"], profile["mean"]
     assert len(edges) == len(mean) + 1 and edges[0] == 0
     assert all(a < b for a, b in pairwise(edges)) and all(isinstance(e, int) for e in edges)
-    for m, count in zip(mean, profile.get("count", mean), strict=True):
-        assert (m is None) == (count == 0)
-        assert m is None or stats["min"] <= m <= stats["max"]
+    assert all(m is None or stats["min"] <= m <= stats["max"] for m in mean)
+    if "count" in profile:  # an empty bucket has no mean
+        counts = profile["count"]
+        assert [m is None for m in mean] == [c == 0 for c in counts] and len(counts) == len(mean)

@@ -262,6 +262,11 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     no_version = {k: v for k, v in good.items() if k != "schema_version"}
     malformed = make_activations()
     del malformed["layers"][0]["projections"]["up_proj"]["directions"][0]["histogram"]
+    no_matrix = make_activations()
+    del no_matrix["cross_layer_cosine"]["matrix"]
+    bad_sample = make_activations()
+    sampled = bad_sample["layers"][1]["projections"]["down_proj"]["directions"][0]
+    del sampled["quantile_samples"][0]["value_range"]
     invalid = tmp_path / "invalid.json"
     invalid.write_text('{"layers": [', encoding="utf-8")
     nan = tmp_path / "nan.json"
@@ -279,13 +284,15 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "version 99": (write_json(tmp_path / "v.json", good | {"schema_version": 99}), "99"),
         "no version": (write_json(tmp_path / "nv.json", no_version), "schema_version"),
         "malformed": (write_json(tmp_path / "mal.json", malformed), "histogram"),
+        "cross-layer": (write_json(tmp_path / "x.json", no_matrix), "cross_layer_cosine lacks"),
+        "quantiles": (write_json(tmp_path / "q.json", bad_sample), "layers[1] lacks 'value_range'"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing", "invalid", "nan", "binary", "directory", "list", "no layers", "version 99",
-     "no version", "malformed"],
+     "no version", "malformed", "cross-layer", "quantiles"],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line(tmp_path, capsys, case):
     path, mention = bad_inputs(tmp_path)[case]
