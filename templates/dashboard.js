@@ -339,19 +339,27 @@
     const group = el("div", "seg views");
     group.setAttribute("role", "group");
     group.setAttribute("aria-label", "Tokens show the activations of");
-    const buttons = views.map((view, i) => {
-      const button = el("button", "", view.label);
+    const items = views.map((view) => ({
+      label: view.label, title: `${view.key || "gate × up"} at these tokens`, value: view,
+    }));
+    choice(group, items, views[0], showView);
+    return group;
+  }
+
+  // Buttons of which one is on (a card's view, the context width): `pick` gets its value.
+  function choice(group, items, current, pick) {
+    const buttons = items.map(({ label, title, value }) => {
+      const button = el("button", "", label);
       button.type = "button";
-      button.title = `${view.key || "gate × up"} at these tokens`;
-      button.setAttribute("aria-pressed", String(i === 0));
+      button.title = title;
+      button.setAttribute("aria-pressed", String(value === current));
       button.addEventListener("click", () => {
         for (const b of buttons) b.setAttribute("aria-pressed", String(b === button));
-        showView(view);
+        pick(value);
       });
       return button;
     });
     group.append(...buttons);
-    return group;
   }
 
   function cardHistogram(d, card) {
@@ -692,15 +700,16 @@
     const link = el("a", "direction-link", text);
     const match = KEY.exec(key);
     if (match) link.href = `#layer-${match[1]}`;
-    link.dataset.key = key;
+    link.dataset.open = key;
     return link;
   }
 
+  // Heatmap cells and links carry the key of the direction they open.
   document.addEventListener("click", (event) => {
-    const target = event.target.closest && event.target.closest("[data-key]:not(.card)");
-    if (!target) return;
+    const opener = event.target.closest && event.target.closest("[data-open]");
+    if (!opener) return;
     event.preventDefault();
-    openDirection(target.dataset.key);
+    openDirection(opener.dataset.open);
   });
 
   // ---- tooltip --------------------------------------------------------------------------
@@ -794,7 +803,7 @@
         const button = el("button", "cell");
         button.type = "button";
         button.dataset.index = String(cell.index);
-        button.dataset.key = cell.key;
+        button.dataset.open = cell.key;
         button.classList.toggle("current", cell.index === state.index);
         button.title = `layer ${LAYERS[i].layer} ${name}: ${label} ${fmt4(cell.value)}`;
         button.style.setProperty("--a", (cell.value / largest).toFixed(3));
@@ -1061,7 +1070,8 @@
     for (const [key, note] of incoming) notes.set(key, note);
     writeNotes();
     renderLayer(LAYERS[state.index]); // its cards show the imported notes
-    const other = imported.adapter !== META.adapter ? ` (written for ${imported.adapter})` : "";
+    const adapter = imported?.adapter;
+    const other = adapter && adapter !== META.adapter ? ` (written for ${adapter})` : "";
     notesStatus.textContent = `imported ${incoming.size} notes from ${file.name}${other}`;
   }
 
@@ -1071,19 +1081,15 @@
     const box = document.getElementById("context-width");
     if (!(WINDOW > NARROW)) return box.remove(); // nothing to narrow
     box.append(el("span", "muted", "context"));
-    const buttons = [NARROW, WINDOW].map((width) => {
-      const button = el("button", "", `±${width}`);
-      button.type = "button";
-      button.title = `${width} tokens on each side of the example's own token`;
-      button.setAttribute("aria-pressed", String(width === state.width));
-      button.addEventListener("click", () => {
-        state.width = width;
-        for (const b of buttons) b.setAttribute("aria-pressed", String(b === button));
-        state.cards.forEach(redraw);
-      });
-      return button;
+    const widths = [NARROW, WINDOW].map((width) => ({
+      label: `±${width}`,
+      title: `${width} tokens on each side of the example's own token`,
+      value: width,
+    }));
+    choice(box, widths, state.width, (width) => {
+      state.width = width;
+      state.cards.forEach(redraw);
     });
-    box.append(...buttons);
   }
 
   function logCountsSwitch() {

@@ -314,7 +314,7 @@ def test_heatmap_cell_opens_its_layer_and_module(open_page, small):
     names = [f"{m}[{c}]" for m in modules for c in range(2)]
     assert heatmap.locator(".row-label").all_text_contents() == names
     assert heatmap.locator(".cell").count() == len(names) * len(SMALL_LAYERS)
-    heatmap.locator('.cell[data-key="L9.up_proj[1]"]').click()
+    heatmap.locator('.cell[data-open="L9.up_proj[1]"]').click()
     assert heading(page) == "Layer 9" and page.url.endswith("#layer-9")
     opened = card(page, "L9.up_proj[1]")
     assert opened.evaluate("e => e.classList.contains('opened')")
@@ -334,7 +334,7 @@ def test_heatmap_cell_opens_its_layer_and_module(open_page, small):
     direction = direction_of(small.data, 0, "gate_proj")
     write = max(-direction["stats"]["min"], direction["stats"]["max"])
     write *= direction["write_norm_scale"]
-    title = heatmap.locator('.cell[data-key="L3.gate_proj[0]"]').get_attribute("title")
+    title = heatmap.locator('.cell[data-open="L3.gate_proj[0]"]').get_attribute("title")
     assert title == f"layer 3 gate_proj[0]: write magnitude {js(four(write))}"
 
 
@@ -449,14 +449,14 @@ def test_search_finds_a_token_and_links_to_its_direction(open_page, small):
     links = results.locator("a.direction-link")
     assert links.count() == min(50, len(expected))
     found = results.locator("li").evaluate_all(
-        "items => items.map(li => [li.querySelector('a').dataset.key,"
+        "items => items.map(li => [li.querySelector('a').dataset.open,"
         " li.querySelector('.hits').textContent])"
     )
     assert {key: int(hits.strip(" ×")) for key, hits in found} == {
         key: expected[key] for key, _ in found
     }
     target = links.last
-    key = target.get_attribute("data-key")
+    key = target.get_attribute("data-open")
     target.click()
     layer = key.split(".")[0][1:]
     assert heading(page) == f"Layer {layer}" and page.url.endswith(f"#layer-{layer}")
@@ -523,6 +523,9 @@ def test_notes_persist_export_and_import(open_page, small, tmp_path):
     garbage.write_text("{not json")
     page.set_input_files("#notes-import", garbage)
     assert page.locator("#notes-status").text_content() == "garbage.json: not a JSON file"
+    garbage.write_text("null")
+    page.set_input_files("#notes-import", garbage)
+    assert page.locator("#notes-status").text_content() == "imported 0 notes from garbage.json"
 
 
 def test_cross_layer_cosines_with_labelled_axes(open_page, qwen_32b_shaped):
@@ -634,7 +637,7 @@ def test_an_older_file_renders_without_the_new_sections(open_page, tmp_path):
     assert heading(page) == "Layer 0" and page.locator(".card").count() == 3
     assert page.locator(".views, details.more, details.cross-layer, .warn").count() == 0
     assert page.locator("#heatmap .cell").count() == 9  # computed from the older fields
-    page.locator('#heatmap .cell[data-key="L2.down_proj[0]"]').click()
+    page.locator('#heatmap .cell[data-open="L2.down_proj[0]"]').click()
     assert heading(page) == "Layer 2"
     page.fill("#search", "the")
     assert page.locator("#search-results a").count() > 0
