@@ -792,7 +792,7 @@
     const every = Math.ceil(LAYERS.length / 16); // layer numbers that fit above the columns
     heatmapBox.style.setProperty("--columns", String(LAYERS.length));
     const header = [
-      el("span", "axis-title", "layer"),
+      el("span", "corner", "layer"),
       ...LAYERS.map((layer, i) => el("span", "col-label", i % every ? "" : String(layer.layer))),
     ];
     const rows = names.flatMap((name) => [
