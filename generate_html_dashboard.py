@@ -4,7 +4,8 @@ The page carries its data as JSON in a <script type="application/json"> element 
 layer at a time with the JavaScript in templates/dashboard.js. To keep a full-size run small,
 the embedded data is the input with its floats rounded for display (DISPLAY_DIGITS significant
 digits; the page shows values exactly as embedded), the keys the page does not use dropped,
-and each token string stored once in a table that examples index into.
+each token string stored once in a table that examples, token tables and logit effects index
+into, and examples written as rows of EXAMPLE_FIELDS rather than objects.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -28,6 +30,18 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 KNOWN_SCHEMA_VERSIONS = (1,)
 DISPLAY_DIGITS = 4  # significant digits of every value on the page, tooltips included
 EDGE_DIGITS = 6  # histogram edges keep more, so that narrow bins stay distinct
+COSINE_DECIMALS = 3  # the cross-layer cosine matrix: (layers x vectors)^2 numbers
+# Examples are embedded as arrays of these fields, in this order: the keys of a full-size run's
+# tens of thousands of examples would otherwise be a fifth of the page. "activation" is left
+# out (it is activations[target]); "sibling_activations" only where the input has it.
+EXAMPLE_FIELDS = (
+    "example_index",
+    "token_index",
+    "target",
+    "tokens",
+    "activations",
+    "sibling_activations",
+)
 # MLP modules first, in data-flow order, then attention; modules not listed keep file order.
 MODULE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 HEADER_FIELDS = (
@@ -41,6 +55,11 @@ HEADER_FIELDS = (
     ("dtype", "dtype"),
     ("processes", "num_processes"),
     ("created", "created_at"),
+)
+# Metadata of newer runs, shown only when the file has it.
+OPTIONAL_HEADER_FIELDS = (
+    ("min token count", "min_token_count"),
+    ("non-finite values", "num_nonfinite"),
 )
 # Characters that must not appear raw inside <script>: "<" could close it or open "<!--",
 # U+2028/U+2029 break older JS parsers, and lone surrogates cannot be encoded as UTF-8.
@@ -128,7 +147,8 @@ def _sha256(text: str) -> str:
 
 
 def header_fields(metadata: dict) -> list[tuple[str, str]]:
-    return [(label, _display(metadata.get(key))) for label, key in HEADER_FIELDS]
+    present = tuple(field for field in OPTIONAL_HEADER_FIELDS if field[1] in metadata)
+    return [(label, _display(metadata.get(key))) for label, key in HEADER_FIELDS + present]
 
 
 def _display(value: object) -> str:
@@ -147,18 +167,45 @@ def script_json(value: object) -> Markup:
 
 
 def compact_data(data: dict) -> dict:
-    """What the page embeds: the input's shape, with example "tokens" as indices into
-    "strings", floats rounded for display, and keys the page does not use dropped."""
+    """What the page embeds: the input's shape, with every token string (of examples, token
+    tables, logit effects) as an index into "strings", floats rounded for display, and keys
+    the page does not use dropped. Optional fields are kept only where the input has them."""
     strings: dict[str, int] = {}
-    layers = []
-    for i, layer in enumerate(data["layers"]):
-        try:
-            layers.append(_compact_layer(layer, strings))
-        except KeyError as e:
-            raise DashboardError(f"malformed activations file: layers[{i}] lacks {e}") from None
-        except (TypeError, ValueError, AttributeError) as e:
-            raise DashboardError(f"malformed activations file: layers[{i}]: {e}") from None
-    return {"metadata": data["metadata"], "strings": list(strings), "layers": layers}
+    layers = [
+        _malformed_as_error(f"layers[{i}]", _compact_layer, layer, strings)
+        for i, layer in enumerate(data["layers"])
+    ]
+    page = {"metadata": data["metadata"], "example_fields": EXAMPLE_FIELDS, "layers": layers}
+    if "cross_layer_cosine" in data:
+        page["cross_layer_cosine"] = _malformed_as_error(
+            "cross_layer_cosine", _compact_cross_layer_cosine, data["cross_layer_cosine"]
+        )
+    if "examples" in data:  # --store-sequences: each shown example's whole token sequence
+        page["sequences"] = _malformed_as_error(
+            "examples", _compact_sequences, data["examples"], strings
+        )
+    return page | {"strings": list(strings)}
+
+
+def _compact_sequences(examples: dict, strings: dict[str, int]) -> dict[str, list[int]]:
+    return {
+        index: [_intern(token, strings) for token in example["tokens"]]
+        for index, example in examples.items()
+    }
+
+
+def _malformed_as_error(where: str, compact: Callable[..., dict], *args: object) -> dict:
+    try:
+        return compact(*args)
+    except KeyError as e:
+        raise DashboardError(f"malformed activations file: {where} lacks {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DashboardError(f"malformed activations file: {where}: {e}") from None
+
+
+def _compact_cross_layer_cosine(cosine: dict) -> dict:
+    matrix = [[round(x, COSINE_DECIMALS) for x in row] for row in cosine["matrix"]]
+    return {"labels": cosine["labels"], "matrix": matrix}
 
 
 def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
@@ -189,34 +236,98 @@ def _compact_projection(projection: dict, strings: dict[str, int]) -> dict:
 
 def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:
     stats, hist = direction["stats"], direction["histogram"]
-    return {
+    page = {
         "component": direction["component"],
         "a_norm": _round(direction["a_norm"]),
         "b_norm": _round(direction["b_norm"]),
         "stats": {key: _round(stats[key]) for key in ("min", "max", "mean", "std")}
-        | {"count": stats["count"]},
+        | {key: stats[key] for key in ("count", "nonfinite") if key in stats},
         "histogram": {
             "edges": [_round(x, EDGE_DIGITS) for x in hist["edges"]],
             "counts": hist["counts"],
         },
-        "top_positive": [_compact_example(e, strings) for e in direction["top_positive"]],
-        "top_negative": [_compact_example(e, strings) for e in direction["top_negative"]],
+        "top_positive": _compact_examples(direction["top_positive"], strings),
+        "top_negative": _compact_examples(direction["top_negative"], strings),
     }
+    for key, compact in OPTIONAL_DIRECTION_FIELDS.items():
+        if key in direction:
+            page[key] = compact(direction[key], strings)
+    return page
 
 
-def _compact_example(example: dict, strings: dict[str, int]) -> dict:
+def _compact_examples(examples: list[dict], strings: dict[str, int]) -> list[list]:
+    return [_compact_example(e, strings) for e in examples]
+
+
+def _compact_example(example: dict, strings: dict[str, int]) -> list:
+    """The example as a row of EXAMPLE_FIELDS."""
+    row = [
+        example["example_index"],
+        example["token_index"],
+        example["target"],
+        [_intern(token, strings) for token in example["tokens"]],
+        _round_all(example["activations"]),
+    ]
+    if "sibling_activations" in example:
+        siblings = example["sibling_activations"].items()
+        row.append({module: _round_all(values) for module, values in siblings})
+    return row
+
+
+def _compact_quantile_samples(samples: list[dict], strings: dict[str, int]) -> list[dict]:
+    return [
+        {
+            "quantile_range": _round_all(s["quantile_range"]),
+            "value_range": _round_all(s["value_range"]),
+            "examples": _compact_examples(s["examples"], strings),
+        }
+        for s in samples
+    ]
+
+
+def _compact_token_table(rows: list[dict], strings: dict[str, int]) -> list[dict]:
+    return [
+        {"token": _intern(row["token"], strings), "count": row["count"]}
+        | {key: _round(row[key]) for key in ("mean", "min", "max")}
+        for row in rows
+    ]
+
+
+def _compact_position_profile(profile: dict, strings: dict[str, int]) -> dict:
+    page = {"edges": profile["edges"], "mean": _round_all(profile["mean"])}
+    return page | ({"count": profile["count"]} if "count" in profile else {})
+
+
+def _compact_logit_effects(effects: dict, strings: dict[str, int]) -> dict:
     return {
-        "activation": _round(example["activation"]),
-        "example_index": example["example_index"],
-        "token_index": example["token_index"],
-        "target": example["target"],
-        "tokens": [strings.setdefault(token, len(strings)) for token in example["tokens"]],
-        "activations": [_round(x) for x in example["activations"]],
+        side: [{"token": _intern(e["token"], strings), "value": _round(e["value"])} for e in rows]
+        for side, rows in effects.items()
     }
+
+
+# The fields of the contract's second part, each compacted where the input has it.
+OPTIONAL_DIRECTION_FIELDS: dict[str, Callable[[object, dict[str, int]], object]] = {
+    "write_norm_scale": lambda value, strings: _round(value),
+    "quantile_samples": _compact_quantile_samples,
+    "top_tokens": _compact_token_table,
+    "bottom_tokens": _compact_token_table,
+    "position_profile": _compact_position_profile,
+    "logit_effects": _compact_logit_effects,
+}
+
+
+def _intern(token: str, strings: dict[str, int]) -> int:
+    """The token's index in the page's string table, which stores each string once."""
+    return strings.setdefault(token, len(strings))
 
 
 def _round_rows(matrix: list[list[float]]) -> list[list[float]]:
-    return [[_round(x) for x in row] for row in matrix]
+    return [_round_all(row) for row in matrix]
+
+
+def _round_all(values: list[float | None]) -> list[float | None]:
+    """Rounded for display; null (a value that was NaN or Inf) stays null."""
+    return [None if x is None else _round(x) for x in values]
 
 
 def _round(x: float, digits: int = DISPLAY_DIGITS) -> float:

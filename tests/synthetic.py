@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import pairwise
 
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -50,6 +51,12 @@ READ_SITES = {
 }
 # Modules whose write vector B lives in the residual stream; the others read from it.
 RESIDUAL_WRITERS = ("down_proj", "o_proj")
+# Quantile ranges over |activation| that the samples are drawn from (one entry per sign), and
+# where their value bounds sit as fractions of the k-th top value (samples stay below top-k).
+QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999)
+VALUE_FRACTIONS = (0.0, 0.1, 0.3, 0.6, 1.0)
+MIN_TOKEN_COUNT = 5
+SCALING = 2.0
 
 
 def make_activations(
@@ -62,20 +69,26 @@ def make_activations(
     seed: int = 0,
     hostile_tokens: bool = False,
     layers: Sequence[int] | None = None,
+    extras: bool = True,
+    samples: int = 2,
 ) -> dict:
     """Build a schema_version 1 activations dict.
 
     `layers` gives the layer numbers (default 0..n_layers-1). With `hostile_tokens`, the
     context windows start with every entry of HOSTILE_TOKENS, so all of them appear in the
     first layer when it has enough context slots (the defaults have plenty), and the dataset
-    name is hostile too.
+    name is hostile too. With `extras` (the default), the file carries the optional fields of
+    the contract's second part, `samples` examples per quantile range; without, it is a file
+    of an older run.
     """
     rng = random.Random(seed)
     layer_numbers = list(range(n_layers) if layers is None else layers)
     num_examples = rng.randint(50, 500)
     num_tokens = num_examples * rng.randint(20, 200)
     tokens = _token_stream(rng, hostile_tokens)
-    return {
+    vocabulary = WORDS + HOSTILE_TOKENS if hostile_tokens else WORDS
+    shape = Shape(k, window, bins, samples if extras else 0, num_examples, num_tokens, vocabulary)
+    data = {
         "schema_version": 1,
         "metadata": {
             "base_model": "synthetic/Qwen2-like",
@@ -96,22 +109,44 @@ def make_activations(
             {
                 "layer": number,
                 "cosine_similarities": _cosine_similarities(rng, modules, rank),
-                "projections": {
-                    name: {
-                        "rank": rank,
-                        "scaling": 2.0,
-                        "read_site": READ_SITES.get(name, "input_layernorm.output"),
-                        "directions": [
-                            _direction(rng, c, k, window, bins, num_examples, num_tokens, tokens)
-                            for c in range(rank)
-                        ],
-                    }
-                    for name in modules
-                },
+                "projections": _projections(rng, modules, rank, shape, tokens),
             }
             for number in layer_numbers
         ],
     }
+    if extras:
+        _add_run_extras(rng, data, modules, rank)
+    return data
+
+
+@dataclass(frozen=True)
+class Shape:
+    k: int
+    window: int
+    bins: int
+    samples: int  # examples per quantile range; 0: no fields beyond the contract's first part
+    num_examples: int
+    num_tokens: int
+    vocabulary: tuple[str, ...]  # of the token tables and logit effects
+
+
+def _projections(
+    rng: random.Random, modules: Sequence[str], rank: int, shape: Shape, tokens: Iterator[str]
+) -> dict:
+    projections = {
+        name: {
+            "rank": rank,
+            "scaling": SCALING,
+            "read_site": READ_SITES.get(name, "input_layernorm.output"),
+            "directions": [_direction(rng, c, shape, tokens) for c in range(rank)],
+        }
+        for name in modules
+    }
+    if shape.samples:
+        for name, projection in projections.items():
+            for direction in projection["directions"]:
+                _add_direction_extras(rng, name, direction, projections, shape, tokens)
+    return projections
 
 
 def _token_stream(rng: random.Random, hostile: bool) -> Iterator[str]:
@@ -121,16 +156,8 @@ def _token_stream(rng: random.Random, hostile: bool) -> Iterator[str]:
         yield rng.choice(WORDS)
 
 
-def _direction(
-    rng: random.Random,
-    component: int,
-    k: int,
-    window: int,
-    bins: int,
-    num_examples: int,
-    count: int,
-    tokens: Iterator[str],
-) -> dict:
+def _direction(rng: random.Random, component: int, shape: Shape, tokens: Iterator[str]) -> dict:
+    k, window, bins, count = shape.k, shape.window, shape.bins, shape.num_tokens
     lo, hi = -rng.uniform(0.5, 5.0), rng.uniform(0.5, 5.0)
     edges = [lo + (hi - lo) * i / bins for i in range(bins)] + [hi]
     centers = [(a + b) / 2 for a, b in pairwise(edges)]
@@ -141,7 +168,7 @@ def _direction(
     positive = sorted([hi] + [rng.uniform(hi / 2, hi) for _ in range(k - 1)], reverse=True)
     negative = sorted([lo] + [rng.uniform(lo, lo / 2) for _ in range(k - 1)])
     bounds = (negative[-1], positive[-1])
-    places = _distinct_places(rng, 2 * k, num_examples)
+    places = _distinct_places(rng, 2 * k, shape.num_examples)
     return {
         "component": component,
         "a_norm": rng.uniform(0.1, 2.0),
@@ -200,14 +227,138 @@ def _example(
     }
 
 
+def _add_direction_extras(
+    rng: random.Random,
+    name: str,
+    direction: dict,
+    projections: dict,
+    shape: Shape,
+    tokens: Iterator[str],
+) -> None:
+    """The fields of the contract's second part, and sibling activations in every example."""
+    stats = direction["stats"]
+    bounds = (
+        direction["top_negative"][-1]["activation"],
+        direction["top_positive"][-1]["activation"],
+    )
+    direction["write_norm_scale"] = SCALING * direction["b_norm"]
+    direction["quantile_samples"] = [
+        _quantile_range(rng, q, f, sign, bounds, shape, tokens)
+        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
+        for sign in (1, -1)
+    ]
+    direction["top_tokens"] = _token_table(rng, stats["max"], shape.vocabulary)
+    direction["bottom_tokens"] = _token_table(rng, stats["min"], shape.vocabulary)
+    direction["position_profile"] = _position_profile(rng, stats, shape.num_examples)
+    if name in RESIDUAL_WRITERS:
+        direction["logit_effects"] = {
+            "top": _logit_effects(rng, 1, shape.vocabulary),
+            "bottom": _logit_effects(rng, -1, shape.vocabulary),
+        }
+    component = direction["component"]
+    siblings = {m: p["directions"][component]["stats"] for m, p in projections.items() if m != name}
+    examples = _examples_of(direction)
+    for example in examples:
+        example["sibling_activations"] = {
+            m: [rng.uniform(s["min"] / 2, s["max"] / 2) for _ in example["tokens"]]
+            for m, s in siblings.items()
+        }
+    # A few values that were NaN/Inf: left out of the statistics, null in the contexts.
+    stats["nonfinite"] = rng.choice((0, 0, 0, 7))
+    stats["count"] -= stats["nonfinite"]
+    counts = direction["histogram"]["counts"]
+    counts[counts.index(max(counts))] -= stats["nonfinite"]
+    first = examples[0]
+    if stats["nonfinite"] and len(first["tokens"]) > 1:
+        j = 1 - first["target"] if first["target"] < 2 else 0  # never the target itself
+        first["activations"][j] = None
+        for values in first["sibling_activations"].values():
+            values[j] = None
+
+
+def _examples_of(direction: dict) -> list[dict]:
+    """Every Example of a direction: its top lists, then its quantile samples."""
+    sampled = [e for r in direction.get("quantile_samples", []) for e in r["examples"]]
+    return direction["top_positive"] + direction["top_negative"] + sampled
+
+
+def _quantile_range(
+    rng: random.Random,
+    quantiles: tuple[float, float],
+    fractions: tuple[float, float],
+    sign: int,
+    bounds: tuple[float, float],
+    shape: Shape,
+    tokens: Iterator[str],
+) -> dict:
+    """One sign of a quantile range over |activation|, below the k-th top value."""
+    extreme = bounds[1] if sign > 0 else bounds[0]
+    lo, hi = sorted(f * extreme for f in fractions)
+    places = _distinct_places(rng, shape.samples, shape.num_examples)
+    return {
+        "quantile_range": list(quantiles),
+        "value_range": [lo, hi],
+        "examples": [
+            _example(rng, rng.uniform(lo, hi), place, shape.window, bounds, tokens)
+            for place in places
+        ],
+    }
+
+
+def _token_table(rng: random.Random, extreme: float, vocabulary: Sequence[str]) -> list[dict]:
+    """Up to 10 tokens whose activations lean towards `extreme`, strongest mean first."""
+    rows = []
+    for token in rng.sample(vocabulary, min(10, len(vocabulary))):
+        low, high = sorted((rng.uniform(0, extreme), rng.uniform(0, extreme)))
+        count = rng.randint(MIN_TOKEN_COUNT, 500)
+        rows.append({"token": token, "count": count, "mean": rng.uniform(low, high),
+                     "max": high, "min": low})  # fmt: skip
+    return sorted(rows, key=lambda row: abs(row["mean"]), reverse=True)
+
+
+def _position_profile(rng: random.Random, stats: dict, num_examples: int) -> dict:
+    """Power-of-two position buckets; fewer sequences reach the later ones, none the last."""
+    edges = [0] + [2**i for i in range(11)]  # 0, 1, 2, 4, ..., 1024
+    counts = [round(num_examples * (b - a) * max(0.0, 1 - a / 400)) for a, b in pairwise(edges)]
+    mean = [rng.uniform(stats["min"] / 4, stats["max"] / 4) if c else None for c in counts]
+    return {"edges": edges, "mean": mean, "count": counts}
+
+
+def _logit_effects(rng: random.Random, sign: int, vocabulary: Sequence[str]) -> list[dict]:
+    values = sorted((rng.uniform(0.05, 3.0) for _ in range(10)), reverse=True)
+    tokens = rng.sample(vocabulary, min(10, len(vocabulary)))
+    return [{"token": t, "value": sign * v} for t, v in zip(tokens, values, strict=False)]
+
+
+def _add_run_extras(rng: random.Random, data: dict, modules: Sequence[str], rank: int) -> None:
+    directions = [
+        d
+        for layer in data["layers"]
+        for p in layer["projections"].values()
+        for d in p["directions"]
+    ]
+    data["metadata"]["min_token_count"] = MIN_TOKEN_COUNT
+    data["metadata"]["num_nonfinite"] = sum(d["stats"]["nonfinite"] for d in directions)
+    labels = [
+        f"L{layer['layer']}.{label}"
+        for layer in data["layers"]
+        for label in _residual_labels(modules, rank)
+    ]
+    data["cross_layer_cosine"] = {"labels": labels, "matrix": _random_cosines(rng, len(labels))}
+
+
+def _residual_labels(modules: Sequence[str], rank: int) -> list[str]:
+    """The vectors of one layer living in the residual stream: what is read, what is written."""
+    return [
+        f"{m}.{'B' if m in RESIDUAL_WRITERS else 'A'}[{c}]" for m in modules for c in range(rank)
+    ]
+
+
 def _cosine_similarities(rng: random.Random, modules: Sequence[str], rank: int) -> list[dict]:
     """Cosines of random unit vectors: symmetric, unit diagonal, within [-1, 1]."""
     mlp = [m for m in MLP_MODULES if m in modules]
     hidden = [f"{m}.{'A' if m == 'down_proj' else 'B'}[{c}]" for m in mlp for c in range(rank)]
-    residual = [
-        f"{m}.{'B' if m in RESIDUAL_WRITERS else 'A'}[{c}]" for m in modules for c in range(rank)
-    ]
-    spaces = [("mlp_hidden", hidden), ("residual", residual)]
+    spaces = [("mlp_hidden", hidden), ("residual", _residual_labels(modules, rank))]
     return [
         {"space": space, "labels": labels, "matrix": _random_cosines(rng, len(labels))}
         for space, labels in spaces
@@ -225,25 +376,41 @@ def _random_cosines(rng: random.Random, n: int, dim: int = 8) -> list[list[float
 
 
 def check_activations(data: dict) -> None:
-    """Assert the invariants of data-contract.md that a reader can check on its own."""
+    """Assert the invariants of data-contract.md that a reader can check on its own; the
+    optional fields of its second part are checked where present."""
     meta = data["metadata"]
     assert data["schema_version"] == 1
     assert [layer["layer"] for layer in data["layers"]] == meta["lora_layers"]
     for layer in data["layers"]:
         for space in layer["cosine_similarities"]:
-            n = len(space["labels"])
-            assert len(space["matrix"]) == n and all(len(row) == n for row in space["matrix"])
+            _check_square(space)
         for name, proj in layer["projections"].items():
             assert name in meta["modules"]
             assert [d["component"] for d in proj["directions"]] == list(range(proj["rank"]))
             for direction in proj["directions"]:
+                c = direction["component"]
+                siblings = {
+                    m: p["directions"][c]["stats"]
+                    for m, p in layer["projections"].items()
+                    if m != name and c < p["rank"]
+                }
                 _check_direction(direction, meta)
+                _check_direction_extras(name, proj, direction, meta, siblings)
+    if "cross_layer_cosine" in data:
+        _check_square(data["cross_layer_cosine"])
+
+
+def _check_square(cosines: dict) -> None:
+    n = len(cosines["labels"])
+    assert len(cosines["matrix"]) == n and all(len(row) == n for row in cosines["matrix"])
+    assert all(-1 <= v <= 1 for row in cosines["matrix"] for v in row)
 
 
 def _check_direction(direction: dict, meta: dict) -> None:
     stats, hist = direction["stats"], direction["histogram"]
     assert len(hist["edges"]) == len(hist["counts"]) + 1 == meta["histogram_bins"] + 1
-    assert sum(hist["counts"]) == stats["count"] == meta["num_tokens"]
+    assert sum(hist["counts"]) == stats["count"]
+    assert stats["count"] + stats.get("nonfinite", 0) == meta["num_tokens"]
     assert hist["edges"][0] <= stats["min"] and stats["max"] <= hist["edges"][-1]
     assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
     pos, neg = direction["top_positive"], direction["top_negative"]
@@ -252,10 +419,61 @@ def _check_direction(direction: dict, meta: dict) -> None:
     assert [e["activation"] for e in pos] == sorted((e["activation"] for e in pos), reverse=True)
     assert [e["activation"] for e in neg] == sorted(e["activation"] for e in neg)
     for example in pos + neg:
-        tokens, target = example["tokens"], example["target"]
-        assert len(example["activations"]) == len(tokens) <= 2 * meta["context_window"] + 1
-        assert 0 <= target < len(tokens) and target <= example["token_index"]
-        assert example["activations"][target] == example["activation"]
-        assert example["example_index"] >= 0  # a row index: skipped rows keep theirs
-        assert stats["min"] <= min(example["activations"])
-        assert max(example["activations"]) <= stats["max"]
+        _check_example(example, stats, meta)
+
+
+def _check_example(example: dict, stats: dict, meta: dict) -> None:
+    tokens, target = example["tokens"], example["target"]
+    assert len(example["activations"]) == len(tokens) <= 2 * meta["context_window"] + 1
+    assert 0 <= target < len(tokens) and target <= example["token_index"]
+    assert example["activations"][target] == example["activation"]
+    assert example["example_index"] >= 0  # a row index: skipped rows keep theirs
+    finite = [v for v in example["activations"] if v is not None]  # null: was NaN/Inf
+    assert stats["min"] <= min(finite) and max(finite) <= stats["max"]
+
+
+def _check_direction_extras(
+    name: str, projection: dict, direction: dict, meta: dict, siblings: dict[str, dict]
+) -> None:
+    stats = direction["stats"]
+    assert stats.get("nonfinite", 0) >= 0
+    if "write_norm_scale" in direction:
+        expected = projection["scaling"] * direction["b_norm"]
+        assert math.isclose(direction["write_norm_scale"], expected, rel_tol=1e-5)
+    for samples in direction.get("quantile_samples", []):
+        q0, q1 = samples["quantile_range"]
+        lo, hi = samples["value_range"]
+        assert 0 <= q0 <= q1 <= 1 and stats["min"] <= lo <= hi <= stats["max"]
+        for example in samples["examples"]:
+            _check_example(example, stats, meta)
+            assert lo <= example["activation"] <= hi
+    for example in _examples_of(direction):
+        for module, values in example.get("sibling_activations", {}).items():
+            assert len(values) == len(example["tokens"])
+            sibling = siblings[module]
+            assert all(sibling["min"] <= v <= sibling["max"] for v in values if v is not None)
+    for key, sign in (("top_tokens", 1), ("bottom_tokens", -1)):
+        rows = direction.get(key, [])
+        assert [sign * r["mean"] for r in rows] == sorted(
+            (sign * r["mean"] for r in rows), reverse=True
+        )
+        for row in rows:
+            assert stats["min"] <= row["min"] <= row["mean"] <= row["max"] <= stats["max"]
+            assert row["count"] >= meta.get("min_token_count", 1)
+    if "position_profile" in direction:
+        _check_position_profile(direction["position_profile"], stats)
+    if "logit_effects" in direction:
+        assert name in RESIDUAL_WRITERS
+        top, bottom = direction["logit_effects"]["top"], direction["logit_effects"]["bottom"]
+        assert [e["value"] for e in top] == sorted((e["value"] for e in top), reverse=True)
+        assert [e["value"] for e in bottom] == sorted(e["value"] for e in bottom)
+
+
+def _check_position_profile(profile: dict, stats: dict) -> None:
+    edges, mean = profile["edges"], profile["mean"]
+    assert len(edges) == len(mean) + 1 and edges[0] == 0
+    assert all(a < b for a, b in pairwise(edges)) and all(isinstance(e, int) for e in edges)
+    assert all(m is None or stats["min"] <= m <= stats["max"] for m in mean)
+    if "count" in profile:  # an empty bucket has no mean
+        counts = profile["count"]
+        assert [m is None for m in mean] == [c == 0 for c in counts] and len(counts) == len(mean)

@@ -43,16 +43,30 @@ def embedded(html: str) -> dict:
     return json.loads(block)
 
 
-def tokens_of(page_data: dict) -> list[list[str]]:
-    """Every example's context tokens, read back from the page's string table."""
-    strings = page_data["strings"]
+def page_examples(page_data: dict, rows: list[list]) -> list[dict]:
+    """Embedded example rows as dicts, their tokens read back from the page's string table."""
+    examples = [dict(zip(page_data["example_fields"], row, strict=False)) for row in rows]
+    for example in examples:
+        example["tokens"] = [page_data["strings"][i] for i in example["tokens"]]
+    return examples
+
+
+def all_page_examples(page_data: dict) -> list[dict]:
+    """Every embedded example: top lists and quantile samples."""
     return [
-        [strings[i] for i in example["tokens"]]
+        example
         for layer in page_data["layers"]
         for projection in layer["projections"].values()
         for direction in projection["directions"]
-        for example in direction["top_positive"] + direction["top_negative"]
+        for rows in [direction["top_positive"], direction["top_negative"]]
+        + [s["examples"] for s in direction.get("quantile_samples", [])]
+        for example in page_examples(page_data, rows)
     ]
+
+
+def tokens_of(page_data: dict) -> list[list[str]]:
+    """Every example's context tokens, read back from the page's string table."""
+    return [example["tokens"] for example in all_page_examples(page_data)]
 
 
 # ---- rendering ----------------------------------------------------------------------------
@@ -97,16 +111,22 @@ def test_csp_hashes_match_the_inline_style_and_script(tmp_path):
         assert f"sha256-{digest}" in csp
 
 
-def test_embedded_data_round_trips(tmp_path):
-    data = make_activations(n_layers=2, modules=["gate_proj", "q_proj"], rank=2, seed=3)
+@pytest.mark.parametrize("extras", [True, False])
+def test_embedded_data_round_trips(tmp_path, extras):
+    data = make_activations(
+        n_layers=2, modules=["gate_proj", "q_proj"], rank=2, seed=3, extras=extras
+    )
     page_data = embedded(render(tmp_path, data))
-    assert page_data == dashboard.compact_data(data)
+    assert page_data == json.loads(json.dumps(dashboard.compact_data(data)))
     assert [layer["layer"] for layer in page_data["layers"]] == [0, 1]
     assert tokens_of(page_data) == tokens_of_input(data)
     original = data["layers"][1]["projections"]["q_proj"]["directions"][1]["top_negative"][0]
-    shown = page_data["layers"][1]["projections"]["q_proj"]["directions"][1]["top_negative"][0]
+    rows = page_data["layers"][1]["projections"]["q_proj"]["directions"][1]["top_negative"]
+    (shown, *_) = page_examples(page_data, rows)
     assert shown["activations"] == pytest.approx(original["activations"], rel=5e-4)
-    assert shown["activation"] == float(f"{original['activation']:.4g}")
+    target = shown["activations"][shown["target"]]
+    assert target == float(f"{original['activation']:.4g}")
+    assert ("sibling_activations" in shown) == extras
 
 
 def tokens_of_input(data: dict) -> list[list[str]]:
@@ -115,8 +135,75 @@ def tokens_of_input(data: dict) -> list[list[str]]:
         for layer in data["layers"]
         for projection in layer["projections"].values()
         for direction in projection["directions"]
-        for example in direction["top_positive"] + direction["top_negative"]
+        for examples in [direction["top_positive"], direction["top_negative"]]
+        + [s["examples"] for s in direction.get("quantile_samples", [])]
+        for example in examples
     ]
+
+
+def test_new_fields_are_compacted():
+    data = make_activations(n_layers=2, modules=["gate_proj", "up_proj", "down_proj"], seed=5)
+    direction = data["layers"][0]["projections"]["down_proj"]["directions"][0]
+    direction["top_positive"][0]["activations"][0] = None  # was NaN or Inf
+    direction["top_positive"][0]["sibling_activations"]["up_proj"][0] = None
+    direction["position_profile"]["mean"][-1] = None
+    page_data = dashboard.compact_data(data)
+    strings = page_data["strings"]
+    shown = page_data["layers"][0]["projections"]["down_proj"]["directions"][0]
+    four = lambda x: float(f"{x:.4g}")  # noqa: E731
+    assert shown["write_norm_scale"] == four(direction["write_norm_scale"])
+    assert shown["stats"]["nonfinite"] == direction["stats"]["nonfinite"]
+    # Quantile samples: ranges rounded, examples rows through the same token table.
+    (samples, *_) = shown["quantile_samples"]
+    original = direction["quantile_samples"][0]
+    assert samples["value_range"] == [four(x) for x in original["value_range"]]
+    assert samples["quantile_range"] == original["quantile_range"]
+    examples = page_examples(page_data, samples["examples"])
+    assert [e["tokens"] for e in examples] == [e["tokens"] for e in original["examples"]]
+    # Nulls stay null; sibling activations are rounded like the direction's own.
+    (top, *_) = page_examples(page_data, shown["top_positive"])
+    assert top["activations"][0] is None and top["sibling_activations"]["up_proj"][0] is None
+    original_siblings = direction["top_positive"][0]["sibling_activations"]["gate_proj"]
+    assert top["sibling_activations"]["gate_proj"] == [four(x) for x in original_siblings]
+    # Token tables and logit effects: token strings through the table, values rounded.
+    for key in ("top_tokens", "bottom_tokens"):
+        for row, original_row in zip(shown[key], direction[key], strict=True):
+            assert strings[row["token"]] == original_row["token"]
+            assert row["count"] == original_row["count"]
+            assert row["mean"] == four(original_row["mean"])
+    for side in ("top", "bottom"):
+        effects = direction["logit_effects"][side]
+        assert [(strings[e["token"]], e["value"]) for e in shown["logit_effects"][side]] == [
+            (e["token"], four(e["value"])) for e in effects
+        ]
+    profile = shown["position_profile"]
+    assert profile["edges"] == direction["position_profile"]["edges"]
+    assert profile["count"] == direction["position_profile"]["count"]
+    assert profile["mean"][-1] is None
+    # The cross-layer cosine matrix: 3 decimals.
+    cosine = page_data["cross_layer_cosine"]
+    assert cosine["labels"] == data["cross_layer_cosine"]["labels"]
+    assert cosine["matrix"][0][1] == round(data["cross_layer_cosine"]["matrix"][0][1], 3)
+
+
+def test_an_older_file_embeds_none_of_the_new_fields():
+    page_data = dashboard.compact_data(make_activations(extras=False))
+    assert "cross_layer_cosine" not in page_data
+    direction = page_data["layers"][0]["projections"]["gate_proj"]["directions"][0]
+    assert set(direction) == {
+        "component", "a_norm", "b_norm", "stats", "histogram", "top_positive", "top_negative",
+    }  # fmt: skip
+    assert "nonfinite" not in direction["stats"]
+    assert all(
+        len(row) == len(page_data["example_fields"]) - 1 for row in direction["top_positive"]
+    )
+
+
+def test_header_shows_newer_metadata_only_when_present():
+    newer = dict(dashboard.header_fields(make_activations()["metadata"]))
+    assert newer["min token count"] == "5" and "non-finite values" in newer
+    older = dict(dashboard.header_fields(make_activations(extras=False)["metadata"]))
+    assert "min token count" not in older and "non-finite values" not in older
 
 
 def test_modules_are_ordered_mlp_first_then_attention(tmp_path):
@@ -160,6 +247,7 @@ def test_any_token_text_survives_the_embedding(tokens):
     data = make_activations(n_layers=1, modules=["up_proj"], k=1)
     example = data["layers"][0]["projections"]["up_proj"]["directions"][0]["top_positive"][0]
     example.update(tokens=tokens, activations=[0.5] * len(tokens), target=0)
+    example.pop("sibling_activations")
     html = dashboard.render_dashboard(data, "t")
     assert tokens_of(embedded(html))[0] == tokens
     assert html.lower().count("</script") == 2
@@ -174,6 +262,11 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     no_version = {k: v for k, v in good.items() if k != "schema_version"}
     malformed = make_activations()
     del malformed["layers"][0]["projections"]["up_proj"]["directions"][0]["histogram"]
+    no_matrix = make_activations()
+    del no_matrix["cross_layer_cosine"]["matrix"]
+    bad_sample = make_activations()
+    sampled = bad_sample["layers"][1]["projections"]["down_proj"]["directions"][0]
+    del sampled["quantile_samples"][0]["value_range"]
     invalid = tmp_path / "invalid.json"
     invalid.write_text('{"layers": [', encoding="utf-8")
     nan = tmp_path / "nan.json"
@@ -193,13 +286,15 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "version text": (write_json(tmp_path / "s.json", good | {"schema_version": "1"}), '"1"'),
         "no version": (write_json(tmp_path / "nv.json", no_version), "schema_version"),
         "malformed": (write_json(tmp_path / "mal.json", malformed), "histogram"),
+        "cross-layer": (write_json(tmp_path / "x.json", no_matrix), "cross_layer_cosine lacks"),
+        "quantiles": (write_json(tmp_path / "q.json", bad_sample), "layers[1] lacks 'value_range'"),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing", "invalid", "nan", "binary", "directory", "list", "no layers", "version 99",
-     "version true", "version text", "no version", "malformed"],
+     "version true", "version text", "no version", "malformed", "cross-layer", "quantiles"],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line(tmp_path, capsys, case):
     path, mention = bad_inputs(tmp_path)[case]
@@ -287,10 +382,14 @@ def test_inline_assets_cannot_end_their_element(tmp_path, monkeypatch):
 
 
 def test_qwen_32b_shaped_run_is_under_5_mb(tmp_path):
+    """With every field of the contract: quantile samples, sibling activations, the cross-layer
+    cosines of 192 vectors."""
     data = make_activations(**QWEN_32B_SHAPE, seed=7)
     html = render(tmp_path, data)
     assert len(html.encode()) < 5_000_000
-    assert len(embedded(html)["layers"]) == 64
+    page_data = embedded(html)
+    assert len(page_data["layers"]) == 64
+    assert len(page_data["cross_layer_cosine"]["labels"]) == 192
 
 
 # ---- the synthetic builder --------------------------------------------------------------
@@ -310,17 +409,51 @@ def test_qwen_32b_shaped_run_is_under_5_mb(tmp_path):
     bins=st.integers(1, 12),
     seed=st.integers(0, 2**32),
     hostile=st.booleans(),
+    extras=st.booleans(),
 )
-def test_synthetic_data_is_contract_valid(n_layers, modules, rank, k, window, bins, seed, hostile):
-    data = make_activations(n_layers, modules, rank, k, window, bins, seed, hostile)
+def test_synthetic_data_is_contract_valid(
+    n_layers, modules, rank, k, window, bins, seed, hostile, extras
+):
+    args = (n_layers, modules, rank, k, window, bins, seed, hostile)
+    data = make_activations(*args, extras=extras)
     check_activations(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON, no NaN
-    assert data == make_activations(n_layers, modules, rank, k, window, bins, seed, hostile)
+    assert data == make_activations(*args, extras=extras)
+    assert ("cross_layer_cosine" in data) == extras
 
 
-def test_check_activations_catches_a_broken_file():
-    data = make_activations()
-    direction = data["layers"][0]["projections"]["gate_proj"]["directions"][0]
+def test_synthetic_older_format_has_no_new_fields():
+    data = make_activations(extras=False)
+    direction = data["layers"][0]["projections"]["down_proj"]["directions"][0]
+    assert set(direction) == {
+        "component", "a_norm", "b_norm", "stats", "histogram", "top_positive", "top_negative",
+    }  # fmt: skip
+    assert "sibling_activations" not in direction["top_positive"][0]
+    assert "nonfinite" not in direction["stats"] and "cross_layer_cosine" not in data
+
+
+def broken_top_list(direction: dict) -> None:
     direction["top_positive"].reverse()
+
+
+def broken_quantile_sample(direction: dict) -> None:
+    samples = direction["quantile_samples"][0]
+    samples["examples"][0]["activation"] = samples["value_range"][1] + 1
+
+
+def broken_sibling(direction: dict) -> None:
+    direction["top_negative"][0]["sibling_activations"]["up_proj"].append(0.0)
+
+
+def broken_token_table(direction: dict) -> None:
+    direction["top_tokens"].reverse()
+
+
+@pytest.mark.parametrize(
+    "breaks", [broken_top_list, broken_quantile_sample, broken_sibling, broken_token_table]
+)
+def test_check_activations_catches_a_broken_file(breaks):
+    data = make_activations()
+    breaks(data["layers"][0]["projections"]["gate_proj"]["directions"][0])
     with pytest.raises(AssertionError):
         check_activations(data)

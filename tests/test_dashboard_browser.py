@@ -177,7 +177,23 @@ def test_hovering_a_token_shows_its_value_token_and_position(open_page, qwen_32b
     assert tooltip.is_hidden()
 
 
-def test_statistics_histograms_and_cosine_tables(open_page, qwen_32b_shaped):
+def test_every_card_has_its_histogram(open_page, qwen_32b_shaped):
+    page = open_page(qwen_32b_shaped.url).page
+    layer = qwen_32b_shaped.data["layers"][0]
+    counts = layer["projections"]["gate_proj"]["directions"][0]["histogram"]["counts"]
+    assert page.locator(".card svg.hist").count() == 3
+    first = page.locator(".card svg.hist").first
+    assert first.locator("rect.bar").count() == sum(1 for c in counts if c)
+    assert first.locator("rect.bar.neg").count() > 0 and first.locator("rect.bar.pos").count() > 0
+    assert first.locator("line.zero").count() == 1
+    assert "activation" in first.text_content()
+    heights = "bars => bars.map(b => b.getAttribute('height'))"
+    linear = first.locator("rect.bar").evaluate_all(heights)
+    page.locator("#log-counts").check()  # log-scale counts redraws the bars
+    assert page.locator(".card svg.hist").first.locator("rect.bar").evaluate_all(heights) != linear
+
+
+def test_statistics_and_cosine_tables(open_page, qwen_32b_shaped):
     page = open_page(qwen_32b_shaped.url).page
     details = page.locator("details.stats")
     assert not details.evaluate("e => e.open")
@@ -187,26 +203,397 @@ def test_statistics_histograms_and_cosine_tables(open_page, qwen_32b_shaped):
     rows = details.locator(".stats-table tbody tr")
     assert rows.count() == 3
     assert f"{sum(counts):,}" in rows.first.text_content()
-    first = details.locator("svg.hist").first
-    assert details.locator("svg.hist").count() == 3
-    assert first.locator("rect.bar").count() == sum(1 for c in counts if c)
-    assert first.locator("rect.bar.neg").count() > 0 and first.locator("rect.bar.pos").count() > 0
-    assert first.locator("line.zero").count() == 1
-    assert "activation" in first.text_content()
-    heights = first.locator("rect.bar").evaluate_all(
-        "bars => bars.map(b => b.getAttribute('height'))"
-    )
-    details.locator(".toggle input").check()  # log-scale counts redraws the bars
-    relog = first.locator("rect.bar").evaluate_all(
-        "bars => bars.map(b => b.getAttribute('height'))"
-    )
-    assert relog != heights
     tables = details.locator("table.cos-table")
     assert tables.count() == 2
     assert tables.first.locator("td").count() == 9
     assert details.locator(".cos-box .scale").count() == 1  # the colour legend
     page.keyboard.press("ArrowRight")  # an open section stays open on the next layer
     assert page.locator("details.stats").evaluate("e => e.open")
+
+
+# ---- beyond the top lists: overview, views, search, notes -------------------------------
+
+
+def four(x: float) -> float:
+    """A value as the page embeds it: 4 significant digits."""
+    return float(f"{x:.4g}")
+
+
+def js(x: float) -> str:
+    """How the page writes a (4-digit) number: JavaScript drops Python's trailing ".0"."""
+    text = repr(x + 0.0)  # -0.0 is "0" too
+    return text[:-2] if text.endswith(".0") else text
+
+
+def direction_of(data: dict, layer: int, module: str, component: int = 0) -> dict:
+    return data["layers"][layer]["projections"][module]["directions"][component]
+
+
+def card(page: Page, key: str):
+    return page.locator(f'.card[data-key="{key}"]')
+
+
+def test_heatmap_cell_opens_its_layer_and_module(open_page, small):
+    page = open_page(small.url).page
+    heatmap = page.locator("#heatmap")
+    modules = ["gate_proj", "up_proj", "down_proj", "q_proj"]
+    names = [f"{m}[{c}]" for m in modules for c in range(2)]
+    assert heatmap.locator(".row-label").all_text_contents() == names
+    assert heatmap.locator(".cell").count() == len(names) * len(SMALL_LAYERS)
+    heatmap.locator('.cell[data-open="L9.up_proj[1]"]').click()
+    assert heading(page) == "Layer 9" and page.url.endswith("#layer-9")
+    opened = card(page, "L9.up_proj[1]")
+    assert opened.evaluate("e => e.classList.contains('opened')")
+    assert page.locator(".card.opened").count() == 1
+    top = opened.evaluate("e => e.getBoundingClientRect().top")
+    assert 0 <= top < 200  # scrolled to, just below the sticky layer bar
+    assert heatmap.locator(".cell.current").count() == len(names)  # layer 9's column
+
+    # Each metric colours the cells relative to its own largest value.
+    alphas = "cells => cells.map(c => c.style.getPropertyValue('--a'))"
+    metrics = {}
+    for label in ("max |activation|", "std", "write magnitude"):
+        page.select_option("#heat-metric", label=label)
+        metrics[label] = heatmap.locator(".cell").evaluate_all(alphas)
+        assert max(map(float, metrics[label])) == 1.0
+    assert len({tuple(v) for v in metrics.values()}) == 3
+    direction = direction_of(small.data, 0, "gate_proj")
+    write = max(-direction["stats"]["min"], direction["stats"]["max"])
+    write *= direction["write_norm_scale"]
+    title = heatmap.locator('.cell[data-open="L3.gate_proj[0]"]').get_attribute("title")
+    assert title == f"layer 3 gate_proj[0]: write magnitude {js(four(write))}"
+
+
+def test_sibling_views_and_gate_times_up(open_page, qwen_32b_shaped):
+    page = open_page(qwen_32b_shaped.url).page
+    gate = card(page, "L0.gate_proj[0]")
+    views = gate.locator(".views button")
+    assert views.all_text_contents() == ["gate_proj", "up_proj", "down_proj", "gate×up"]
+    assert views.first.get_attribute("aria-pressed") == "true"
+    data = qwen_32b_shaped.data
+    example = direction_of(data, 0, "gate_proj")["top_positive"][0]
+    ups = [four(v) for v in example["sibling_activations"]["up_proj"]]
+    gates = [four(v) for v in example["activations"]]
+    up_stats = direction_of(data, 0, "up_proj")["stats"]
+    up_scale = max(-four(up_stats["min"]), four(up_stats["max"]))
+    row = gate.locator(".examples.pos .example").first
+    tooltip = page.locator("#tooltip")
+    j = next(j for j, v in enumerate(ups) if abs(v) > 0.01 and j != example["target"])
+    token = row.locator(".tok").nth(j)
+
+    views.nth(1).click()  # up_proj's activations at the same tokens
+    assert views.nth(1).get_attribute("aria-pressed") == "true"
+    token.hover()
+    assert f"up_proj{js(ups[j])}" in tooltip.text_content()
+    assert background(token)[3] == pytest.approx(abs(ups[j]) / up_scale, abs=0.01)
+    assert gate.locator(".card-title .scale").text_content() == f"−{js(up_scale)}+{js(up_scale)}"
+
+    views.nth(3).click()  # gate x up
+    products = [four(g * u) for g, u in zip(gates, ups, strict=True)]
+    token.hover()
+    assert f"gate×up{js(products[j])}" in tooltip.text_content()
+    largest = max(map(abs, products))
+    assert background(token)[3] <= 1 and largest > 0
+    colours = row.locator(".tok").evaluate_all(
+        "toks => toks.map(t => getComputedStyle(t).backgroundColor)"
+    )
+    views.first.click()  # back to its own activations
+    assert (
+        row.locator(".tok").evaluate_all(
+            "toks => toks.map(t => getComputedStyle(t).backgroundColor)"
+        )
+        != colours
+    )
+    token.hover()
+    assert f"activation{js(gates[j])}" in tooltip.text_content()
+
+
+def test_hovering_a_token_draws_its_value_on_the_histogram(open_page, qwen_32b_shaped):
+    page = open_page(qwen_32b_shaped.url).page
+    markers = page.locator(".card svg.hist line.marker")
+    visible = "lines => lines.map(l => l.getAttribute('visibility'))"
+    assert markers.evaluate_all(visible) == ["hidden"] * 3
+    gate = card(page, "L0.gate_proj[0]")
+    gate.locator(".tok.target").first.hover()
+    assert markers.evaluate_all(visible) == ["visible", "hidden", "hidden"]
+    direction = direction_of(qwen_32b_shaped.data, 0, "gate_proj")
+    edges = [float(f"{e:.6g}") for e in direction["histogram"]["edges"]]
+    value = four(direction["top_positive"][0]["activation"])
+    expected = 44 + (value - edges[0]) / (edges[-1] - edges[0]) * (320 - 44 - 10)
+    assert float(markers.first.get_attribute("x1")) == pytest.approx(expected, abs=0.01)
+    gate.locator(".views button", has_text="down_proj").click()
+    gate.locator(".tok.target").first.hover()  # a down_proj value: on down_proj's histogram
+    assert markers.evaluate_all(visible) == ["hidden", "hidden", "visible"]
+    page.mouse.move(1, 1)
+    assert markers.evaluate_all(visible) == ["hidden"] * 3
+
+
+def test_context_width_toggle(open_page, qwen_32b_shaped):
+    page = open_page(qwen_32b_shaped.url).page
+    examples = direction_of(qwen_32b_shaped.data, 0, "gate_proj")["top_positive"]
+    rows = card(page, "L0.gate_proj[0]").locator(".examples.pos .example")
+    widths = page.locator("#context-width button")
+    assert widths.all_text_contents() == ["±3", "±10"]
+
+    def shown(width: int) -> list[int]:
+        return [
+            min(e["target"], width) + 1 + min(len(e["tokens"]) - e["target"] - 1, width)
+            for e in examples
+        ]
+
+    def counts() -> list[int]:
+        return rows.evaluate_all("rows => rows.map(r => r.querySelectorAll('.tok').length)")
+
+    assert counts() == shown(10)
+    widths.first.click()
+    assert counts() == shown(3) and counts() != shown(10)
+    page.keyboard.press("ArrowRight")  # the width holds on the next layer
+    assert page.locator(".card .example").first.locator(".tok").count() <= 7
+    widths.last.click()
+    assert page.locator(".card .example").first.locator(".tok").count() > 7
+
+
+def test_whole_sequence_width_shows_stored_sequences(open_page, tmp_path):
+    """--store-sequences: "whole" shows each example's stored sequence, coloured on its window."""
+    data = make_activations(n_layers=2, seed=3)
+    examples = direction_of(data, 0, "gate_proj")["top_positive"]
+    data["examples"] = {}
+    for e in examples:
+        before = e["token_index"] - e["target"]  # the window's first position in the sequence
+        tokens = [f"p{i}" for i in range(before)] + e["tokens"] + ["after", "the", "window"]
+        data["examples"][str(e["example_index"])] = {"tokens": tokens, "source": "test"}
+    page = open_page(rendered(tmp_path, data).url).page
+    widths = page.locator("#context-width button")
+    assert widths.all_text_contents()[-1] == "whole"
+    widths.last.click()
+    row = card(page, "L0.gate_proj[0]").locator(".examples.pos .example").first
+    stored = data["examples"][str(examples[0]["example_index"])]["tokens"]
+    assert row.locator(".tok").all_text_contents() == stored
+    window = len(examples[0]["tokens"])
+    assert row.locator(".tok:not(.unrecorded)").count() == window
+    assert row.locator(".tok.unrecorded").count() == len(stored) - window
+    target = row.locator(".tok.target")
+    assert target.count() == 1 and target.text_content() == stored[examples[0]["token_index"]]
+    row.locator(".tok.unrecorded").last.hover()
+    assert "not kept" in page.locator("#tooltip").text_content()
+
+
+def test_search_finds_a_token_and_links_to_its_direction(open_page, small):
+    page = open_page(small.url).page
+    expected = {}  # direction key -> occurrences of " LoRA" in its examples
+    for layer in small.data["layers"]:
+        for module, projection in layer["projections"].items():
+            for direction in projection["directions"]:
+                lists = [direction["top_positive"], direction["top_negative"]]
+                lists += [s["examples"] for s in direction["quantile_samples"]]
+                n = sum(e["tokens"].count(" LoRA") for examples in lists for e in examples)
+                if n:
+                    expected[f"L{layer['layer']}.{module}[{direction['component']}]"] = n
+    page.fill("#search", "lora")
+    results = page.locator("#search-results")
+    total = sum(expected.values())
+    assert (
+        results.locator("p")
+        .text_content()
+        .startswith(f"{total:,} occurrences in {len(expected)} directions")
+    )
+    links = results.locator("a.direction-link")
+    assert links.count() == min(50, len(expected))
+    found = results.locator("li").evaluate_all(
+        "items => items.map(li => [li.querySelector('a').dataset.open,"
+        " li.querySelector('.hits').textContent])"
+    )
+    assert {key: int(hits.strip(" ×")) for key, hits in found} == {
+        key: expected[key] for key, _ in found
+    }
+    target = links.last
+    key = target.get_attribute("data-open")
+    target.click()
+    layer = key.split(".")[0][1:]
+    assert heading(page) == f"Layer {layer}" and page.url.endswith(f"#layer-{layer}")
+    assert card(page, key).evaluate("e => e.classList.contains('opened')")
+
+    page.fill("#search", "<img src=x onerror=alert(2)>")  # hostile tokens are found as text
+    assert "not in any" not in results.text_content()
+    page.fill("#search", "no such token")
+    assert results.locator("p").text_content() == "not in any example of this file"
+    page.fill("#search", "")
+    assert results.text_content() == ""
+
+
+def test_notes_persist_export_and_import(open_page, small, tmp_path):
+    page = open_page(small.url).page
+    key = "L3.gate_proj[0]"
+    note = card(page, key).locator("textarea.note")
+    note.fill("fires at <b>the end</b> of a calculation")
+    card(page, key).locator("button.star").click()
+    card(page, "L3.up_proj[1]").locator("button.star").click()
+    page.reload()
+    assert card(page, key).locator("textarea.note").input_value() == (
+        "fires at <b>the end</b> of a calculation"
+    )
+    assert card(page, key).locator("button.star").get_attribute("aria-pressed") == "true"
+    assert page.locator("#notes-count").text_content() == "2 notes"
+    assert page.locator("#notes-list a").all_text_contents() == [key, "L3.up_proj[1]"]
+
+    with page.expect_download() as download:
+        page.click("#notes-export")
+    exported = tmp_path / "notes.json"
+    download.value.save_as(exported)
+    shared = json.loads(exported.read_text())
+    assert shared["adapter"] == small.data["metadata"]["adapter"]
+    assert shared["notes"] == {
+        key: {"text": "fires at <b>the end</b> of a calculation", "star": True},
+        "L3.up_proj[1]": {"text": "", "star": True},
+    }
+
+    page.evaluate("localStorage.clear()")
+    page.reload()
+    assert card(page, key).locator("textarea.note").input_value() == ""
+    assert page.locator("#notes-count").text_content() == "0 notes"
+    # A teammate's file: their notes, one of them hostile, and entries that are not notes.
+    shared["notes"]["L5.down_proj[1]"] = {"text": "<img src=x onerror=alert(8)>", "star": False}
+    shared["notes"]["junk"] = "not a note"
+    exported.write_text(json.dumps(shared))
+    page.set_input_files("#notes-import", exported)
+    assert card(page, key).locator("textarea.note").input_value() == (
+        "fires at <b>the end</b> of a calculation"
+    )
+    assert page.locator("#notes-status").text_content().startswith("imported 3 notes")
+    assert "<img src=x onerror=alert(8)>" in page.locator("#notes-list").text_content()
+    assert page.locator("img").count() == 0
+    page.locator("#notes-list a", has_text="L5.down_proj[1]").click()
+    assert heading(page) == "Layer 5"
+    assert card(page, "L5.down_proj[1]").locator("textarea.note").input_value() == (
+        "<img src=x onerror=alert(8)>"
+    )
+    page.reload()  # imported notes are stored too
+    assert page.locator("#notes-count").text_content() == "3 notes"
+
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    page.set_input_files("#notes-import", garbage)
+    assert page.locator("#notes-status").text_content() == "garbage.json: not a JSON file"
+    garbage.write_text("null")
+    page.set_input_files("#notes-import", garbage)
+    assert page.locator("#notes-status").text_content() == "imported 0 notes from garbage.json"
+
+
+def test_cross_layer_cosines_with_labelled_axes(open_page, qwen_32b_shaped):
+    page = open_page(qwen_32b_shaped.url).page
+    cosine = qwen_32b_shaped.data["cross_layer_cosine"]
+    section = page.locator("details.cross-layer")
+    assert section.locator("summary").text_content() == "Cross-layer cosines (192 vectors)"
+    assert section.locator("svg").count() == 0  # drawn when opened
+    section.locator("summary").click()
+    plot = section.locator("svg.cross")
+    texts = plot.locator("text").all_text_contents()
+    assert texts.count("read (A) and write (B) vectors, by layer") == 2  # both axes
+    ticks = plot.locator("text.tick").all_text_contents()
+    assert ticks[:2] == ["L0", "L0"] and "L60" in ticks  # every 4th of 64 layers, on each axis
+    image = plot.locator("image")
+    assert image.get_attribute("href").startswith("data:image/png;base64,")
+    box = image.bounding_box()
+    i, j = 5, 100
+    page.mouse.move(
+        box["x"] + (j + 0.5) / 192 * box["width"], box["y"] + (i + 0.5) / 192 * box["height"]
+    )
+    text = page.locator("#tooltip").text_content()
+    assert cosine["labels"][i] in text and cosine["labels"][j] in text
+    assert js(round(cosine["matrix"][i][j], 3)) in text
+    page.mouse.click(
+        box["x"] + (j + 0.5) / 192 * box["width"], box["y"] + (i + 0.5) / 192 * box["height"]
+    )
+    assert cosine["labels"][i] == "L1.down_proj.B[0]"  # the row's direction opens
+    assert heading(page) == "Layer 1"
+    assert card(page, "L1.down_proj[0]").evaluate("e => e.classList.contains('opened')")
+
+
+def test_position_profile_quantiles_token_tables_and_logit_effects(open_page, qwen_32b_shaped):
+    page = open_page(qwen_32b_shaped.url).page
+    data = qwen_32b_shaped.data
+    down = card(page, "L0.down_proj[0]")
+    direction = direction_of(data, 0, "down_proj")
+    sections = down.locator("details.more summary").all_text_contents()
+    assert sections == [
+        "Quantile samples", "Top and bottom tokens", "Logit effects", "Position profile",
+    ]  # fmt: skip
+    assert card(page, "L0.gate_proj[0]").locator("details.more").count() == 3  # no logits
+    assert (
+        f"write scale {js(four(direction['write_norm_scale']))}"
+        in down.locator(".card-meta").text_content()
+    )
+
+    down.locator("summary", has_text="Position profile").click()
+    profile = direction["position_profile"]
+    plot = down.locator("svg.profile")
+    texts = plot.locator("text").all_text_contents()
+    assert "token position" in texts and "mean activation" in texts
+    assert {"0", "2", "8", "32", "128", "512"} <= set(texts)  # bucket edges, every other one
+    assert plot.locator("circle").count() == sum(m is not None for m in profile["mean"])
+
+    down.locator("summary", has_text="Quantile samples").click()
+    ranges = direction["quantile_samples"]
+    headings = down.locator(".quantiles h5").all_text_contents()
+    assert len(headings) == len(ranges)
+    q, v = ranges[1]["quantile_range"], [four(x) for x in ranges[1]["value_range"]]
+    assert headings[1] == f"quantiles {js(q[0])}–{js(q[1])} · values {js(v[0])} … {js(v[1])}"
+    assert down.locator(".quantiles .example").count() == sum(len(r["examples"]) for r in ranges)
+    sampled = down.locator(".quantiles .example").first
+    assert sampled.locator(".value").text_content() == js(
+        four(ranges[0]["examples"][0]["activation"])
+    )
+    down.locator(".views button", has_text="gate×up").click()  # samples follow the view
+    sampled.locator(".tok").first.hover()
+    assert "gate×up" in page.locator("#tooltip").text_content()
+
+    down.locator("summary", has_text="Top and bottom tokens").click()
+    tables = down.locator("table.value-table")
+    top = tables.first
+    assert top.locator("thead th").all_text_contents() == ["token", "count", "mean", "min", "max"]
+    first = direction["top_tokens"][0]
+    assert top.locator("tbody tr").count() == len(direction["top_tokens"])
+    assert top.locator("tbody th").first.text_content() == first["token"]
+    cells = top.locator("tbody tr").first.locator("td").all_text_contents()
+    assert cells == [f"{first['count']:,}"] + [js(four(first[k])) for k in ("mean", "min", "max")]
+    assert "seen ≥ 5×" in top.locator("caption").text_content()
+
+    down.locator("summary", has_text="Logit effects").click()
+    logits = down.locator("table.value-table").filter(has_text="raises")
+    effects = direction["logit_effects"]["top"]
+    assert logits.locator("tbody tr").count() == len(effects)
+    assert logits.locator("tbody td").first.text_content() == js(four(effects[0]["value"]))
+
+
+def test_non_finite_values_are_grey_and_counted(open_page, tmp_path):
+    data = make_activations(n_layers=1, seed=4, extras=False)
+    direction = direction_of(data, 0, "gate_proj")
+    direction["stats"]["nonfinite"] = 3
+    example = direction["top_positive"][0]
+    j = 0 if example["target"] else 1
+    example["activations"][j] = None
+    page = open_page(rendered(tmp_path, data).url).page
+    gate = card(page, "L0.gate_proj[0]")
+    assert gate.locator(".card-meta .warn").text_content() == "3 non-finite left out"
+    assert page.locator(".warn").count() == 1  # none where there is none
+    token = gate.locator(".examples.pos .example").first.locator(".tok").nth(j)
+    assert token.evaluate("e => e.classList.contains('void')")
+    token.hover()
+    assert "activationnot finite" in page.locator("#tooltip").text_content()
+
+
+def test_an_older_file_renders_without_the_new_sections(open_page, tmp_path):
+    data = make_activations(n_layers=3, extras=False)
+    page = open_page(rendered(tmp_path, data).url).page
+    assert heading(page) == "Layer 0" and page.locator(".card").count() == 3
+    assert page.locator(".views, details.more, details.cross-layer, .warn").count() == 0
+    assert page.locator("#heatmap .cell").count() == 9  # computed from the older fields
+    page.locator('#heatmap .cell[data-open="L2.down_proj[0]"]').click()
+    assert heading(page) == "Layer 2"
+    page.fill("#search", "the")
+    assert page.locator("#search-results a").count() > 0
+    page.locator(".card .tok").first.hover()
+    assert page.locator("#tooltip").is_visible()
 
 
 # ---- untrusted text ---------------------------------------------------------------------
@@ -237,6 +624,11 @@ def test_hostile_tokens_render_as_text(open_page, small):
     assert page.locator("img, iframe, object, embed").count() == 0
     for token in page.locator(".card").first.locator(".tok").all()[:20]:
         token.hover()
+    for section in page.locator("details.more summary").all():  # token tables, logits, samples
+        section.click()
+    text = page.locator("#layer").text_content()
+    assert all(token in text for token in HOSTILE_TOKENS)
+    assert page.locator("img, iframe, object, embed").count() == 0
     assert opened.dialogs == []
     assert page.evaluate("document.querySelectorAll('script').length") == 2
 
@@ -249,7 +641,7 @@ def test_no_request_leaves_the_file(open_page, small):
     page = opened.page
     page.locator(".tok").first.hover()
     page.locator("details.stats summary").click()
-    page.locator(".toggle input").check()
+    page.locator("#log-counts").check()
     for _ in SMALL_LAYERS:
         page.keyboard.press("ArrowRight")
     assert opened.requests  # recording works: the page itself was requested
