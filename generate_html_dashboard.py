@@ -14,6 +14,7 @@ import argparse
 import base64
 import hashlib
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -204,8 +205,11 @@ def _malformed_as_error(where: str, compact: Callable[..., dict], *args: object)
 
 
 def _compact_cross_layer_cosine(cosine: dict) -> dict:
-    matrix = [[round(x, COSINE_DECIMALS) for x in row] for row in cosine["matrix"]]
-    return {"labels": cosine["labels"], "matrix": matrix}
+    """The matrix as its upper triangle above the diagonal: it is symmetric, with ones there."""
+    upper = [
+        [round(x, COSINE_DECIMALS) for x in row[i + 1 :]] for i, row in enumerate(cosine["matrix"])
+    ]
+    return {"labels": cosine["labels"], "upper": upper}
 
 
 def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
@@ -249,6 +253,9 @@ def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:
         "top_positive": _compact_examples(direction["top_positive"], strings),
         "top_negative": _compact_examples(direction["top_negative"], strings),
     }
+    siblings = _sibling_modules(direction)
+    if siblings is not None:
+        page["siblings"] = siblings
     for key, compact in OPTIONAL_DIRECTION_FIELDS.items():
         if key in direction:
             page[key] = compact(direction[key], strings)
@@ -266,12 +273,41 @@ def _compact_example(example: dict, strings: dict[str, int]) -> list:
         example["token_index"],
         example["target"],
         [_intern(token, strings) for token in example["tokens"]],
-        _round_all(example["activations"]),
+        _fixed(example["activations"], example["activations"][example["target"]]),
     ]
-    if "sibling_activations" in example:
-        siblings = example["sibling_activations"].items()
-        row.append({module: _round_all(values) for module, values in siblings})
+    if "sibling_activations" in example:  # in the order of the direction's "siblings"
+        siblings = example["sibling_activations"]
+        row.append([_fixed(siblings[module]) for module in sorted(siblings)])
     return row
+
+
+def _sibling_modules(direction: dict) -> list[str] | None:
+    """The modules whose activations the direction's examples carry, named once for them all
+    (None: no example carries sibling activations)."""
+    examples = direction["top_positive"] + direction["top_negative"]
+    examples += [e for s in direction.get("quantile_samples", []) for e in s["examples"]]
+    carried = {
+        tuple(sorted(e["sibling_activations"])) for e in examples if "sibling_activations" in e
+    }
+    if len(carried) > 1:
+        raise ValueError("its examples carry sibling_activations of different modules")
+    return list(carried.pop()) if carried else None
+
+
+def _fixed(values: list[float | None], anchor: float | None = None) -> list[int | None]:
+    """A context's values as integers in units of 10**-e, after e itself: about half the
+    characters of decimal numbers, where contexts are most of the page.
+
+    e gives `anchor` (the example's own value), or else the largest |value|, DISPLAY_DIGITS
+    significant digits, and the largest at most two more; null (NaN or Inf) stays null.
+    """
+    magnitudes = [abs(v) for v in values if v]
+    if not magnitudes:
+        return [0, *(None if v is None else 0 for v in values)]
+    e = DISPLAY_DIGITS - 1 - math.floor(math.log10(max(magnitudes)))
+    if anchor:
+        e = min(DISPLAY_DIGITS - 1 - math.floor(math.log10(abs(anchor))), e + 2)
+    return [e, *(None if v is None else round(v * 10.0**e) for v in values)]
 
 
 def _compact_quantile_samples(samples: list[dict], strings: dict[str, int]) -> list[dict]:

@@ -19,7 +19,7 @@ import torch
 
 from backend.contexts import BatchTokens, unpack
 
-SAMPLES = 3  # tokens kept per bucket, and shown per range
+SAMPLES = 2  # tokens kept per bucket, and shown per range
 # |activation| buckets: below 2**-12, four per octave up to 2**12, and from 2**12 on. A float32's
 # bits shifted right by 21 keep its exponent and first two mantissa bits, in |value| order.
 SHIFT = 21

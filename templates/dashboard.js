@@ -158,10 +158,21 @@
 
   // ---- examples -------------------------------------------------------------------------
 
+  // A context's values embedded as [e, integers in units of 10^-e]: dividing by a power of ten
+  // gives back the rounded decimal exactly as written.
+  const unfixed = ([e, ...ints]) =>
+    ints.map((v) => (v === null ? null : e >= 0 ? v / 10 ** e : v * 10 ** -e));
+
   // Examples are embedded as rows of DATA.example_fields, without "activation" (it is the
-  // activation at the target): objects are made only for the examples in use.
-  function exampleOf(row) {
+  // activation at the target), their sibling activations in the order of the direction's
+  // "siblings": objects are made only for the examples in use.
+  function exampleOf(row, direction) {
     const example = Object.fromEntries(DATA.example_fields.map((field, i) => [field, row[i]]));
+    example.activations = unfixed(example.activations);
+    if (example.sibling_activations) {
+      example.sibling_activations = Object.fromEntries(
+        direction.siblings.map((m, i) => [m, unfixed(example.sibling_activations[i])]));
+    }
     example.activation = example.activations[example.target];
     return example;
   }
@@ -315,10 +326,11 @@
 
   function directionCard(layer, d) {
     const { projection, direction } = d;
-    const positive = direction.top_positive.map(exampleOf);
-    const negative = direction.top_negative.map(exampleOf);
+    const toExample = (row) => exampleOf(row, direction);
+    const positive = direction.top_positive.map(toExample);
+    const negative = direction.top_negative.map(toExample);
     const samples = (direction.quantile_samples || []).map((s) => ({
-      ...s, examples: s.examples.map(exampleOf),
+      ...s, examples: s.examples.map(toExample),
     }));
     const sampled = samples.flatMap((s) => s.examples);
     const views = cardViews(layer, d, [...positive, ...negative, ...sampled]);
@@ -944,7 +956,7 @@
     for (const layer of LAYERS) {
       for (const d of directions(layer)) {
         const hits = [];
-        for (const example of [...exampleRows(d.direction)].map(exampleOf)) {
+        for (const example of [...exampleRows(d.direction)].map((row) => exampleOf(row, d.direction))) {
           example.tokens.forEach((id, j) => {
             if (!ids.has(id)) return;
             hits.push({ value: example.activations[j], target: j === example.target });
@@ -1137,11 +1149,16 @@
     });
   }
 
+  // The full matrix from its upper triangle above the diagonal (ones on it), as embedded.
+  const symmetric = (upper) => upper.map((_, i) => upper.map((__, j) =>
+    i === j ? 1 : i < j ? upper[i][j - i - 1] : upper[j][i - j - 1]));
+
   function crossLayerSection() {
     const cosine = DATA.cross_layer_cosine;
     if (!cosine) return;
     const title = `Cross-layer cosines (${cosine.labels.length} vectors)`;
-    const section = lazySection("panel cross-layer", title, () => crossLayerCosine(cosine));
+    const draw = () => crossLayerCosine({ labels: cosine.labels, matrix: symmetric(cosine.upper) });
+    const section = lazySection("panel cross-layer", title, draw);
     document.getElementById("overview").append(section);
   }
 

@@ -51,10 +51,10 @@ READ_SITES = {
 }
 # Modules whose write vector B lives in the residual stream; the others read from it.
 RESIDUAL_WRITERS = ("down_proj", "o_proj")
-# Quantile ranges over |activation| that the samples are drawn from (one entry per sign), and
-# where their value bounds sit as fractions of the k-th top value (samples stay below top-k).
-QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999)
-VALUE_FRACTIONS = (0.0, 0.1, 0.3, 0.6, 1.0)
+# Quantile ranges over |activation| that the samples are drawn from (one entry per sign), as
+# the backend writes them, and where their value bounds sit as fractions of the extreme value.
+QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+VALUE_FRACTIONS = (0.0, 0.1, 0.3, 0.6, 0.85, 1.0)
 MIN_TOKEN_COUNT = 5
 SCALING = 2.0
 
@@ -214,7 +214,8 @@ def _example(
 ) -> dict:
     example_index, token_index = place
     target = min(token_index, window)  # clipped at the start of the sequence
-    length = target + 1 + rng.randint(0, window)  # and, sometimes, at its end
+    # and, now and then, at its end (long reasoning traces: mostly the whole window)
+    length = target + 1 + (window if rng.random() < 0.9 else rng.randint(0, window))
     activations = [rng.uniform(*bounds) for _ in range(length)]
     activations[target] = activation
     return {

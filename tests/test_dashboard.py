@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 import subprocess
 import sys
@@ -43,12 +44,23 @@ def embedded(html: str) -> dict:
     return json.loads(block)
 
 
-def page_examples(page_data: dict, rows: list[list]) -> list[dict]:
-    """Embedded example rows as dicts, their tokens read back from the page's string table."""
+def page_examples(page_data: dict, direction: dict, rows: list[list]) -> list[dict]:
+    """A direction's embedded example rows as dicts: tokens read back from the page's string
+    table, values from fixed point ([e, integers in units of 10**-e]), sibling activations
+    named by the direction's "siblings"."""
     examples = [dict(zip(page_data["example_fields"], row, strict=False)) for row in rows]
     for example in examples:
         example["tokens"] = [page_data["strings"][i] for i in example["tokens"]]
+        example["activations"] = unfixed(example["activations"])
+        if "sibling_activations" in example:
+            siblings = zip(direction["siblings"], example["sibling_activations"], strict=True)
+            example["sibling_activations"] = {m: unfixed(v) for m, v in siblings}
     return examples
+
+
+def unfixed(values: list) -> list[float | None]:
+    e, *ints = values
+    return [None if v is None else v / 10**e for v in ints]
 
 
 def all_page_examples(page_data: dict) -> list[dict]:
@@ -60,7 +72,7 @@ def all_page_examples(page_data: dict) -> list[dict]:
         for direction in projection["directions"]
         for rows in [direction["top_positive"], direction["top_negative"]]
         + [s["examples"] for s in direction.get("quantile_samples", [])]
-        for example in page_examples(page_data, rows)
+        for example in page_examples(page_data, direction, rows)
     ]
 
 
@@ -121,9 +133,10 @@ def test_embedded_data_round_trips(tmp_path, extras):
     assert [layer["layer"] for layer in page_data["layers"]] == [0, 1]
     assert tokens_of(page_data) == tokens_of_input(data)
     original = data["layers"][1]["projections"]["q_proj"]["directions"][1]["top_negative"][0]
-    rows = page_data["layers"][1]["projections"]["q_proj"]["directions"][1]["top_negative"]
-    (shown, *_) = page_examples(page_data, rows)
-    assert shown["activations"] == pytest.approx(original["activations"], rel=5e-4)
+    direction = page_data["layers"][1]["projections"]["q_proj"]["directions"][1]
+    (shown, *_) = page_examples(page_data, direction, direction["top_negative"])
+    largest = max(abs(x) for x in original["activations"])  # fixed point: one unit for all
+    assert shown["activations"] == pytest.approx(original["activations"], abs=1e-3 * largest)
     target = shown["activations"][shown["target"]]
     assert target == float(f"{original['activation']:.4g}")
     assert ("sibling_activations" in shown) == extras
@@ -158,13 +171,17 @@ def test_new_fields_are_compacted():
     original = direction["quantile_samples"][0]
     assert samples["value_range"] == [four(x) for x in original["value_range"]]
     assert samples["quantile_range"] == original["quantile_range"]
-    examples = page_examples(page_data, samples["examples"])
+    examples = page_examples(page_data, shown, samples["examples"])
     assert [e["tokens"] for e in examples] == [e["tokens"] for e in original["examples"]]
     # Nulls stay null; sibling activations are rounded like the direction's own.
-    (top, *_) = page_examples(page_data, shown["top_positive"])
+    (top, *_) = page_examples(page_data, shown, shown["top_positive"])
     assert top["activations"][0] is None and top["sibling_activations"]["up_proj"][0] is None
     original_siblings = direction["top_positive"][0]["sibling_activations"]["gate_proj"]
-    assert top["sibling_activations"]["gate_proj"] == [four(x) for x in original_siblings]
+    largest = max(abs(x) for x in original_siblings)  # 4 digits for it, the same unit for all
+    assert top["sibling_activations"]["gate_proj"] == pytest.approx(
+        original_siblings, abs=0.5 * 10 ** (math.floor(math.log10(largest)) - 3)
+    )
+    assert max(map(abs, top["sibling_activations"]["gate_proj"])) == four(largest)
     # Token tables and logit effects: token strings through the table, values rounded.
     for key in ("top_tokens", "bottom_tokens"):
         for row, original_row in zip(shown[key], direction[key], strict=True):
@@ -183,7 +200,10 @@ def test_new_fields_are_compacted():
     # The cross-layer cosine matrix: 3 decimals.
     cosine = page_data["cross_layer_cosine"]
     assert cosine["labels"] == data["cross_layer_cosine"]["labels"]
-    assert cosine["matrix"][0][1] == round(data["cross_layer_cosine"]["matrix"][0][1], 3)
+    matrix = data["cross_layer_cosine"]["matrix"]  # embedded: the triangle above the diagonal
+    assert [len(row) for row in cosine["upper"]] == list(range(len(matrix) - 1, -1, -1))
+    assert cosine["upper"][0][0] == round(matrix[0][1], 3)
+    assert cosine["upper"][2][1] == round(matrix[2][4], 3) == round(matrix[4][2], 3)
 
 
 def test_an_older_file_embeds_none_of_the_new_fields():

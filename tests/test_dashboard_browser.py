@@ -6,11 +6,14 @@ These tests fail, never skip, when Chromium cannot be launched: the page is the 
 from __future__ import annotations
 
 import json
+import math
+import re
 import time
 
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Page, expect
 
+import generate_html_dashboard as dashboard
 from tests.browser import DESKTOP, Rendered, rendered
 from tests.synthetic import HOSTILE_TOKENS, make_activations
 
@@ -163,13 +166,19 @@ def test_hovering_a_token_shows_its_value_token_and_position(open_page, qwen_32b
     tooltip = page.locator("#tooltip")
     assert tooltip.is_hidden()
     row = page.locator(".card").first.locator(".examples.pos .example").nth(1)
-    for j, value in enumerate(example["activations"]):
-        if abs(value) < 1e-3:  # Python and JS spell such numbers differently; skip them
+    # The example's own value to 4 significant digits, its context to the same absolute unit
+    # (at most 2 digits more for larger values).
+    values = example["activations"]
+    digits = 3 - math.floor(math.log10(abs(values[example["target"]])))
+    digits = min(digits, 5 - math.floor(math.log10(max(map(abs, values)))))
+    for j, value in enumerate(values):
+        shown = round(value * 10.0**digits) / 10**digits
+        if abs(shown) < 1e-3:  # Python and JS spell such numbers differently; skip them
             continue
         row.locator(".tok").nth(j).hover()
         assert tooltip.is_visible()
         text = tooltip.text_content()
-        assert repr(float(f"{value:.4g}")) in text  # the value to 4 significant digits
+        assert repr(shown) in text
         position = example["token_index"] - example["target"] + j
         assert f"example {example['example_index']}, token {position}" in text
         assert json.dumps(example["tokens"][j], ensure_ascii=False) in text
@@ -217,6 +226,12 @@ def test_statistics_and_cosine_tables(open_page, qwen_32b_shaped):
 def four(x: float) -> float:
     """A value as the page embeds it: 4 significant digits."""
     return float(f"{x:.4g}")
+
+
+def context_values(values: list, anchor: float | None = None) -> list:
+    """A context's values as the page shows them (embedded in fixed point)."""
+    e, *ints = dashboard._fixed(values, anchor)
+    return [None if v is None else v / 10**e for v in ints]
 
 
 def js(x: float) -> str:
@@ -272,13 +287,17 @@ def test_sibling_views_and_gate_times_up(open_page, qwen_32b_shaped):
     assert views.first.get_attribute("aria-pressed") == "true"
     data = qwen_32b_shaped.data
     example = direction_of(data, 0, "gate_proj")["top_positive"][0]
-    ups = [four(v) for v in example["sibling_activations"]["up_proj"]]
-    gates = [four(v) for v in example["activations"]]
+    ups = context_values(example["sibling_activations"]["up_proj"])
+    gates = context_values(example["activations"], example["activation"])
     up_stats = direction_of(data, 0, "up_proj")["stats"]
     up_scale = max(-four(up_stats["min"]), four(up_stats["max"]))
     row = gate.locator(".examples.pos .example").first
     tooltip = page.locator("#tooltip")
-    j = next(j for j, v in enumerate(ups) if abs(v) > 0.01 and j != example["target"])
+    j = next(
+        j
+        for j, (g, u) in enumerate(zip(gates, ups, strict=True))
+        if g is not None and u is not None and abs(u) > 0.01 and j != example["target"]
+    )
     token = row.locator(".tok").nth(j)
 
     views.nth(1).click()  # up_proj's activations at the same tokens
@@ -289,7 +308,10 @@ def test_sibling_views_and_gate_times_up(open_page, qwen_32b_shaped):
     assert gate.locator(".card-title .scale").text_content() == f"−{js(up_scale)}+{js(up_scale)}"
 
     views.nth(3).click()  # gate x up
-    products = [four(g * u) for g, u in zip(gates, ups, strict=True)]
+    products = [
+        four(g * u) if g is not None and u is not None else 0.0
+        for g, u in zip(gates, ups, strict=True)
+    ]
     token.hover()
     assert f"gate×up{js(products[j])}" in tooltip.text_content()
     largest = max(map(abs, products))
@@ -433,7 +455,7 @@ def test_notes_persist_export_and_import(open_page, small, tmp_path):
         "fires at <b>the end</b> of a calculation"
     )
     assert card(page, key).locator("button.star").get_attribute("aria-pressed") == "true"
-    assert page.locator("#notes-count").text_content() == "2 notes"
+    expect(page.locator("#notes-count")).to_have_text("2 notes")
     assert page.locator("#notes-list a").all_text_contents() == [key, "L3.up_proj[1]"]
 
     with page.expect_download() as download:
@@ -450,16 +472,16 @@ def test_notes_persist_export_and_import(open_page, small, tmp_path):
     page.evaluate("localStorage.clear()")
     page.reload()
     assert card(page, key).locator("textarea.note").input_value() == ""
-    assert page.locator("#notes-count").text_content() == "0 notes"
+    expect(page.locator("#notes-count")).to_have_text("0 notes")
     # A teammate's file: their notes, one of them hostile, and entries that are not notes.
     shared["notes"]["L5.down_proj[1]"] = {"text": "<img src=x onerror=alert(8)>", "star": False}
     shared["notes"]["junk"] = "not a note"
     exported.write_text(json.dumps(shared))
-    page.set_input_files("#notes-import", exported)
-    assert card(page, key).locator("textarea.note").input_value() == (
+    page.set_input_files("#notes-import", exported)  # read asynchronously: expect() waits
+    expect(card(page, key).locator("textarea.note")).to_have_value(
         "fires at <b>the end</b> of a calculation"
     )
-    assert page.locator("#notes-status").text_content().startswith("imported 3 notes")
+    expect(page.locator("#notes-status")).to_have_text(re.compile("^imported 3 notes"))
     assert "<img src=x onerror=alert(8)>" in page.locator("#notes-list").text_content()
     assert page.locator("img").count() == 0
     page.locator("#notes-list a", has_text="L5.down_proj[1]").click()
@@ -468,15 +490,15 @@ def test_notes_persist_export_and_import(open_page, small, tmp_path):
         "<img src=x onerror=alert(8)>"
     )
     page.reload()  # imported notes are stored too
-    assert page.locator("#notes-count").text_content() == "3 notes"
+    expect(page.locator("#notes-count")).to_have_text("3 notes")
 
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json")
     page.set_input_files("#notes-import", garbage)
-    assert page.locator("#notes-status").text_content() == "garbage.json: not a JSON file"
+    expect(page.locator("#notes-status")).to_have_text("garbage.json: not a JSON file")
     garbage.write_text("null")
     page.set_input_files("#notes-import", garbage)
-    assert page.locator("#notes-status").text_content() == "imported 0 notes from garbage.json"
+    expect(page.locator("#notes-status")).to_have_text("imported 0 notes from garbage.json")
 
 
 def test_cross_layer_cosines_with_labelled_axes(open_page, qwen_32b_shaped):
