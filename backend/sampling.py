@@ -137,13 +137,19 @@ class QuantileSamples:
         total = int(below[-1])
         if total == 0:
             return []
-        fraction = below.double() / total  # [PER_SIGN + 1] of |activation| below each edge
-        cuts = [int((fraction - q).abs().argmin()) for q in QUANTILES]  # bucket boundaries
-        cuts[0], cuts[-1] = 0, PER_SIGN
+        fraction = (below.double() / total).tolist()  # of |activation| below each bucket edge
+        cuts = [0]
+        for q in QUANTILES[1:-1]:
+            # The edge nearest to q that leaves tokens on both sides of it in the ranges left:
+            # where buckets are coarse, two quantiles share a range rather than leave one empty.
+            inside = [
+                e for e in range(cuts[-1] + 1, PER_SIGN) if fraction[cuts[-1]] < fraction[e] < 1
+            ]
+            if inside:
+                cuts.append(min(inside, key=lambda e: abs(fraction[e] - q)))
+        cuts.append(PER_SIGN)
         ranges = []
         for first, stop in itertools.pairwise(cuts):
-            if stop <= first:  # two quantiles snapped to the same edge
-                continue
             for sign in (1, -1):
                 examples = self._sample(d, 0 if sign > 0 else 1, first, stop, siblings)
                 if not examples:

@@ -89,3 +89,8 @@ def open_page(browser) -> Iterator[Callable[..., Opened]]:
         record.page.context.close()
         assert not record.dialogs, f"the page opened dialogs: {record.dialogs}"
         assert not record.errors, f"script errors or CSP violations: {record.errors}"
+
+
+def card(page: Page, key: str):
+    """The card of one direction, by its key ("L12.gate_proj[0]")."""
+    return page.locator(f'.card[data-key="{key}"]')

@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 import generate_html_dashboard as dashboard
-from tests.browser import DESKTOP, Rendered, rendered
+from tests.browser import DESKTOP, Rendered, card, rendered
 from tests.synthetic import HOSTILE_TOKENS, make_activations
 
 LOCAL_URL_PREFIXES = ("file:", "data:", "about:blank")
@@ -116,10 +116,10 @@ def test_every_module_and_rank_component_has_a_card(open_page, small):
     names = page.locator(".card h3").all_text_contents()
     modules = ["gate_proj", "up_proj", "down_proj", "q_proj"]
     assert names == [f"{m}[{c}]" for m in modules for c in range(2)]
-    for card in page.locator(".card").all():
-        sections = card.locator("h4").all_text_contents()
+    for shown in page.locator(".card").all():
+        sections = shown.locator("h4").all_text_contents()
         assert sections == ["Top positive (3)", "Top negative (3)"]
-        assert card.locator(".example").count() == 6
+        assert shown.locator(".example").count() == 6
 
 
 def test_mlp_side_by_side_on_desktop_stacked_on_phone(open_page, qwen_32b_shaped):
@@ -242,10 +242,6 @@ def js(x: float) -> str:
 
 def direction_of(data: dict, layer: int, module: str, component: int = 0) -> dict:
     return data["layers"][layer]["projections"][module]["directions"][component]
-
-
-def card(page: Page, key: str):
-    return page.locator(f'.card[data-key="{key}"]')
 
 
 def test_heatmap_cell_opens_its_layer_and_module(open_page, small):
