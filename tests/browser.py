@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 import generate_html_dashboard as dashboard
 
@@ -94,3 +94,11 @@ def open_page(browser) -> Iterator[Callable[..., Opened]]:
 def card(page: Page, key: str):
     """The card of one direction, by its key ("L12.gate_proj[0]")."""
     return page.locator(f'.card[data-key="{key}"]')
+
+
+def open_sections(sections: Locator) -> None:
+    """Open each collapsed <details> and wait for its content: the page builds a section in
+    its (asynchronous) toggle event, the first time it is opened."""
+    for details in sections.all():
+        details.locator("summary").click()
+        expect(details.locator(":scope > summary + *")).to_have_count(1)

@@ -14,7 +14,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 import generate_html_dashboard as dashboard
-from tests.browser import DESKTOP, Rendered, card, rendered
+from tests.browser import DESKTOP, Rendered, card, open_sections, rendered
 from tests.synthetic import HOSTILE_TOKENS, make_activations
 
 LOCAL_URL_PREFIXES = ("file:", "data:", "about:blank")
@@ -503,7 +503,7 @@ def test_cross_layer_cosines_with_labelled_axes(open_page, qwen_32b_shaped):
     section = page.locator("details.cross-layer")
     assert section.locator("summary").text_content() == "Cross-layer cosines (192 vectors)"
     assert section.locator("svg").count() == 0  # drawn when opened
-    section.locator("summary").click()
+    open_sections(section)
     plot = section.locator("svg.cross")
     texts = plot.locator("text").all_text_contents()
     assert texts.count("read (A) and write (B) vectors, by layer") == 2  # both axes
@@ -542,9 +542,11 @@ def test_position_profile_quantiles_token_tables_and_logit_effects(open_page, qw
         in down.locator(".card-meta").text_content()
     )
 
+    # Sections are built when first opened: expect() waits for what they draw.
     down.locator("summary", has_text="Position profile").click()
     profile = direction["position_profile"]
     plot = down.locator("svg.profile")
+    expect(plot).to_be_visible()
     texts = plot.locator("text").all_text_contents()
     assert "token position" in texts and "mean activation" in texts
     assert {"0", "2", "8", "32", "128", "512"} <= set(texts)  # bucket edges, every other one
@@ -552,8 +554,8 @@ def test_position_profile_quantiles_token_tables_and_logit_effects(open_page, qw
 
     down.locator("summary", has_text="Quantile samples").click()
     ranges = direction["quantile_samples"]
+    expect(down.locator(".quantiles h5")).to_have_count(len(ranges))
     headings = down.locator(".quantiles h5").all_text_contents()
-    assert len(headings) == len(ranges)
     q, v = ranges[1]["quantile_range"], [four(x) for x in ranges[1]["value_range"]]
     assert headings[1] == f"quantiles {js(q[0])}–{js(q[1])} · values {js(v[0])} … {js(v[1])}"
     assert down.locator(".quantiles .example").count() == sum(len(r["examples"]) for r in ranges)
@@ -567,6 +569,7 @@ def test_position_profile_quantiles_token_tables_and_logit_effects(open_page, qw
 
     down.locator("summary", has_text="Top and bottom tokens").click()
     tables = down.locator("table.value-table")
+    expect(tables.first).to_be_visible()
     top = tables.first
     assert top.locator("thead th").all_text_contents() == ["token", "count", "mean", "min", "max"]
     first = direction["top_tokens"][0]
@@ -578,6 +581,7 @@ def test_position_profile_quantiles_token_tables_and_logit_effects(open_page, qw
 
     down.locator("summary", has_text="Logit effects").click()
     logits = down.locator("table.value-table").filter(has_text="raises")
+    expect(logits).to_be_visible()
     effects = direction["logit_effects"]["top"]
     assert logits.locator("tbody tr").count() == len(effects)
     assert logits.locator("tbody td").first.text_content() == js(four(effects[0]["value"]))
@@ -642,8 +646,7 @@ def test_hostile_tokens_render_as_text(open_page, small):
     assert page.locator("img, iframe, object, embed").count() == 0
     for token in page.locator(".card").first.locator(".tok").all()[:20]:
         token.hover()
-    for section in page.locator("details.more summary").all():  # token tables, logits, samples
-        section.click()
+    open_sections(page.locator("details.more"))  # token tables, logits, samples
     text = page.locator("#layer").text_content()
     assert all(token in text for token in HOSTILE_TOKENS)
     assert page.locator("img, iframe, object, embed").count() == 0

@@ -10,7 +10,7 @@ import pytest
 
 import generate_html_dashboard as dashboard
 from backend.generate_activations_data import main
-from tests.browser import card, rendered
+from tests.browser import card, open_sections, rendered
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"
 
@@ -52,8 +52,7 @@ def test_the_demo_dashboard_shows_every_view(demo, open_page, tmp_path):
     assert down.locator("details.more summary").all_text_contents() == [
         "Quantile samples", "Top and bottom tokens", "Logit effects", "Position profile",
     ]  # fmt: skip
-    for section in down.locator("details.more summary").all():
-        section.click()
+    open_sections(down.locator("details.more"))
     ranges = demo["layers"][15]["projections"]["down_proj"]["directions"][0]["quantile_samples"]
     assert down.locator(".quantiles .example").count() == sum(len(r["examples"]) for r in ranges)
     assert down.locator("svg.profile circle").count() > 3
