@@ -195,7 +195,7 @@ class Tracker:
         high = x.masked_fill(~finite, -math.inf)  # for maxima
         low = x.masked_fill(~finite, math.inf)  # for minima
         self._update_moments(zeroed, finite, low, high)
-        self.histogram.update(x, finite, *self.range())
+        self.histogram.update(x, finite, *self.bounds())
         self._update_top(high, low, batch)
         self.samples.update(x, finite, batch)
         # The profiles add a row of D values per token: token-major copies make those rows
@@ -205,7 +205,7 @@ class Tracker:
         if self.tokens is not None:
             self.tokens.update(rows, batch.ids)
 
-    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """min and max [D], 0 for a direction that has seen no finite value yet."""
         seen = self.count > 0
         return self.min.where(seen, 0.0), self.max.where(seen, 0.0)
@@ -254,7 +254,7 @@ class Tracker:
         """Fold in another tracker of the same directions (another process, shard or run)."""
         self._merge_moments(other.count, other.mean, other.m2, other.min, other.max)
         self.nonfinite += other.nonfinite
-        self.histogram.merge(other.histogram, *self.range())
+        self.histogram.merge(other.histogram, *self.bounds())
         self._merge_top(
             other.top_values,
             other.top_example,
