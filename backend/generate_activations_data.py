@@ -4,7 +4,9 @@
 
 For every module PEFT adapted, each rank component's activation `lora_A · x` is computed per
 token in the adapted model's own forward pass; the JSON keeps its top-k positive and negative
-tokens in context, exact statistics and a histogram, and the read/write cosine similarities.
+tokens in context, seeded samples from across its distribution, exact statistics and a
+histogram, its top tokens and position profile, its logit effects, and the read/write cosine
+similarities within and across layers.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-window",
         type=non_negative_int,
         default=10,
-        help="tokens kept on each side of a top example",
+        help="tokens kept on each side of a top or sampled example",
     )
     analysis.add_argument(
         "--histogram-bins", type=positive_int, default=50, help="at most this many bins"
