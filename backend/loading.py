@@ -93,6 +93,11 @@ def load_model(
         model = PeftModel.from_pretrained(model, lora_path)
     except (OSError, ValueError) as e:  # a hub adapter that cannot be downloaded or applied
         raise UserError(f"cannot load adapter {lora_path}: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # a hub adapter, checked only now: torch names what differs
+        mismatch = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        if not mismatch:
+            raise
+        raise UserError(f"{lora_path} does not fit the base model: {mismatch[0]}") from None
     return model.eval(), tokenizer
 
 

@@ -541,7 +541,10 @@
     line(box.left, box.top, box.left, box.bottom, "axis");
     if (lo < 0 && hi > 0) {
       line(x(0), box.top, x(0), box.bottom + 4, "zero");
-      label("0", x(0), box.bottom + 13, "middle");
+      const clear = 28; // px: "0" where it does not run into the end labels
+      if (x(0) - box.left > clear && box.right - x(0) > clear) {
+        label("0", x(0), box.bottom + 13, "middle");
+      }
     }
     label(fmt4(lo), box.left, box.bottom + 13, "start");
     label(fmt4(hi), box.right, box.bottom + 13, "end");
