@@ -36,6 +36,10 @@ def gather_states(state: RunState, rank: int, world: int) -> RunState:
         return state
     gathered: list[dict] | None = [{} for _ in range(world)] if rank == 0 else None
     dist.gather_object(state.to_dict(), gathered, dst=0)
+    # Every process waits until the main one has every state, then all leave the group: a
+    # process that exits with the group still up (gloo's threads running) may abort.
+    dist.barrier()
+    dist.destroy_process_group()
     if rank != 0:
         return state
     states = [RunState.from_dict(s, torch.device("cpu")) for s in gathered]
