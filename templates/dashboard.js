@@ -959,7 +959,8 @@
     for (const layer of LAYERS) {
       for (const d of directions(layer)) {
         const hits = [];
-        for (const example of [...exampleRows(d.direction)].map((row) => exampleOf(row, d.direction))) {
+        const examples = [...exampleRows(d.direction)].map((row) => exampleOf(row, d.direction));
+        for (const example of examples) {
           example.tokens.forEach((id, j) => {
             if (!ids.has(id)) return;
             hits.push({ value: example.activations[j], target: j === example.target });

@@ -258,7 +258,7 @@ def _add_direction_extras(
         }
     component = direction["component"]
     siblings = {m: p["directions"][component]["stats"] for m, p in projections.items() if m != name}
-    examples = _examples_of(direction)
+    examples = examples_of(direction)
     for example in examples:
         example["sibling_activations"] = {
             m: [rng.uniform(s["min"] / 2, s["max"] / 2) for _ in example["tokens"]]
@@ -277,7 +277,13 @@ def _add_direction_extras(
             values[j] = None
 
 
-def _examples_of(direction: dict) -> list[dict]:
+def unfixed(values: list) -> list[float | None]:
+    """A context's values as the page embeds them ([e, integers in units of 10**-e]), decoded."""
+    e, *ints = values
+    return [None if v is None else v / 10**e for v in ints]
+
+
+def examples_of(direction: dict) -> list[dict]:
     """Every Example of a direction: its top lists, then its quantile samples."""
     sampled = [e for r in direction.get("quantile_samples", []) for e in r["examples"]]
     return direction["top_positive"] + direction["top_negative"] + sampled
@@ -448,7 +454,7 @@ def _check_direction_extras(
         for example in samples["examples"]:
             _check_example(example, stats, meta)
             assert lo <= example["activation"] <= hi
-    for example in _examples_of(direction):
+    for example in examples_of(direction):
         for module, values in example.get("sibling_activations", {}).items():
             assert len(values) == len(example["tokens"])
             sibling = siblings[module]

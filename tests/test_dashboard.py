@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import backend.atomic
 import generate_html_dashboard as dashboard
-from tests.synthetic import HOSTILE_TOKENS, check_activations, make_activations
+from tests.synthetic import HOSTILE_TOKENS, check_activations, make_activations, unfixed
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_BLOCK = re.compile(
@@ -56,11 +56,6 @@ def page_examples(page_data: dict, direction: dict, rows: list[list]) -> list[di
             siblings = zip(direction["siblings"], example["sibling_activations"], strict=True)
             example["sibling_activations"] = {m: unfixed(v) for m, v in siblings}
     return examples
-
-
-def unfixed(values: list) -> list[float | None]:
-    e, *ints = values
-    return [None if v is None else v / 10**e for v in ints]
 
 
 def all_page_examples(page_data: dict) -> list[dict]:

@@ -15,7 +15,7 @@ from playwright.sync_api import Page, expect
 
 import generate_html_dashboard as dashboard
 from tests.browser import DESKTOP, Rendered, card, open_sections, rendered
-from tests.synthetic import HOSTILE_TOKENS, make_activations
+from tests.synthetic import HOSTILE_TOKENS, make_activations, unfixed
 
 LOCAL_URL_PREFIXES = ("file:", "data:", "about:blank")
 PHONE = {
@@ -230,8 +230,7 @@ def four(x: float) -> float:
 
 def context_values(values: list, anchor: float | None = None) -> list:
     """A context's values as the page shows them (embedded in fixed point)."""
-    e, *ints = dashboard._fixed(values, anchor)
-    return [None if v is None else v / 10**e for v in ints]
+    return unfixed(dashboard._fixed(values, anchor))
 
 
 def js(x: float) -> str:

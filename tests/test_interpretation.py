@@ -17,6 +17,7 @@ from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.output import build_document
 from backend.sampling import SAMPLES, token_keys
+from tests.synthetic import examples_of
 from tests.test_backend import K, W, load, reference, run_cli
 from tests.tiny import save_adapter
 
@@ -38,12 +39,6 @@ def directions(doc: dict):
         for name, projection in layer["projections"].items():
             for d in projection["directions"]:
                 yield (layer["layer"], name, d["component"]), d
-
-
-def examples(direction: dict) -> list[dict]:
-    """Every Example of a direction: top-k on both sides and quantile samples."""
-    samples = [e for r in direction["quantile_samples"] for e in r["examples"]]
-    return direction["top_positive"] + direction["top_negative"] + samples
 
 
 def flat(values, seqs, key):
@@ -89,7 +84,7 @@ def test_sibling_activations_are_the_layers_other_directions(run):
     doc, values, seqs, _ = run
     row_of = {s.example_index: i for i, s in enumerate(seqs)}
     for (layer, name, component), direction in directions(doc):
-        for e in examples(direction):
+        for e in examples_of(direction):
             assert set(e["sibling_activations"]) == {"gate_proj", "up_proj", "down_proj"} - {name}
             start = e["token_index"] - e["target"]
             for sibling, acts in e["sibling_activations"].items():
@@ -215,7 +210,7 @@ def test_store_sequences_keeps_every_shown_example_whole(
     doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--store-sequences")
     _, seqs, tokenizer = reference(qwen2_base, rank1_adapter, text_file)
     decode = token_decoder(tokenizer)
-    shown = {e["example_index"] for _, d in directions(doc) for e in examples(d)}
+    shown = {e["example_index"] for _, d in directions(doc) for e in examples_of(d)}
     by_index = {s.example_index: s for s in seqs}
     assert set(doc["examples"]) == {str(i) for i in shown}
     for index, stored in doc["examples"].items():
