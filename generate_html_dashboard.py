@@ -26,9 +26,10 @@ from markupsafe import Markup
 
 from backend import UserError
 from backend.atomic import write_atomic
+from backend.contract import SCHEMA_VERSION, module_order
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-KNOWN_SCHEMA_VERSIONS = (1,)
+KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
 DISPLAY_DIGITS = 4  # significant digits of every value on the page, tooltips included
 EDGE_DIGITS = 6  # histogram edges keep more, so that narrow bins stay distinct
 COSINE_DECIMALS = 3  # the cross-layer cosine matrix: (layers x vectors)^2 numbers
@@ -43,8 +44,6 @@ EXAMPLE_FIELDS = (
     "activations",
     "sibling_activations",
 )
-# MLP modules first, in data-flow order, then attention; modules not listed keep file order.
-MODULE_ORDER = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 HEADER_FIELDS = (
     ("model", "base_model"),
     ("adapter", "adapter"),
@@ -213,7 +212,7 @@ def _compact_cross_layer_cosine(cosine: dict) -> dict:
 
 
 def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
-    projections = sorted(layer["projections"].items(), key=lambda item: _module_rank(item[0]))
+    projections = sorted(layer["projections"].items(), key=lambda item: module_order(item[0]))
     return {
         "layer": layer["layer"],
         # Python dicts and JS objects both keep insertion order, so this order is the page's.
@@ -223,10 +222,6 @@ def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
             for c in layer.get("cosine_similarities", [])
         ],
     }
-
-
-def _module_rank(name: str) -> int:
-    return MODULE_ORDER.index(name) if name in MODULE_ORDER else len(MODULE_ORDER)
 
 
 def _compact_projection(projection: dict, strings: dict[str, int]) -> dict:

@@ -9,8 +9,6 @@ JSON of the data contract), and `analysis`, which ties them into one streaming p
 
 import sys
 
-SCHEMA_VERSION = 1
-
 
 class UserError(Exception):
     """A problem with the user's input: reported as one line, never a traceback."""

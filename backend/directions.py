@@ -15,21 +15,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from backend import UserError
-
-# Display and analysis order within a layer; other adapted modules follow, sorted by name.
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-
-# The space each known module reads from (A) and writes to (B). Cosines are only taken between
-# vectors of one space; an unknown module gets spaces of its own.
-SPACES = {
-    "gate_proj": ("residual", "mlp_hidden"),
-    "up_proj": ("residual", "mlp_hidden"),
-    "down_proj": ("mlp_hidden", "residual"),
-    "q_proj": ("residual", "attn_query"),
-    "k_proj": ("residual", "attn_key"),
-    "v_proj": ("residual", "attn_value"),
-    "o_proj": ("attn_output", "residual"),
-}
+from backend.contract import module_order, spaces, vector_label, writes_residual
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -52,10 +38,6 @@ class LoraModule:
     @property
     def layer_prefix(self) -> str:
         return self.name[: self.name.rindex(f".layers.{self.layer}.")] + f".layers.{self.layer}"
-
-
-def module_order(name: str) -> tuple[int, str]:
-    return (MLP_MODULES.index(name), "") if name in MLP_MODULES else (len(MLP_MODULES), name)
 
 
 def find_lora_modules(model: nn.Module, adapter: str = "default") -> list[LoraModule]:
@@ -84,15 +66,19 @@ def find_lora_modules(model: nn.Module, adapter: str = "default") -> list[LoraMo
     return sorted(found, key=lambda m: (m.layer, module_order(m.module)))
 
 
-def vectors_by_space(modules: list[LoraModule]) -> dict[str, list[tuple[str, torch.Tensor]]]:
-    """Every A row and B column, labelled (e.g. "gate_proj.A[0]"), grouped by its space."""
-    spaces: dict[str, list[tuple[str, torch.Tensor]]] = {}
+def vectors_by_space(
+    modules: list[LoraModule], across_layers: bool = False
+) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Every A row and B column, labelled ("gate_proj.A[0]", or "L3.gate_proj.A[0]" across
+    layers), grouped by its space."""
+    found: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for m in modules:
-        read, write = SPACES.get(m.module, (f"{m.module}.input", f"{m.module}.output"))
+        read, write = spaces(m.module)
+        layer = m.layer if across_layers else None
         for c in range(m.rank):
-            spaces.setdefault(read, []).append((f"{m.module}.A[{c}]", m.A[c]))
-            spaces.setdefault(write, []).append((f"{m.module}.B[{c}]", m.B[:, c]))
-    return spaces
+            found.setdefault(read, []).append((vector_label(m.module, "A", c, layer), m.A[c]))
+            found.setdefault(write, []).append((vector_label(m.module, "B", c, layer), m.B[:, c]))
+    return found
 
 
 def cosine_matrix(vectors: list[torch.Tensor]) -> list[list[float]]:
@@ -107,14 +93,14 @@ def layer_cosines(modules: list[LoraModule]) -> list[dict]:
     The MLP hidden space (gate.B, up.B, down.A) and the residual stream (gate.A, up.A, down.B)
     come first; attention spaces follow when attention modules are adapted.
     """
-    spaces = vectors_by_space(modules)
-    names = [s for s in ("mlp_hidden", "residual") if s in spaces]
-    names += sorted(s for s in spaces if s not in names and len(spaces[s]) > 1)
+    by_space = vectors_by_space(modules)
+    names = [s for s in ("mlp_hidden", "residual") if s in by_space]
+    names += sorted(s for s in by_space if s not in names and len(by_space[s]) > 1)
     return [
         {
             "space": space,
-            "labels": [label for label, _ in spaces[space]],
-            "matrix": cosine_matrix([v for _, v in spaces[space]]),
+            "labels": [label for label, _ in by_space[space]],
+            "matrix": cosine_matrix([v for _, v in by_space[space]]),
         }
         for space in names
     ]
@@ -125,11 +111,7 @@ def cross_layer_cosine(modules: list[LoraModule]) -> dict:
 
     Shows which layers read (A) what earlier layers write (B).
     """
-    labelled = [
-        (f"L{m.layer}.{label}", vector)
-        for m in modules
-        for label, vector in vectors_by_space([m]).get("residual", [])
-    ]
+    labelled = [pair for m in modules for pair in vectors_by_space([m], True).get("residual", [])]
     return {
         "labels": [label for label, _ in labelled],
         "matrix": cosine_matrix([v for _, v in labelled]) if labelled else [],
@@ -145,7 +127,7 @@ def logit_effects(model: nn.Module, modules: list[LoraModule], n: int) -> dict[s
     every logit alike and so changes no ranking.) Returns {module name: [{"top": [(id, value)],
     "bottom": [...]}, ...]}; empty when the model has no final norm with a weight.
     """
-    writers = [m for m in modules if SPACES.get(m.module, ("", ""))[1] == "residual"]
+    writers = [m for m in modules if writes_residual(m.module)]
     norm = getattr(model.get_base_model().get_decoder(), "norm", None)
     unembed = model.get_output_embeddings()
     if not writers or unembed is None or getattr(norm, "weight", None) is None:

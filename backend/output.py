@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from backend import SCHEMA_VERSION
 from backend.atomic import write_atomic
 from backend.contexts import Example
+from backend.contract import SCHEMA_VERSION
 from backend.directions import LoraModule, layer_cosines
 from backend.tracking import Tracker
 

@@ -46,3 +46,24 @@ def top_k(per_example: list[np.ndarray], k: int, negative: bool) -> list[tuple[f
         if (v < 0 if negative else v > 0)
     ]
     return sorted(items, key=lambda x: x[0], reverse=not negative)[:k]
+
+
+def assert_histogram(hist: dict, values: np.ndarray, rel: float = 1e-5, abs: float = 1e-6) -> None:
+    """`hist` counts `values` (computed by another forward pass, so equal up to float rounding).
+
+    Bin i is [edges[i], edges[i+1]), so the counts up to edge j are the values below it. A value
+    within rounding (`rel` of the largest |value|, plus `abs`) of an edge may fall on either
+    side; every other value must be in its own bin, so a bin off by one is still caught.
+    """
+    edges, counts = np.asarray(hist["edges"]), np.asarray(hist["counts"])
+    assert len(edges) == len(counts) + 1 and counts.sum() == values.size
+    tol = rel * np.abs(values).max(initial=0.0) + abs
+    below = np.concatenate([[0], np.cumsum(counts)])  # [bins + 1] values below each edge
+    surely_below = np.searchsorted(np.sort(values), edges - tol, side="left")
+    maybe_below = np.searchsorted(np.sort(values), edges + tol, side="left")
+    bad = (below < surely_below) | (below > maybe_below)
+    assert not bad.any(), (
+        f"counts {counts.tolist()} do not fit the values at edges {edges[bad].tolist()}: "
+        f"{below[bad].tolist()} below, expected {surely_below[bad].tolist()} to "
+        f"{maybe_below[bad].tolist()}"
+    )
