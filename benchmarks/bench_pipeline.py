@@ -4,8 +4,8 @@
 
 For each model, on the same length-sorted sequences and in one run (machines are noisy: only
 ratios measured side by side mean much), it times
-- the pipeline: Analysis + iter_batches + run_analysis (tokenization excluded), at the default
-  token budget and at the floor's best budget;
+- the pipeline: backend.pipeline.analyze, as the CLI runs it, on rows that carry their token ids
+  (tokenization excluded), at the default token budget and at the floor's best budget;
 - the floor: the adapted model's forward up to the last adapted layer (inner decoder with its
   layers cut, no lm_head, no hooks), batched the same way: a sweep over a few token budgets picks
   the best, then it is timed at that budget and at the default; also one sequence at a time;
@@ -33,10 +33,11 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 if not __package__:  # run as a script: import `backend` from the repo root
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
@@ -45,15 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend.analysis import (
-    Analysis,
-    AnalysisConfig,
-    default_batch_tokens,
-    run_analysis,
-    token_decoder,
-)
-from backend.data import Sequence, iter_batches, iter_sequences, read_rows
+from backend.config import RunConfig, default_batch_tokens
+from backend.data import Row, Sequence, iter_batches, iter_sequences, read_rows
 from backend.directions import find_lora_modules
+from backend.pipeline import analyze
 from backend.tracking import Tracker
 
 # transformers 5 warns about its own API when peft calls it: not ours to fix (as in pyproject)
@@ -64,7 +60,6 @@ DEMO_ADAPTER = REPO / "demo" / "adapter"
 DEMO_DATA = REPO / "demo" / "data"
 MLP = ["gate_proj", "up_proj", "down_proj"]
 MODELS = ("smollm2", "deep-narrow", "qwen2-1.5b-random")
-DEFAULTS = AnalysisConfig()  # top_k, context_window, histogram_bins (budget: args.budget)
 # Token budgets tried for the floor; the pipeline also runs at the default and the floor's best.
 BUDGETS = {"cpu": (2048, 4096, 8192, 16384), "cuda": (8192, 16384, 32768, 65536)}
 PIPELINE_TARGETS = {"smollm2": 1.10, "deep-narrow": 1.25}  # max pipeline / best floor
@@ -107,18 +102,32 @@ def size(name: str, quick: bool, device: str) -> Size:
 # ---------------------------------------------------------------- models and data
 
 
+class NumberedTokens:
+    """The tokenizer of a random-token model, whose rows carry their ids: token i reads <i>."""
+
+    def decode(self, ids: list[int], **options: object) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
 @dataclass
 class Workload:
     name: str
     model: nn.Module  # PEFT model in eval mode
-    decode: Callable[[int], str]
+    tokenizer: Any  # what the pipeline decodes token strings with
     device: torch.device
     note: str  # what the model and adapter are
-    sequences: list[Sequence] = field(default_factory=list)
+    config: RunConfig  # the CLI's defaults, every row, the batch budget set per run
+    sequences: list[Sequence] = field(default_factory=list)  # for the floor and the seed
+    rows: list[Row] = field(default_factory=list)  # the same, as the pipeline reads them
 
     @property
     def tokens(self) -> int:
         return sum(len(s.input_ids) for s in self.sequences)
+
+
+def token_rows(sequences: Iterable[Sequence]) -> Iterator[Row]:
+    """Sequences as rows of token ids, which the pipeline takes as they are."""
+    return ({"input_ids": s.input_ids} for s in sequences)
 
 
 def random_adapter(model: nn.Module, seed: int) -> nn.Module:
@@ -160,7 +169,7 @@ def build_model(name: str, size: Size, device: torch.device, adapter: Path | Non
         model, tokenizer = load_model(smollm2_base(), str(adapter), dtype, device, None)
         what = "demo/adapter" if adapter == DEMO_ADAPTER else "a random rank-1 MLP adapter"
         note = f"SmolLM2-135M-Instruct {str(dtype)[6:]}, {what}"
-        return Workload(name, model, token_decoder(tokenizer), device, note)
+        return Workload(name, model, tokenizer, device, note, bench_config(note, adapter))
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -193,7 +202,13 @@ def build_model(name: str, size: Size, device: torch.device, adapter: Path | Non
         note = f"random Qwen2 1.5B shape, {config.num_hidden_layers} layers, vocab {size.vocab}"
         note += ", bfloat16"
     model = random_adapter(base.eval(), seed=1)
-    return Workload(name, model, lambda i: f"<{i}>", device, note + ", random rank-1 MLP adapter")
+    note += ", random rank-1 MLP adapter"
+    return Workload(name, model, NumberedTokens(), device, note, bench_config(note, None))
+
+
+def bench_config(model: str, adapter: Path | None) -> RunConfig:
+    """The CLI's defaults over all the rows; the pipeline runs set their batch budget."""
+    return RunConfig(base_model=model, lora_path=str(adapter or "random"), num_examples=None)
 
 
 def stream_sequences(name: str, size: Size, scale: int = 1, limit: int | None = None):
@@ -234,13 +249,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_pipeline(w: Workload, budget: int, sequences: list[Sequence] | None = None) -> float:
+def run_pipeline(w: Workload, budget: int, rows: list[Row] | None = None) -> float:
     """Seconds for the whole pipeline, as generate_activations_data.py runs it."""
-    config = AnalysisConfig(max_batch_tokens=budget)
+    config = replace(w.config, max_batch_tokens=budget)
     start = time.perf_counter()
-    analysis = Analysis(w.model, config, w.device, {"benchmark": w.name})
-    batches = iter_batches(sequences or w.sequences, budget, config.sort_window)
-    run_analysis(analysis, batches, w.decode, progress=False)  # ends reading results: synced
+    analyze(w.model, w.tokenizer, rows or w.rows, config)  # ends reading results: synced
     return time.perf_counter() - start
 
 
@@ -261,7 +274,7 @@ def run_floor(w: Workload, budget: int, sequences: list[Sequence] | None = None)
     """Seconds for the adapted forward up to the last adapted layer, batched as the pipeline."""
     with cut_decoder(w.model) as decoder, torch.inference_mode():
         start = time.perf_counter()
-        for batch, _, _ in iter_batches(sequences or w.sequences, budget, DEFAULTS.sort_window):
+        for batch, _, _ in iter_batches(sequences or w.sequences, budget, RunConfig.sort_window):
             decoder(
                 input_ids=batch.input_ids.to(w.device),
                 attention_mask=batch.attention_mask.to(w.device),
@@ -280,7 +293,7 @@ def bounded_push(heap: list, item: tuple, k: int) -> None:
 
 def run_seed(w: Workload) -> float:
     """Seconds for the naive version: per example, per layer, per token, per direction."""
-    k, window, bins = DEFAULTS.top_k, DEFAULTS.context_window, DEFAULTS.histogram_bins
+    k, window, bins = RunConfig.top_k, RunConfig.context_window, RunConfig.histogram_bins
     modules = find_lora_modules(w.model)
     tops: list[list] = []  # per direction: largest, then most negative (negated)
     values: list[list[float]] = []  # per direction: every activation, in example order
@@ -349,10 +362,8 @@ def child_memory(args: argparse.Namespace) -> None:
     spec = size(args.child_memory, args.quick, args.device)
     adapter = Path(args.adapter) if args.adapter else None
     w = build_model(args.child_memory, spec, device, adapter)
-    stream = stream_sequences(w.name, spec, args.scale, spec.memory)
-    analysis = Analysis(w.model, DEFAULTS, device, {"benchmark": w.name})
-    batches = iter_batches(stream, args.budget, DEFAULTS.sort_window)
-    state = run_analysis(analysis, batches, w.decode, progress=False)
+    rows = token_rows(stream_sequences(w.name, spec, args.scale, spec.memory))
+    state = analyze(w.model, w.tokenizer, rows, replace(w.config, max_batch_tokens=args.budget))
     result = {"peak_rss_mib": peak_rss_mib(), "tokens": state.counters["num_tokens"]}
     if device.type == "cuda":
         result["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -418,14 +429,14 @@ def bench_model(name: str, args: argparse.Namespace, scratch: Path) -> ModelResu
         adapter = smollm2_adapter(scratch)
     w = build_model(name, spec, device, adapter)
     w.sequences = list(stream_sequences(name, spec))  # tokenized once, outside every timing
+    w.rows = list(token_rows(w.sequences))
     print(f"\n== {name}: {w.note}", flush=True)
     print(f"   {len(w.sequences)} sequences, {w.tokens} tokens", flush=True)
     t = Timings()
 
     # Warm-up (lazy init, allocator), then the floor's budget sweep on a slice: one run each.
-    warm = w.sequences[:2]
-    run_floor(w, args.budget, warm)
-    run_pipeline(w, args.budget, warm)
+    run_floor(w, args.budget, w.sequences[:2])
+    run_pipeline(w, args.budget, w.rows[:2])
     budgets = BUDGETS[device.type][:2] if args.quick else BUDGETS[device.type]
     sweep = w.sequences[: spec.sweep] if spec.sweep else w.sequences
     print(f"   floor budget sweep on {len(sweep)} sequences:", flush=True)
@@ -478,7 +489,7 @@ def bench_tracker(args: argparse.Namespace) -> dict[str, float]:
     """
     device = torch.device(args.device)
     d, rows, length = 144, 16, 512  # 8192 tokens a batch, a quarter or so of them padding
-    k, window, bins = DEFAULTS.top_k, DEFAULTS.context_window, DEFAULTS.histogram_bins
+    k, window, bins = RunConfig.top_k, RunConfig.context_window, RunConfig.histogram_bins
     gen = torch.Generator().manual_seed(0)
     scale = torch.rand(d, 1, generator=gen) * 4 + 0.1  # directions of different ranges
     triple = torch.arange(d) // 3 * 3
