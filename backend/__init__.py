@@ -1,10 +1,11 @@
 """Read what a LoRA adapter has learned: per-direction activations of `lora_A · x`.
 
-One module per concern: `adapter` (an adapter's files checked before loading), `loading` (model,
-tokenizer, adapter), `directions` (the A/B vectors
+One module per concern: `config` (the run's options, once), `adapter` (an adapter's files
+checked before loading), `loading` (model, tokenizer, adapter), `directions` (the A/B vectors
 PEFT created), `data` (rows -> token batches), `capture` (hooks that compute activations in the
 model's own forward pass), `tracking` (streaming top-k, statistics, histograms), `output` (the
-JSON of the data contract), and `analysis`, which ties them into one streaming pass.
+JSON of the data contract), `analysis` (one streaming pass, checkpointed), and `pipeline`, whose
+`analyze` ties them together: rows and a loaded model in, the run's state out.
 """
 
 import sys

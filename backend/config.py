@@ -94,6 +94,8 @@ GROUPS = {
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
+    """Every option of a run, with the CLI's defaults; a script sets what it needs by keyword."""
+
     base_model: str = option(
         "model",
         "base model: hub id, local directory, a .gguf file (converted once, cached), or "

@@ -1,6 +1,7 @@
 """Per-direction activations of a LoRA adapter over a dataset, written as one JSON file.
 
     python backend/generate_activations_data.py --lora-path ADAPTER [options]
+    lora-activations --lora-path ADAPTER [options]       # the same, once installed
 
 For every module PEFT adapted, each rank component's activation `lora_A · x` is computed per
 token in the adapted model's own forward pass; the JSON keeps its top-k positive and negative
