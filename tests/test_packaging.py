@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -112,7 +111,9 @@ def test_console_scripts_of_an_install_run(tmp_path):
     run(sys.executable, "-m", "venv", "--without-pip", venv)
     python = venv / "bin" / "python"
     site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))").strip())
-    (site / "borrowed.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # Only installed packages, not the repo root: the install itself must bring `backend`.
+    borrowed = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    (site / "borrowed.pth").write_text("".join(p + "\n" for p in borrowed))
     install = ("install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e", ROOT)
     run(python, "-m", "pip", *install)
     for script, (command, _) in SCRIPTS.items():
