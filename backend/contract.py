@@ -328,6 +328,7 @@ EXAMPLE = Obj(
 COSINES = Obj({"labels": list_of(STRING), "matrix": list_of(list_of(NUMBER))}, rules=(_square,))
 TOKEN_ROW = Obj({"token": STRING, "count": POSITIVE, "mean": NUMBER, "min": NUMBER, "max": NUMBER})
 LOGIT_EFFECT = Obj({"token": STRING, "value": NUMBER})
+LOGIT_EFFECTS = Obj({"top": list_of(LOGIT_EFFECT), "bottom": list_of(LOGIT_EFFECT)})
 STATS = Obj(
     {
         "count": COUNT,
@@ -370,7 +371,7 @@ DIRECTION = Obj(
     optional={  # top/bottom tokens: runs with a token profile; logit effects: residual writers
         "top_tokens": list_of(TOKEN_ROW),
         "bottom_tokens": list_of(TOKEN_ROW),
-        "logit_effects": Obj({"top": list_of(LOGIT_EFFECT), "bottom": list_of(LOGIT_EFFECT)}),
+        "logit_effects": LOGIT_EFFECTS,
     },
     rules=(_counts_sum_to_count,),
 )
@@ -383,12 +384,11 @@ PROJECTION = Obj(
     },
     rules=(_components,),
 )
+SPACE_COSINES = Obj({"space": STRING, **COSINES.fields}, rules=COSINES.rules)
 LAYER = Obj(
     {
         "layer": COUNT,
-        "cosine_similarities": list_of(
-            Obj({"space": STRING, **COSINES.fields}, rules=COSINES.rules)
-        ),
+        "cosine_similarities": list_of(SPACE_COSINES),
         "projections": map_of(PROJECTION),
     }
 )
@@ -414,6 +414,7 @@ METADATA = Obj(
         "num_nonfinite": COUNT,
     }
 )
+SEQUENCE = Obj({"tokens": list_of(STRING), "source": STRING})
 DOCUMENT = Obj(
     {
         "schema_version": SCHEMA,
@@ -423,7 +424,7 @@ DOCUMENT = Obj(
     },
     optional={
         "examples": map_of(
-            Obj({"tokens": list_of(STRING), "source": STRING}),
+            SEQUENCE,
             key=Scalar("an example index", lambda k: k.isdigit() and str(int(k)) == k),
         )
     },

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+import backend.contract as contract
 import generate_html_dashboard as dashboard
 from backend.contract import ContractError, iter_directions, iter_examples, validate
 from backend.generate_activations_data import main
@@ -16,6 +19,7 @@ from backend.output import write_json_atomic
 from tests.synthetic import assert_consistent, make_activations
 from tests.tiny import save_adapter
 
+ROOT = Path(__file__).resolve().parent.parent
 ATTENTION_AND_MLP = ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -405,3 +409,16 @@ def test_the_dashboard_names_the_first_bad_field_in_one_line(tmp_path, capsys):
         f'error: {path}: {GATE}.stats.count: expected a non-negative integer, got "x"\n'
     )
     assert not out.exists()
+
+
+def test_the_doc_and_the_code_name_the_same_fields():
+    """docs/data-format.md's tables and contract.py's specs cannot drift apart: every field the
+    code checks is defined in the doc, and every field a table of the doc defines is checked."""
+    specs = [spec for spec in vars(contract).values() if isinstance(spec, contract.Obj)]
+    checked = {key for spec in specs for key in (*spec.fields, *spec.optional)}
+    doc = (ROOT / "docs" / "data-format.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (`[^|]+`) \|", doc, re.MULTILINE)
+    defined = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    assert defined <= checked, defined - checked
+    backticked = set(re.findall(r"`(\w+)`", doc))
+    assert checked <= backticked, checked - backticked
