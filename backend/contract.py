@@ -126,7 +126,7 @@ Spec = Callable[[Any, str], None]
 
 
 def _fail(path: str, problem: str) -> NoReturn:
-    raise ContractError(f"{path}: {problem}")
+    raise ContractError(f"{path or 'the document'}: {problem}")
 
 
 def _show(value: Any) -> str:
@@ -224,8 +224,10 @@ def map_of(item: Spec, key: Scalar = STRING) -> Spec:
         if type(value) is not dict:
             _fail(path, f"expected an object, got {_show(value)}")
         for k, v in value.items():
-            if not key.accepts(k):
-                _fail(_field(path, k), f"expected a key that is {key.expected}")
+            if not (isinstance(k, str) and key.accepts(k)):  # a writer's dict may hold any key
+                _fail(
+                    f"{path}[{_show(k)}]", f"expected a key that is {key.expected}, got {_show(k)}"
+                )
             item(v, _field(path, k))
 
     return check

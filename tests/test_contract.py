@@ -365,6 +365,11 @@ MUTATIONS = [
         f"{GATE}.quantile_samples[2].examples[0].tokens[0]: expected a string, got null",
     ),
     ("examples key", example_key, 'examples["-1"]: expected a key that is an example index'),
+    (
+        "examples key type",
+        lambda d: d["examples"].update({12: {"tokens": [], "source": ""}}),
+        "examples[12]: expected a key that is an example index, got 12",
+    ),
     ("examples tokens", example_tokens, 'examples["7"].tokens[1]: expected a string, got 5'),
     (
         "object",
@@ -385,6 +390,11 @@ def test_each_break_is_named_by_its_path(mutate, message):
         validate(data)
     assert str(raised.value).startswith(message), str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_a_document_that_is_not_an_object():
+    with pytest.raises(ContractError, match=r"^the document: expected an object, got \[\]$"):
+        validate([])
 
 
 def test_the_writer_refuses_an_invalid_document(tmp_path):
