@@ -10,7 +10,7 @@ from typing import Any
 
 from backend.atomic import write_atomic
 from backend.contexts import Example
-from backend.contract import SCHEMA_VERSION, validate
+from backend.contract import SCHEMA_VERSION, ContractError, validate
 from backend.directions import LoraModule, layer_cosines
 from backend.tracking import Tracker
 
@@ -206,6 +206,11 @@ def examples_shown(layers: list[dict[str, Any]]) -> set[int]:
 def write_json_atomic(document: dict[str, Any], path: Path) -> None:
     """Write the document, once it is valid: a bug that breaks the format fails here, naming
     the field, rather than leaving a file that no reader can trust."""
-    validate(document)
+    try:
+        validate(document)
+    except ContractError as e:
+        raise ContractError(
+            f"{path} not written, the output breaks its format (a bug): {e}"
+        ) from None
     text = json.dumps(document, allow_nan=False, separators=(",", ":"))
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -401,7 +401,9 @@ def test_the_writer_refuses_an_invalid_document(tmp_path):
     data = synthetic()
     set_in(stats, "count", "x")(data)
     out = tmp_path / "out.json"
-    with pytest.raises(ContractError, match=r"stats\.count"):
+    with pytest.raises(
+        ContractError, match=rf"^{out} not written.*: {re.escape(GATE)}\.stats\.count"
+    ):
         write_json_atomic(data, out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
