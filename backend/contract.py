@@ -169,7 +169,7 @@ NUMBER_TYPES = frozenset((int, float))
 
 def _all_numbers(values: list, nulls: bool = False) -> bool:
     types = set(map(type, values))
-    if not types <= (NUMBER_TYPES | {type(None)} if nulls else NUMBER_TYPES):
+    if not types <= ((NUMBER_TYPES | {type(None)}) if nulls else NUMBER_TYPES):
         return False
     if type(None) in types:
         values = [v for v in values if v is not None]
@@ -238,6 +238,8 @@ Rule = Callable[[dict, str], None]
 
 @dataclass(frozen=True)
 class Obj:
+    """A JSON object: its required and optional fields, then the rules that tie them."""
+
     fields: dict[str, Spec]
     optional: dict[str, Spec] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
@@ -291,8 +293,12 @@ def _example_target(example: dict, path: str) -> None:
         _fail(_field(path, "target"), f"expected an index into its {n} tokens, got {target}")
     if target > example["token_index"]:
         _fail(_field(path, "target"), f"expected at most token_index {example['token_index']}")
-    if example["activations"][target] != example["activation"]:
-        _fail(_field(path, "activation"), "expected activations[target]")
+    at_target = example["activations"][target]
+    if at_target != example["activation"]:
+        _fail(
+            _field(path, "activation"),
+            f"expected activations[target] {_show(at_target)}, got {_show(example['activation'])}",
+        )
 
 
 def _siblings_like_tokens(example: dict, path: str) -> None:
