@@ -103,10 +103,18 @@ def iter_directions(document: dict[str, Any]) -> Iterator[DirectionRef]:
 
 def iter_examples(direction: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Every Example a direction carries: its top lists, then its quantile samples."""
+    for _, example in examples_at(direction):
+        yield example
+
+
+def examples_at(direction: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    """iter_examples with each Example's path below the direction's `path`."""
     for side in EXAMPLE_LISTS:
-        yield from direction[side]
-    for samples in direction.get("quantile_samples", []):
-        yield from samples["examples"]
+        for j, example in enumerate(direction[side]):
+            yield f"{path}.{side}[{j}]", example
+    for r, samples in enumerate(direction["quantile_samples"]):
+        for j, example in enumerate(samples["examples"]):
+            yield f"{path}.quantile_samples[{r}].examples[{j}]", example
 
 
 # ---- validate(): the format of docs/data-format.md, field by field ------------------------
@@ -499,7 +507,7 @@ def _direction_agrees(
         if len(direction[side]) > meta["top_k"]:
             _fail(f"{path}.{side}", f"expected at most {meta['top_k']} entries (metadata.top_k)")
     longest = 2 * meta["context_window"] + 1
-    for where, example in _examples_at(direction, path):
+    for where, example in examples_at(direction, path):
         if len(example["tokens"]) > longest:
             _fail(f"{where}.tokens", f"expected at most {longest} entries (2 context_window + 1)")
         strangers = set(example.get("sibling_activations", {})) - (modules - {module})
@@ -508,13 +516,3 @@ def _direction_agrees(
                 f"{where}.sibling_activations",
                 f"expected other modules of its layer, got {_show(sorted(strangers))}",
             )
-
-
-def _examples_at(direction: dict[str, Any], path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every Example of a direction with its path, in iter_examples' order."""
-    for side in EXAMPLE_LISTS:
-        for j, example in enumerate(direction[side]):
-            yield f"{path}.{side}[{j}]", example
-    for r, samples in enumerate(direction["quantile_samples"]):
-        for j, example in enumerate(samples["examples"]):
-            yield f"{path}.quantile_samples[{r}].examples[{j}]", example
