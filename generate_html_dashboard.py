@@ -1,4 +1,4 @@
-"""Render an activations file (shared/design/data-contract.md) as one self-contained HTML page.
+"""Render an activations file (docs/data-format.md) as one self-contained HTML page.
 
 The page carries its data as JSON in a <script type="application/json"> element and draws one
 layer at a time with the JavaScript in templates/dashboard.js. To keep a full-size run small,
@@ -26,7 +26,7 @@ from markupsafe import Markup
 
 from backend import UserError
 from backend.atomic import write_atomic
-from backend.contract import SCHEMA_VERSION, module_order
+from backend.contract import SCHEMA_VERSION, ContractError, module_order, validate
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
@@ -72,7 +72,8 @@ class DashboardError(UserError):
 
 
 def load_activations(path: Path) -> dict:
-    """Read and sanity-check an activations file; raise DashboardError if it is not one."""
+    """Read and validate an activations file; raise DashboardError, naming the first bad field,
+    if it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except FileNotFoundError:
@@ -98,6 +99,10 @@ def load_activations(path: Path) -> dict:
         raise DashboardError(
             f"{path}: unknown schema_version {json.dumps(version)} (known: {_known_versions()})"
         )
+    try:
+        validate(data)
+    except ContractError as e:
+        raise DashboardError(f"{path}: {e}") from None
     return data
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from backend.atomic import write_atomic
 from backend.contexts import Example
-from backend.contract import SCHEMA_VERSION
+from backend.contract import SCHEMA_VERSION, ContractError, validate
 from backend.directions import LoraModule, layer_cosines
 from backend.tracking import Tracker
 
@@ -212,5 +212,13 @@ def examples_shown(layers: list[dict[str, Any]]) -> set[int]:
 
 
 def write_json_atomic(document: dict[str, Any], path: Path) -> None:
+    """Write the document, once it is valid: a bug that breaks the format fails here, naming
+    the field, rather than leaving a file that no reader can trust."""
+    try:
+        validate(document)
+    except ContractError as e:
+        raise ContractError(
+            f"{path} not written, the output breaks its format (a bug): {e}"
+        ) from None
     text = json.dumps(document, allow_nan=False, separators=(",", ":"))
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))

@@ -1,8 +1,10 @@
-"""Contract-valid activations data of any shape, for tests (see shared/design/data-contract.md).
+"""Activations data of any shape, valid by backend.contract.validate, for tests (the format:
+docs/data-format.md).
 
-Only the standard library is used, and every number comes from a seeded `random.Random`, so
-the same arguments always give the same dict. `check_activations` states the invariants the
-builder keeps; it can also be pointed at a real file.
+Besides the contract, only the standard library is used, and every number comes from a seeded
+`random.Random`, so the same arguments always give the same dict. `assert_consistent` states the
+invariants between the numbers that the builder keeps beyond the format; it can also be pointed
+at a real file.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+from backend.contract import (
+    MODULE_ORDER,
+    iter_directions,
+    iter_examples,
+    spaces,
+    vector_label,
+    writes_residual,
+)
+
+MLP_MODULES = MODULE_ORDER[:3]
 
 # Token text a dashboard must show as text and never interpret. Lone surrogates are left out:
 # they are valid in JSON but cannot travel through UTF-8; tests that need one add it themselves.
@@ -49,8 +60,6 @@ READ_SITES = {
     "down_proj": "down_proj.input",
     "o_proj": "o_proj.input",
 }
-# Modules whose write vector B lives in the residual stream; the others read from it.
-RESIDUAL_WRITERS = ("down_proj", "o_proj")
 # Quantile ranges over |activation| that the samples are drawn from (one entry per sign), as
 # the backend writes them, and where their value bounds sit as fractions of the extreme value.
 QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
@@ -69,17 +78,15 @@ def make_activations(
     seed: int = 0,
     hostile_tokens: bool = False,
     layers: Sequence[int] | None = None,
-    extras: bool = True,
     samples: int = 2,
 ) -> dict:
-    """Build a schema_version 1 activations dict.
+    """Build a schema_version 1 activations dict with every field of the format, `samples`
+    examples per quantile range.
 
     `layers` gives the layer numbers (default 0..n_layers-1). With `hostile_tokens`, the
     context windows start with every entry of HOSTILE_TOKENS, so all of them appear in the
     first layer when it has enough context slots (the defaults have plenty), and the dataset
-    name is hostile too. With `extras` (the default), the file carries the optional fields of
-    the contract's second part, `samples` examples per quantile range; without, it is a file
-    of an older run.
+    name is hostile too.
     """
     rng = random.Random(seed)
     layer_numbers = list(range(n_layers) if layers is None else layers)
@@ -87,7 +94,7 @@ def make_activations(
     num_tokens = num_examples * rng.randint(20, 200)
     tokens = _token_stream(rng, hostile_tokens)
     vocabulary = WORDS + HOSTILE_TOKENS if hostile_tokens else WORDS
-    shape = Shape(k, window, bins, samples if extras else 0, num_examples, num_tokens, vocabulary)
+    shape = Shape(k, window, bins, samples, num_examples, num_tokens, vocabulary)
     data = {
         "schema_version": 1,
         "metadata": {
@@ -96,14 +103,17 @@ def make_activations(
             "dataset": "<script>alert(4)</script>" if hostile_tokens else "synthetic:train",
             "num_examples": num_examples,
             "num_tokens": num_tokens,
+            "num_truncated": 0,
+            "num_skipped_rows": 0,
             "num_processes": 1,
             "top_k": k,
             "context_window": window,
             "histogram_bins": bins,
             "dtype": "bfloat16",
+            "max_length": None,
             "created_at": "2025-01-01T00:00:00Z",
             "lora_layers": layer_numbers,
-            "modules": list(modules),
+            "modules": list(modules) if layer_numbers else [],  # the modules of the layers
         },
         "layers": [
             {
@@ -114,8 +124,7 @@ def make_activations(
             for number in layer_numbers
         ],
     }
-    if extras:
-        _add_run_extras(rng, data, modules, rank)
+    _add_run_extras(rng, data, modules, rank)
     return data
 
 
@@ -124,7 +133,7 @@ class Shape:
     k: int
     window: int
     bins: int
-    samples: int  # examples per quantile range; 0: no fields beyond the contract's first part
+    samples: int  # examples per quantile range
     num_examples: int
     num_tokens: int
     vocabulary: tuple[str, ...]  # of the token tables and logit effects
@@ -142,10 +151,9 @@ def _projections(
         }
         for name in modules
     }
-    if shape.samples:
-        for name, projection in projections.items():
-            for direction in projection["directions"]:
-                _add_direction_extras(rng, name, direction, projections, shape, tokens)
+    for name, projection in projections.items():
+        for direction in projection["directions"]:
+            _add_direction_extras(rng, name, direction, projections, shape, tokens)
     return projections
 
 
@@ -236,7 +244,7 @@ def _add_direction_extras(
     shape: Shape,
     tokens: Iterator[str],
 ) -> None:
-    """The fields of the contract's second part, and sibling activations in every example."""
+    """The fields of the analyses beyond top-k, and sibling activations in every example."""
     stats = direction["stats"]
     bounds = (
         direction["top_negative"][-1]["activation"],
@@ -251,14 +259,14 @@ def _add_direction_extras(
     direction["top_tokens"] = _token_table(rng, stats["max"], shape.vocabulary)
     direction["bottom_tokens"] = _token_table(rng, stats["min"], shape.vocabulary)
     direction["position_profile"] = _position_profile(rng, stats, shape.num_examples)
-    if name in RESIDUAL_WRITERS:
+    if writes_residual(name):
         direction["logit_effects"] = {
             "top": _logit_effects(rng, 1, shape.vocabulary),
             "bottom": _logit_effects(rng, -1, shape.vocabulary),
         }
     component = direction["component"]
     siblings = {m: p["directions"][component]["stats"] for m, p in projections.items() if m != name}
-    examples = examples_of(direction)
+    examples = list(iter_examples(direction))
     for example in examples:
         example["sibling_activations"] = {
             m: [rng.uniform(s["min"] / 2, s["max"] / 2) for _ in example["tokens"]]
@@ -281,12 +289,6 @@ def unfixed(values: list) -> list[float | None]:
     """A context's values as the page embeds them ([e, integers in units of 10**-e]), decoded."""
     e, *ints = values
     return [None if v is None else v / 10**e for v in ints]
-
-
-def examples_of(direction: dict) -> list[dict]:
-    """Every Example of a direction: its top lists, then its quantile samples."""
-    sampled = [e for r in direction.get("quantile_samples", []) for e in r["examples"]]
-    return direction["top_positive"] + direction["top_negative"] + sampled
 
 
 def _quantile_range(
@@ -338,37 +340,39 @@ def _logit_effects(rng: random.Random, sign: int, vocabulary: Sequence[str]) -> 
 
 
 def _add_run_extras(rng: random.Random, data: dict, modules: Sequence[str], rank: int) -> None:
-    directions = [
-        d
-        for layer in data["layers"]
-        for p in layer["projections"].values()
-        for d in p["directions"]
-    ]
+    directions = [ref.direction for ref in iter_directions(data)]
     data["metadata"]["min_token_count"] = MIN_TOKEN_COUNT
     data["metadata"]["num_nonfinite"] = sum(d["stats"]["nonfinite"] for d in directions)
     labels = [
-        f"L{layer['layer']}.{label}"
+        label
         for layer in data["layers"]
-        for label in _residual_labels(modules, rank)
+        for label in _residual_labels(modules, rank, layer["layer"])
     ]
     data["cross_layer_cosine"] = {"labels": labels, "matrix": _random_cosines(rng, len(labels))}
 
 
-def _residual_labels(modules: Sequence[str], rank: int) -> list[str]:
-    """The vectors of one layer living in the residual stream: what is read, what is written."""
+def _residual_labels(modules: Sequence[str], rank: int, layer: int | None = None) -> list[str]:
+    """The vectors of one layer living in the residual stream: what is read, what is written
+    (labelled with their layer when `layer` is given)."""
     return [
-        f"{m}.{'B' if m in RESIDUAL_WRITERS else 'A'}[{c}]" for m in modules for c in range(rank)
+        vector_label(m, "B" if writes_residual(m) else "A", c, layer)
+        for m in modules
+        for c in range(rank)
     ]
 
 
 def _cosine_similarities(rng: random.Random, modules: Sequence[str], rank: int) -> list[dict]:
     """Cosines of random unit vectors: symmetric, unit diagonal, within [-1, 1]."""
     mlp = [m for m in MLP_MODULES if m in modules]
-    hidden = [f"{m}.{'A' if m == 'down_proj' else 'B'}[{c}]" for m in mlp for c in range(rank)]
-    spaces = [("mlp_hidden", hidden), ("residual", _residual_labels(modules, rank))]
+    hidden = [
+        vector_label(m, "A" if spaces(m)[0] == "mlp_hidden" else "B", c)
+        for m in mlp
+        for c in range(rank)
+    ]
+    by_space = [("mlp_hidden", hidden), ("residual", _residual_labels(modules, rank))]
     return [
         {"space": space, "labels": labels, "matrix": _random_cosines(rng, len(labels))}
-        for space, labels in spaces
+        for space, labels in by_space
         if labels
     ]
 
@@ -382,105 +386,74 @@ def _random_cosines(rng: random.Random, n: int, dim: int = 8) -> list[list[float
     ]
 
 
-def check_activations(data: dict) -> None:
-    """Assert the invariants of data-contract.md that a reader can check on its own; the
-    optional fields of its second part are checked where present."""
+def assert_consistent(data: dict) -> None:
+    """Assert what the numbers of a valid file (backend.contract.validate) must also agree on,
+    beyond its format: orders, signs and ranges, against the direction's own statistics."""
     meta = data["metadata"]
-    assert data["schema_version"] == 1
-    assert [layer["layer"] for layer in data["layers"]] == meta["lora_layers"]
-    for layer in data["layers"]:
-        for space in layer["cosine_similarities"]:
-            _check_square(space)
-        for name, proj in layer["projections"].items():
-            assert name in meta["modules"]
-            assert [d["component"] for d in proj["directions"]] == list(range(proj["rank"]))
-            for direction in proj["directions"]:
-                c = direction["component"]
-                siblings = {
-                    m: p["directions"][c]["stats"]
-                    for m, p in layer["projections"].items()
-                    if m != name and c < p["rank"]
-                }
-                _check_direction(direction, meta)
-                _check_direction_extras(name, proj, direction, meta, siblings)
-    if "cross_layer_cosine" in data:
-        _check_square(data["cross_layer_cosine"])
-
-
-def _check_square(cosines: dict) -> None:
-    n = len(cosines["labels"])
-    assert len(cosines["matrix"]) == n and all(len(row) == n for row in cosines["matrix"])
-    assert all(-1 <= v <= 1 for row in cosines["matrix"] for v in row)
-
-
-def _check_direction(direction: dict, meta: dict) -> None:
-    stats, hist = direction["stats"], direction["histogram"]
-    assert len(hist["edges"]) == len(hist["counts"]) + 1 == meta["histogram_bins"] + 1
-    assert sum(hist["counts"]) == stats["count"]
-    assert stats["count"] + stats.get("nonfinite", 0) == meta["num_tokens"]
-    assert hist["edges"][0] <= stats["min"] and stats["max"] <= hist["edges"][-1]
-    assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
-    pos, neg = direction["top_positive"], direction["top_negative"]
-    assert len(pos) <= meta["top_k"] and len(neg) <= meta["top_k"]
-    assert all(e["activation"] > 0 for e in pos) and all(e["activation"] < 0 for e in neg)
-    assert [e["activation"] for e in pos] == sorted((e["activation"] for e in pos), reverse=True)
-    assert [e["activation"] for e in neg] == sorted(e["activation"] for e in neg)
-    for example in pos + neg:
-        _check_example(example, stats, meta)
-
-
-def _check_example(example: dict, stats: dict, meta: dict) -> None:
-    tokens, target = example["tokens"], example["target"]
-    assert len(example["activations"]) == len(tokens) <= 2 * meta["context_window"] + 1
-    assert 0 <= target < len(tokens) and target <= example["token_index"]
-    assert example["activations"][target] == example["activation"]
-    assert example["example_index"] >= 0  # a row index: skipped rows keep theirs
-    finite = [v for v in example["activations"] if v is not None]  # null: was NaN/Inf
-    assert stats["min"] <= min(finite) and max(finite) <= stats["max"]
-
-
-def _check_direction_extras(
-    name: str, projection: dict, direction: dict, meta: dict, siblings: dict[str, dict]
-) -> None:
-    stats = direction["stats"]
-    assert stats.get("nonfinite", 0) >= 0
-    if "write_norm_scale" in direction:
-        expected = projection["scaling"] * direction["b_norm"]
-        assert math.isclose(direction["write_norm_scale"], expected, rel_tol=1e-5)
-    for samples in direction.get("quantile_samples", []):
-        q0, q1 = samples["quantile_range"]
-        lo, hi = samples["value_range"]
-        assert 0 <= q0 <= q1 <= 1 and stats["min"] <= lo <= hi <= stats["max"]
-        for example in samples["examples"]:
-            _check_example(example, stats, meta)
-            assert lo <= example["activation"] <= hi
-    for example in examples_of(direction):
-        for module, values in example.get("sibling_activations", {}).items():
-            assert len(values) == len(example["tokens"])
-            sibling = siblings[module]
-            assert all(sibling["min"] <= v <= sibling["max"] for v in values if v is not None)
-    for key, sign in (("top_tokens", 1), ("bottom_tokens", -1)):
-        rows = direction.get(key, [])
-        assert [sign * r["mean"] for r in rows] == sorted(
-            (sign * r["mean"] for r in rows), reverse=True
+    for cosines in (
+        data["cross_layer_cosine"],
+        *(c for layer in data["layers"] for c in layer["cosine_similarities"]),
+    ):
+        assert all(-1 <= v <= 1 for row in cosines["matrix"] for v in row)
+    layers = {layer["layer"]: layer["projections"] for layer in data["layers"]}
+    for ref in iter_directions(data):
+        direction, stats = ref.direction, ref.direction["stats"]
+        siblings = {
+            m: p["directions"][ref.component]["stats"]
+            for m, p in layers[ref.layer].items()
+            if m != ref.module and ref.component < p["rank"]
+        }
+        assert stats["count"] + stats["nonfinite"] == meta["num_tokens"]
+        assert stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
+        edges = direction["histogram"]["edges"]
+        assert edges[0] <= stats["min"] and stats["max"] <= edges[-1]
+        assert math.isclose(
+            direction["write_norm_scale"],
+            ref.projection["scaling"] * direction["b_norm"],
+            rel_tol=1e-5,
         )
-        for row in rows:
-            assert stats["min"] <= row["min"] <= row["mean"] <= row["max"] <= stats["max"]
-            assert row["count"] >= meta.get("min_token_count", 1)
-    if "position_profile" in direction:
-        _check_position_profile(direction["position_profile"], stats)
+        _assert_top_lists(direction)
+        for example in iter_examples(direction):
+            _assert_within(example["activations"], stats)
+            for module, values in example.get("sibling_activations", {}).items():
+                _assert_within(values, siblings[module])
+        for samples in direction["quantile_samples"]:
+            lo, hi = samples["value_range"]
+            assert stats["min"] <= lo <= hi <= stats["max"]
+            assert all(lo <= e["activation"] <= hi for e in samples["examples"])
+        _assert_token_tables(direction, meta)
+        _assert_position_profile(direction["position_profile"], stats)
+
+
+def _assert_within(values: list[float | None], stats: dict) -> None:
+    """Values of a context (null: was NaN/Inf) lie within the direction's min and max."""
+    assert all(stats["min"] <= v <= stats["max"] for v in values if v is not None)
+
+
+def _assert_top_lists(direction: dict) -> None:
+    """Largest first, most negative first; logit effects likewise."""
+    pos = [e["activation"] for e in direction["top_positive"]]
+    neg = [e["activation"] for e in direction["top_negative"]]
+    assert all(v > 0 for v in pos) and all(v < 0 for v in neg)
+    assert pos == sorted(pos, reverse=True) and neg == sorted(neg)
     if "logit_effects" in direction:
-        assert name in RESIDUAL_WRITERS
-        top, bottom = direction["logit_effects"]["top"], direction["logit_effects"]["bottom"]
-        assert [e["value"] for e in top] == sorted((e["value"] for e in top), reverse=True)
-        assert [e["value"] for e in bottom] == sorted(e["value"] for e in bottom)
+        top = [e["value"] for e in direction["logit_effects"]["top"]]
+        bottom = [e["value"] for e in direction["logit_effects"]["bottom"]]
+        assert top == sorted(top, reverse=True) and bottom == sorted(bottom)
 
 
-def _check_position_profile(profile: dict, stats: dict) -> None:
-    edges, mean = profile["edges"], profile["mean"]
-    assert len(edges) == len(mean) + 1 and edges[0] == 0
-    assert all(a < b for a, b in pairwise(edges)) and all(isinstance(e, int) for e in edges)
+def _assert_token_tables(direction: dict, meta: dict) -> None:
+    stats = direction["stats"]
+    for key, sign in (("top_tokens", 1), ("bottom_tokens", -1)):
+        means = [sign * r["mean"] for r in direction.get(key, [])]
+        assert means == sorted(means, reverse=True)
+        for row in direction.get(key, []):
+            assert stats["min"] <= row["min"] <= row["mean"] <= row["max"] <= stats["max"]
+            assert row["count"] >= meta["min_token_count"]
+
+
+def _assert_position_profile(profile: dict, stats: dict) -> None:
+    edges, mean, counts = profile["edges"], profile["mean"], profile["count"]
+    assert edges[0] == 0 and all(a < b for a, b in pairwise(edges))
     assert all(m is None or stats["min"] <= m <= stats["max"] for m in mean)
-    if "count" in profile:  # an empty bucket has no mean
-        counts = profile["count"]
-        assert [m is None for m in mean] == [c == 0 for c in counts] and len(counts) == len(mean)
+    assert [m is None for m in mean] == [c == 0 for c in counts]  # an empty bucket has no mean

@@ -12,6 +12,7 @@ import torch
 from backend import UserError
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
+from backend.contract import validate
 from backend.data import iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
@@ -19,7 +20,7 @@ from backend.loading import BaseModel, load_model
 from backend.pipeline import analyze
 from backend.tracking import Tracker
 from tests.reference import assert_histogram, lora_a_activations, top_k
-from tests.synthetic import check_activations
+from tests.synthetic import assert_consistent
 from tests.tiny import random_texts, save_adapter
 
 K, W = 5, 3
@@ -94,7 +95,8 @@ def check_against_reference(doc, values, seqs, tokenizer):
 
 def test_cli_matches_brute_force_qwen2_rank1(tmp_path, qwen2_base, rank1_adapter, text_file):
     doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--max-batch-tokens", "64")
-    check_activations(doc)
+    validate(doc)
+    assert_consistent(doc)
     values, seqs, tokenizer = reference(qwen2_base, rank1_adapter, text_file)
     check_against_reference(doc, values, seqs, tokenizer)
     meta = doc["metadata"]

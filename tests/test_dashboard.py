@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 import backend.atomic
 import generate_html_dashboard as dashboard
-from tests.synthetic import HOSTILE_TOKENS, check_activations, make_activations, unfixed
+from backend.contract import ContractError, iter_directions, iter_examples, validate
+from tests.synthetic import HOSTILE_TOKENS, assert_consistent, make_activations, unfixed
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_BLOCK = re.compile(
@@ -118,11 +119,8 @@ def test_csp_hashes_match_the_inline_style_and_script(tmp_path):
         assert f"sha256-{digest}" in csp
 
 
-@pytest.mark.parametrize("extras", [True, False])
-def test_embedded_data_round_trips(tmp_path, extras):
-    data = make_activations(
-        n_layers=2, modules=["gate_proj", "q_proj"], rank=2, seed=3, extras=extras
-    )
+def test_embedded_data_round_trips(tmp_path):
+    data = make_activations(n_layers=2, modules=["gate_proj", "q_proj"], rank=2, seed=3)
     page_data = embedded(render(tmp_path, data))
     assert page_data == json.loads(json.dumps(dashboard.compact_data(data)))
     assert [layer["layer"] for layer in page_data["layers"]] == [0, 1]
@@ -134,19 +132,11 @@ def test_embedded_data_round_trips(tmp_path, extras):
     assert shown["activations"] == pytest.approx(original["activations"], abs=1e-3 * largest)
     target = shown["activations"][shown["target"]]
     assert target == float(f"{original['activation']:.4g}")
-    assert ("sibling_activations" in shown) == extras
+    assert "sibling_activations" in shown
 
 
 def tokens_of_input(data: dict) -> list[list[str]]:
-    return [
-        example["tokens"]
-        for layer in data["layers"]
-        for projection in layer["projections"].values()
-        for direction in projection["directions"]
-        for examples in [direction["top_positive"], direction["top_negative"]]
-        + [s["examples"] for s in direction.get("quantile_samples", [])]
-        for example in examples
-    ]
+    return [e["tokens"] for ref in iter_directions(data) for e in iter_examples(ref.direction)]
 
 
 def test_new_fields_are_compacted():
@@ -201,23 +191,12 @@ def test_new_fields_are_compacted():
     assert cosine["upper"][2][1] == round(matrix[2][4], 3) == round(matrix[4][2], 3)
 
 
-def test_an_older_file_embeds_none_of_the_new_fields():
-    page_data = dashboard.compact_data(make_activations(extras=False))
-    assert "cross_layer_cosine" not in page_data
-    direction = page_data["layers"][0]["projections"]["gate_proj"]["directions"][0]
-    assert set(direction) == {
-        "component", "a_norm", "b_norm", "stats", "histogram", "top_positive", "top_negative",
-    }  # fmt: skip
-    assert "nonfinite" not in direction["stats"]
-    assert all(
-        len(row) == len(page_data["example_fields"]) - 1 for row in direction["top_positive"]
-    )
-
-
 def test_header_shows_newer_metadata_only_when_present():
     newer = dict(dashboard.header_fields(make_activations()["metadata"]))
     assert newer["min token count"] == "5" and "non-finite values" in newer
-    older = dict(dashboard.header_fields(make_activations(extras=False)["metadata"]))
+    metadata = make_activations()["metadata"]
+    without = {k: v for k, v in metadata.items() if k not in ("min_token_count", "num_nonfinite")}
+    older = dict(dashboard.header_fields(without))
     assert "min token count" not in older and "non-finite values" not in older
 
 
@@ -301,8 +280,12 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "version text": (write_json(tmp_path / "s.json", good | {"schema_version": "1"}), '"1"'),
         "no version": (write_json(tmp_path / "nv.json", no_version), "schema_version"),
         "malformed": (write_json(tmp_path / "mal.json", malformed), "histogram"),
-        "cross-layer": (write_json(tmp_path / "x.json", no_matrix), "cross_layer_cosine lacks"),
-        "quantiles": (write_json(tmp_path / "q.json", bad_sample), "layers[1] lacks 'value_range'"),
+        "cross-layer": (write_json(tmp_path / "x.json", no_matrix), "cross_layer_cosine.matrix"),
+        "quantiles": (
+            write_json(tmp_path / "q.json", bad_sample),
+            "layers[1].projections.down_proj.directions[0]"
+            ".quantile_samples[0].value_range: missing",
+        ),
     }
 
 
@@ -424,27 +407,14 @@ def test_qwen_32b_shaped_run_is_under_5_mb(tmp_path):
     bins=st.integers(1, 12),
     seed=st.integers(0, 2**32),
     hostile=st.booleans(),
-    extras=st.booleans(),
 )
-def test_synthetic_data_is_contract_valid(
-    n_layers, modules, rank, k, window, bins, seed, hostile, extras
-):
+def test_synthetic_data_is_contract_valid(n_layers, modules, rank, k, window, bins, seed, hostile):
     args = (n_layers, modules, rank, k, window, bins, seed, hostile)
-    data = make_activations(*args, extras=extras)
-    check_activations(data)
+    data = make_activations(*args)
+    validate(data)
+    assert_consistent(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON, no NaN
-    assert data == make_activations(*args, extras=extras)
-    assert ("cross_layer_cosine" in data) == extras
-
-
-def test_synthetic_older_format_has_no_new_fields():
-    data = make_activations(extras=False)
-    direction = data["layers"][0]["projections"]["down_proj"]["directions"][0]
-    assert set(direction) == {
-        "component", "a_norm", "b_norm", "stats", "histogram", "top_positive", "top_negative",
-    }  # fmt: skip
-    assert "sibling_activations" not in direction["top_positive"][0]
-    assert "nonfinite" not in direction["stats"] and "cross_layer_cosine" not in data
+    assert data == make_activations(*args)
 
 
 def broken_top_list(direction: dict) -> None:
@@ -453,7 +423,10 @@ def broken_top_list(direction: dict) -> None:
 
 def broken_quantile_sample(direction: dict) -> None:
     samples = direction["quantile_samples"][0]
-    samples["examples"][0]["activation"] = samples["value_range"][1] + 1
+    example = samples["examples"][0]
+    example["activation"] = example["activations"][example["target"]] = (
+        samples["value_range"][1] + 1
+    )
 
 
 def broken_sibling(direction: dict) -> None:
@@ -465,10 +438,17 @@ def broken_token_table(direction: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    "breaks", [broken_top_list, broken_quantile_sample, broken_sibling, broken_token_table]
+    ("breaks", "error"),
+    [
+        (broken_top_list, AssertionError),
+        (broken_quantile_sample, AssertionError),
+        (broken_sibling, ContractError),  # a shape: the format's own
+        (broken_token_table, AssertionError),
+    ],
 )
-def test_check_activations_catches_a_broken_file(breaks):
+def test_the_checks_catch_a_broken_file(breaks, error):
     data = make_activations()
     breaks(data["layers"][0]["projections"]["gate_proj"]["directions"][0])
-    with pytest.raises(AssertionError):
-        check_activations(data)
+    with pytest.raises(error):
+        validate(data)
+        assert_consistent(data)

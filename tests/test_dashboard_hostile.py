@@ -55,7 +55,9 @@ def with_tokens(tokens: list[str]) -> dict:
     """An activations file whose first shown example has `tokens` as its context."""
     data = make_activations(n_layers=1, modules=["up_proj"], k=1, seed=5)
     example = data["layers"][0]["projections"]["up_proj"]["directions"][0]["top_positive"][0]
-    example.update(tokens=tokens, activations=[1.0] * len(tokens), target=0, token_index=0)
+    example.update(
+        tokens=tokens, activations=[1.0] * len(tokens), activation=1.0, target=0, token_index=0
+    )
     return data
 
 

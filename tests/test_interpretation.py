@@ -13,13 +13,13 @@ import torch
 
 from backend.analysis import token_decoder
 from backend.config import RunConfig
+from backend.contract import iter_directions, iter_examples
 from backend.data import iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.output import build_document
 from backend.pipeline import analyze
 from backend.sampling import SAMPLES, token_keys
-from tests.synthetic import examples_of
 from tests.test_backend import K, W, load, reference, run_cli
 from tests.tiny import save_adapter
 
@@ -37,10 +37,9 @@ def run(tmp_path_factory, qwen2_base, rank1_adapter, text_file):
 
 
 def directions(doc: dict):
-    for layer in doc["layers"]:
-        for name, projection in layer["projections"].items():
-            for d in projection["directions"]:
-                yield (layer["layer"], name, d["component"]), d
+    """(layer, module, component) and its direction, for every direction of the document."""
+    for ref in iter_directions(doc):
+        yield (ref.layer, ref.module, ref.component), ref.direction
 
 
 def flat(values, seqs, key):
@@ -86,7 +85,7 @@ def test_sibling_activations_are_the_layers_other_directions(run):
     doc, values, seqs, _ = run
     row_of = {s.example_index: i for i, s in enumerate(seqs)}
     for (layer, name, component), direction in directions(doc):
-        for e in examples_of(direction):
+        for e in iter_examples(direction):
             assert set(e["sibling_activations"]) == {"gate_proj", "up_proj", "down_proj"} - {name}
             start = e["token_index"] - e["target"]
             for sibling, acts in e["sibling_activations"].items():
@@ -213,7 +212,7 @@ def test_store_sequences_keeps_every_shown_example_whole(
     doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--store-sequences")
     _, seqs, tokenizer = reference(qwen2_base, rank1_adapter, text_file)
     decode = token_decoder(tokenizer)
-    shown = {e["example_index"] for _, d in directions(doc) for e in examples_of(d)}
+    shown = {e["example_index"] for _, d in directions(doc) for e in iter_examples(d)}
     by_index = {s.example_index: s for s in seqs}
     assert set(doc["examples"]) == {str(i) for i in shown}
     for index, stored in doc["examples"].items():
