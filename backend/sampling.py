@@ -14,10 +14,12 @@ one would. Exact counts per bucket turn ranges of whole buckets into quantile ra
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 
 from backend.contexts import BatchTokens, unpack
+from backend.summaries import Exporter, Range, Shape, Summary, load_tensors, occurrences, tensors_of
 
 SAMPLES = 2  # tokens kept per bucket, and shown per range
 # |activation| buckets: below 2**-12, four per octave up to 2**12, and from 2**12 on. A float32's
@@ -39,12 +41,14 @@ def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return h & (EMPTY - 1)
 
 
-class QuantileSamples:
+class QuantileSamples(Summary):
+    name = "samples"
     FIELDS = ("key", "value", "example", "position", "ids", "acts", "siblings")
 
-    def __init__(self, num_directions: int, context: int, siblings: int, device: torch.device):
-        d, c, s, slots = num_directions, context, siblings, num_directions * 2 * PER_SIGN
-        self.num_directions = d
+    def __init__(self, shape: Shape) -> None:
+        super().__init__(shape)
+        d, c, s = shape.num_directions, 2 * shape.window + 1, shape.siblings.shape[1]
+        slots, device = d * 2 * PER_SIGN, shape.device
         self.counts = torch.zeros(d, 2 * PER_SIGN, dtype=torch.long, device=device)
         # One row per (direction, bucket), SAMPLES slots each, smallest key first.
         self.key = torch.full((slots, SAMPLES), EMPTY, dtype=torch.long, device=device)
@@ -54,26 +58,45 @@ class QuantileSamples:
         self.ids = torch.full((slots, SAMPLES, c), -1, dtype=torch.int32, device=device)
         self.acts = torch.zeros(slots, SAMPLES, c, device=device)
         self.siblings = torch.zeros(slots, SAMPLES, s, c, device=device)
+        self.range = Range(d, device)  # the extremes bound the outer ranges on export
         bits = (torch.arange(PER_SIGN - 1, dtype=torch.int32) + FIRST_EDGE) << SHIFT
         self.edges = bits.view(torch.float32).to(device)  # bucket j: edges[j-1] <= |x| < edges[j]
+        # The bucket of a float32 by its top 11 bits (plus 1024): PER_SIGN * (sign bit) + its
+        # |activation| bucket. A lookup costs less than the shifts and masks it replaces.
+        top = torch.arange(2048, dtype=torch.int32)
+        magnitude = (top & 1023).sub_(FIRST_EDGE - 1).clamp_(0, PER_SIGN - 1)
+        self.bucket_of = magnitude.add_((top < 1024).int() * PER_SIGN).to(device)
 
-    def buckets(self, x: torch.Tensor) -> torch.Tensor:
-        """Bucket of each activation [D, N]: PER_SIGN * (sign bit) + its |activation| bucket."""
-        bits = x.view(torch.int32)
-        magnitude = ((bits & 0x7FFFFFFF) >> SHIFT).sub_(FIRST_EDGE - 1).clamp_(0, PER_SIGN - 1)
-        return magnitude.add_((bits < 0).int() * PER_SIGN).long()
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Row of each activation [D, N] (int32): its direction's, at its bucket."""
+        top = x.view(torch.int32) >> SHIFT  # sign, exponent, 2 mantissa bits: [-1024, 1024)
+        top += 1024
+        first = torch.arange(0, x.shape[0] * 2 * PER_SIGN, 2 * PER_SIGN, device=x.device)
+        return self.bucket_of.index_select(0, top.flatten()).view_as(top).add_(first.int()[:, None])
 
-    def update(self, x: torch.Tensor, finite: torch.Tensor, batch: BatchTokens) -> None:
-        d = x.shape[0]
-        bucket = self.buckets(x)  # [D, N]
-        self.counts.scatter_add_(1, bucket, finite.long())
+    def update(self, batch: BatchTokens) -> None:
+        x = batch.x
+        self.range.update(batch)
+        row = self.rows(x)  # [D, N]
+        if batch.all_finite:
+            self.counts += occurrences(row, self.counts.numel(), torch.long).view_as(self.counts)
+        else:
+            self.counts.view(-1).index_add_(0, row.flatten(), batch.finite.flatten().long())
         key = token_keys(batch.example, batch.position)  # [N]
         # Only a token whose key beats the largest kept key of its bucket can enter it: after
-        # the first batches these are few, so they are gathered (the one host sync per batch).
-        row = bucket + torch.arange(d, device=x.device)[:, None] * (2 * PER_SIGN)  # [D, N]
-        enters = finite & (key < self.key[:, -1][row])
+        # the first batches these are few, so they are gathered (a host sync). The test runs on
+        # the keys' top 31 bits (int32, half the memory traffic of int64; an empty row's limit
+        # is the largest int32) and is made exact on the few tokens that pass.
+        limit = self.key[:, -1]  # [rows]
+        high = (key >> 31).int()  # [N]
+        coarse = (limit >> 31).clamp_(max=2**31 - 1).int()  # [rows]
+        enters = high <= coarse.index_select(0, row.flatten()).view_as(row)  # [D, N]
+        if not batch.all_finite:
+            enters &= batch.finite
         direction, token = enters.nonzero(as_tuple=True)  # [M] each
-        row, key = row[direction, token], key[token]
+        row, key = row[direction, token].long(), key[token]
+        exact = key < limit[row]
+        row, key, direction, token = row[exact], key[exact], direction[exact], token[exact]
         # By row, then key: each row's candidates in order, of which the first SAMPLES count.
         order = key.argsort(stable=True)
         order = order[row[order].argsort(stable=True)]
@@ -103,28 +126,41 @@ class QuantileSamples:
 
     def _merge_rows(self, rows: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
         """Keep, in each of `rows`, the SAMPLES smallest keys of its slots and the candidates'."""
-        keys = torch.cat([self.key[rows], candidates["key"]], 1)  # [T, 2 * SAMPLES]
+        keys = torch.cat([self.key.index_select(0, rows), candidates["key"]], 1)  # [T, 2 * SAMPLES]
         best = keys.topk(SAMPLES, dim=1, largest=False).indices  # sorted, smallest first
         for name in self.FIELDS:
-            both = torch.cat([getattr(self, name)[rows], candidates[name]], 1)
+            table = getattr(self, name)
+            both = torch.cat([table.index_select(0, rows), candidates[name]], 1)
             at = best.view(*best.shape, *[1] * (both.dim() - 2)).expand(-1, -1, *both.shape[2:])
-            getattr(self, name)[rows] = both.gather(1, at)
+            table.index_copy_(0, rows, both.gather(1, at))
 
     def merge(self, other: QuantileSamples) -> None:
         self.counts += other.counts
+        self.range.merge(other.range)
         rows = torch.arange(self.key.shape[0], device=self.key.device)
         self._merge_rows(rows, {name: getattr(other, name) for name in self.FIELDS})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).cpu() for name in ("counts", *self.FIELDS)}
+        return {**tensors_of(self, ("counts", *self.FIELDS)), **self.range.state_dict()}
 
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device):
-        _, _, s, c = state["siblings"].shape
-        samples = cls(state["counts"].shape[0], c, s, device)
-        for name in ("counts", *cls.FIELDS):
-            setattr(samples, name, state[name].to(device))
-        return samples
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        load_tensors(self, state, ("counts", *self.FIELDS), self.shape.device)
+        self.range.load(state, self.shape.device)
+
+    def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
+        lo, hi = self.range.of(d)
+        ranges = self.export(d, lo, hi, self.shape.siblings[d].tolist())
+        return {
+            "quantile_samples": [
+                {**r, "examples": [doc.example(e) for e in r["examples"]]} for r in ranges
+            ]
+        }
+
+    def examples(self) -> torch.Tensor:
+        return self.example.flatten()
+
+    def token_ids(self) -> torch.Tensor:
+        return self.ids.flatten()
 
     def export(self, d: int, lo: float, hi: float, siblings: list[int]) -> list[dict]:
         """Direction d's samples by range of |activation|: one entry per range and sign.
