@@ -42,22 +42,25 @@ def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
 
 
 class QuantileSamples(Summary):
+    """One row per (direction, bucket), SAMPLES slots each, smallest key first. A slot's fields
+    are packed by type into three tables (a merge then moves three tensors, not seven):
+    - meta [rows, SAMPLES, 3] int64: key, example index, position;
+    - ids [rows, SAMPLES, C] int32: the context window's token ids (-1 outside the sequence);
+    - floats [rows, SAMPLES, 1 + C + S*C]: the activation, the window's activations, and its
+      S siblings' activations there.
+    """
+
     name = "samples"
-    FIELDS = ("key", "value", "example", "position", "ids", "acts", "siblings")
+    TABLES = ("meta", "ids", "floats")
+    EMPTY_SLOT = (EMPTY, -1, -1)  # meta of an empty slot
 
     def __init__(self, shape: Shape) -> None:
         super().__init__(shape)
-        d, c, s = shape.num_directions, 2 * shape.window + 1, shape.siblings.shape[1]
-        slots, device = d * 2 * PER_SIGN, shape.device
+        d, device = shape.num_directions, shape.device
+        slots = d * 2 * PER_SIGN
         self.counts = torch.zeros(d, 2 * PER_SIGN, dtype=torch.long, device=device)
-        # One row per (direction, bucket), SAMPLES slots each, smallest key first.
-        self.key = torch.full((slots, SAMPLES), EMPTY, dtype=torch.long, device=device)
-        self.value = torch.zeros(slots, SAMPLES, device=device)
-        self.example = torch.full((slots, SAMPLES), -1, dtype=torch.long, device=device)
-        self.position = torch.full((slots, SAMPLES), -1, dtype=torch.long, device=device)
-        self.ids = torch.full((slots, SAMPLES, c), -1, dtype=torch.int32, device=device)
-        self.acts = torch.zeros(slots, SAMPLES, c, device=device)
-        self.siblings = torch.zeros(slots, SAMPLES, s, c, device=device)
+        for name in self.TABLES:
+            setattr(self, name, self._blank(name, slots))
         self.range = Range(d, device)  # the extremes bound the outer ranges on export
         bits = (torch.arange(PER_SIGN - 1, dtype=torch.int32) + FIRST_EDGE) << SHIFT
         self.edges = bits.view(torch.float32).to(device)  # bucket j: edges[j-1] <= |x| < edges[j]
@@ -66,6 +69,40 @@ class QuantileSamples(Summary):
         top = torch.arange(2048, dtype=torch.int32)
         magnitude = (top & 1023).sub_(FIRST_EDGE - 1).clamp_(0, PER_SIGN - 1)
         self.bucket_of = magnitude.add_((top < 1024).int() * PER_SIGN).to(device)
+
+    def _blank(self, name: str, rows: int) -> torch.Tensor:
+        """Table `name` of `rows` rows of empty slots."""
+        c, s, device = 2 * self.shape.window + 1, self.shape.siblings.shape[1], self.shape.device
+        if name == "meta":
+            return torch.tensor(self.EMPTY_SLOT, device=device).repeat(rows, SAMPLES, 1)
+        if name == "ids":
+            return torch.full((rows, SAMPLES, c), -1, dtype=torch.int32, device=device)
+        return torch.zeros(rows, SAMPLES, 1 + c + s * c, device=device)
+
+    @property
+    def key(self) -> torch.Tensor:
+        return self.meta[..., 0]
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.meta[..., 1]
+
+    @property
+    def position(self) -> torch.Tensor:
+        return self.meta[..., 2]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.floats[..., 0]
+
+    @property
+    def acts(self) -> torch.Tensor:
+        return self.floats[..., 1 : 1 + self.ids.shape[2]]
+
+    @property
+    def siblings(self) -> torch.Tensor:
+        c = self.ids.shape[2]
+        return self.floats[..., 1 + c :].unflatten(2, (-1, c))
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """Row of each activation [D, N] (int32): its direction's, at its bucket."""
@@ -106,45 +143,38 @@ class QuantileSamples(Summary):
         row, key, direction, token, rank = (t[keep] for t in (row, key, direction, token, rank))
         rows, slot = torch.unique_consecutive(row, return_inverse=True)  # rows touched: [T]
         ids, acts, siblings = batch.contexts(direction, token)
-        candidates = self._empty(len(rows), ids.shape[1], siblings.shape[1], x.device)
-        fields = (key, x[direction, token], batch.example[token], batch.position[token])
-        for name, value in zip(self.FIELDS, (*fields, ids, acts, siblings), strict=True):
+        found = {
+            "meta": torch.stack([key, batch.example[token], batch.position[token]], 1),
+            "ids": ids,
+            "floats": torch.cat([x[direction, token, None], acts, siblings.flatten(1)], 1),
+        }
+        candidates = {}  # [T, SAMPLES, ...]: each touched row's candidates, empty slots after
+        for name, value in found.items():
+            candidates[name] = self._blank(name, len(rows))
             candidates[name][slot, rank] = value.to(candidates[name].dtype)
         self._merge_rows(rows, candidates)
 
-    def _empty(self, rows: int, c: int, s: int, device: torch.device) -> dict[str, torch.Tensor]:
-        shapes = {"ids": (c,), "acts": (c,), "siblings": (s, c)}
-        return {
-            name: torch.full(
-                (rows, SAMPLES, *shapes.get(name, ())),
-                {"key": EMPTY, "example": -1, "position": -1, "ids": -1}.get(name, 0),
-                dtype=getattr(self, name).dtype,
-                device=device,
-            )
-            for name in self.FIELDS
-        }
-
     def _merge_rows(self, rows: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
         """Keep, in each of `rows`, the SAMPLES smallest keys of its slots and the candidates'."""
-        keys = torch.cat([self.key.index_select(0, rows), candidates["key"]], 1)  # [T, 2 * SAMPLES]
-        best = keys.topk(SAMPLES, dim=1, largest=False).indices  # sorted, smallest first
-        for name in self.FIELDS:
+        keys = torch.cat([self.key.index_select(0, rows), candidates["meta"][..., 0]], 1)
+        best = keys.topk(SAMPLES, dim=1, largest=False).indices  # [T, SAMPLES], smallest first
+        at = best[..., None]
+        for name in self.TABLES:
             table = getattr(self, name)
             both = torch.cat([table.index_select(0, rows), candidates[name]], 1)
-            at = best.view(*best.shape, *[1] * (both.dim() - 2)).expand(-1, -1, *both.shape[2:])
-            table.index_copy_(0, rows, both.gather(1, at))
+            table.index_copy_(0, rows, both.gather(1, at.expand(-1, -1, table.shape[2])))
 
     def merge(self, other: QuantileSamples) -> None:
         self.counts += other.counts
         self.range.merge(other.range)
-        rows = torch.arange(self.key.shape[0], device=self.key.device)
-        self._merge_rows(rows, {name: getattr(other, name) for name in self.FIELDS})
+        rows = torch.arange(self.meta.shape[0], device=self.meta.device)
+        self._merge_rows(rows, {name: getattr(other, name) for name in self.TABLES})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**tensors_of(self, ("counts", *self.FIELDS)), **self.range.state_dict()}
+        return {**tensors_of(self, ("counts", *self.TABLES)), **self.range.state_dict()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_tensors(self, state, ("counts", *self.FIELDS), self.shape.device)
+        load_tensors(self, state, ("counts", *self.TABLES), self.shape.device)
         self.range.load(state, self.shape.device)
 
     def fields(self, d: int, doc: Exporter) -> dict[str, Any]:

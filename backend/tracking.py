@@ -151,6 +151,8 @@ class Histogram(Summary):
 
     def _fit(self, exp: torch.Tensor) -> None:
         new_exp, new_start = self._grid(*self.range.bounds(), exp)
+        if torch.equal(new_exp, self.exp) and torch.equal(new_start, self.start):
+            return  # the usual case once the range is known: no rebinning
         self.counts = self._rebinned(self.counts, self.exp, self.start, new_exp, new_start)
         self.exp, self.start = new_exp, new_start
 
@@ -162,9 +164,15 @@ class Histogram(Summary):
         # floor(lo / 2**exp) of a float32 lo), and so is the difference of the two integers,
         # which is below `size`. A value so small that x / 2**exp underflows to zero
         # (|x| < 2**(exp - 149), a subnormal for any sane range) lands in the bin of zero.
+        # The flat index adds d * size; where every start and flat index is below 2**24, the
+        # difference start - d * size is an exact float32 too, and one subtraction does both.
         scale = torch.ldexp(torch.ones(d, device=x.device), -self.exp)[:, None]
-        index = torch.mul(x, scale).floor_().sub_(self.start.float()[:, None]).int()  # [D, N]
-        index += torch.arange(0, d * n, n, dtype=torch.int, device=x.device)[:, None]
+        first = torch.arange(0, d * n, n, device=x.device)
+        index = torch.mul(x, scale).floor_()  # [D, N]
+        if int(self.start.abs().max()) + d * n < 2**24:
+            index = index.sub_((self.start - first).float()[:, None]).int()
+        else:
+            index = index.sub_(self.start.float()[:, None]).int().add_(first.int()[:, None])
         if batch.all_finite:
             self.counts += occurrences(index, d * n, torch.long).view(d, n)
             return
@@ -256,10 +264,21 @@ class TopK(Summary):
         self.siblings = torch.zeros(2, d, k, s, c, device=device)  # [2, D, k, S, 2W+1]
 
     def update(self, batch: BatchTokens) -> None:
-        k = self.shape.top_k
-        best, best_at = chunked_topk(batch.high, k, largest=True)
-        worst, worst_at = chunked_topk(batch.low, k, largest=False)
-        token = torch.stack([best_at, worst_at])  # [2, D, k'] indices into the real tokens
+        d, n, k = batch.x.shape[0], batch.x.shape[1], self.shape.top_k
+        # A list can change only where the batch's extreme beats its k-th value: once the
+        # lists have filled, most batches leave most of them alone, and only the others are
+        # searched.
+        extreme = torch.stack([batch.hi, -batch.lo]).float()  # [2, D]
+        active = extreme > self.values[:, :, -1]
+        values = torch.full((2, d, min(k, n)), -math.inf, device=batch.x.device)
+        token = torch.zeros(2, d, min(k, n), dtype=torch.long, device=batch.x.device)
+        for side, (x, sign) in enumerate(((batch.high, 1.0), (batch.low, -1.0))):
+            searched = active[side].nonzero().squeeze(1)  # [P] (a host synchronisation)
+            if len(searched) < d:
+                x = x.index_select(0, searched)
+            found, at = chunked_topk(x, k, largest=sign > 0)  # [P, k']
+            values[side].index_copy_(0, searched, found * sign)
+            token[side].index_copy_(0, searched, at)  # indices into the real tokens
 
         def entering(side: torch.Tensor, d: torch.Tensor, j: torch.Tensor) -> dict:
             n = token[side, d, j]
@@ -272,7 +291,7 @@ class TopK(Summary):
                 "siblings": siblings,
             }
 
-        self._merge(torch.stack([best, -worst]), entering)
+        self._merge(values, entering)
 
     def merge(self, other: TopK) -> None:
         def entering(side: torch.Tensor, d: torch.Tensor, j: torch.Tensor) -> dict:
