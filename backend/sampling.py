@@ -42,42 +42,46 @@ def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
 
 
 class QuantileSamples(Summary):
-    """One row per (direction, bucket), SAMPLES slots each, smallest key first. A slot's fields
-    are packed by type into three tables (a merge then moves three tensors, not seven):
-    - meta [rows, SAMPLES, 3] int64: key, example index, position;
-    - ids [rows, SAMPLES, C] int32: the context window's token ids (-1 outside the sequence);
-    - floats [rows, SAMPLES, 1 + C + S*C]: the activation, the window's activations, and its
-      S siblings' activations there.
+    """One row per (direction, bucket), SAMPLES slots each, smallest key first.
+
+    - meta [rows, SAMPLES, 3] int64: each slot's key, example index and position;
+    - slot [rows, SAMPLES] int64: where in the pool its context lies;
+    - the pool, one entry per slot: ids [R*SAMPLES, C] int32 (the window's token ids, -1 outside
+      the sequence) and floats [R*SAMPLES, 1 + C + S*C] (the activation, the window's
+      activations, and its S siblings' activations there).
+    The slots of a row reorder, but a context never moves: one that enters takes the pool entry
+    of the one it evicts, so a merge rewrites keys and pool indices, and reads and writes the
+    contexts of the entering tokens only.
     """
 
     name = "samples"
-    TABLES = ("meta", "ids", "floats")
+    STATE = ("counts", "meta", "slot", "ids", "floats")
     EMPTY_SLOT = (EMPTY, -1, -1)  # meta of an empty slot
 
     def __init__(self, shape: Shape) -> None:
         super().__init__(shape)
         d, device = shape.num_directions, shape.device
-        slots = d * 2 * PER_SIGN
+        c, s, rows = 2 * shape.window + 1, shape.siblings.shape[1], d * 2 * PER_SIGN
         self.counts = torch.zeros(d, 2 * PER_SIGN, dtype=torch.long, device=device)
-        for name in self.TABLES:
-            setattr(self, name, self._blank(name, slots))
+        self.meta = self._empty_meta(rows)
+        self.slot = torch.arange(rows * SAMPLES, device=device).view(rows, SAMPLES)
+        self.ids = torch.full((rows * SAMPLES, c), -1, dtype=torch.int32, device=device)
+        self.floats = torch.zeros(rows * SAMPLES, 1 + c + s * c, device=device)
         self.range = Range(d, device)  # the extremes bound the outer ranges on export
         bits = (torch.arange(PER_SIGN - 1, dtype=torch.int32) + FIRST_EDGE) << SHIFT
         self.edges = bits.view(torch.float32).to(device)  # bucket j: edges[j-1] <= |x| < edges[j]
-        # The bucket of a float32 by its top 11 bits (plus 1024): PER_SIGN * (sign bit) + its
-        # |activation| bucket. A lookup costs less than the shifts and masks it replaces.
+        # A float32's top 11 bits (sign, exponent, 2 mantissa bits) give its bucket. Per
+        # direction d, code d * 2048 + 1024 + (bits >> 21) names them; row_of maps a code to
+        # its row: PER_SIGN * (sign bit) + its |activation| bucket, in direction d's rows.
         top = torch.arange(2048, dtype=torch.int32)
         magnitude = (top & 1023).sub_(FIRST_EDGE - 1).clamp_(0, PER_SIGN - 1)
-        self.bucket_of = magnitude.add_((top < 1024).int() * PER_SIGN).to(device)
+        bucket = magnitude.add_((top < 1024).int() * PER_SIGN)  # [2048]
+        first = torch.arange(0, d * 2 * PER_SIGN, 2 * PER_SIGN, dtype=torch.int32)
+        self.row_of = (first[:, None] + bucket).flatten().to(device)  # [D * 2048]
 
-    def _blank(self, name: str, rows: int) -> torch.Tensor:
-        """Table `name` of `rows` rows of empty slots."""
-        c, s, device = 2 * self.shape.window + 1, self.shape.siblings.shape[1], self.shape.device
-        if name == "meta":
-            return torch.tensor(self.EMPTY_SLOT, device=device).repeat(rows, SAMPLES, 1)
-        if name == "ids":
-            return torch.full((rows, SAMPLES, c), -1, dtype=torch.int32, device=device)
-        return torch.zeros(rows, SAMPLES, 1 + c + s * c, device=device)
+    def _empty_meta(self, rows: int) -> torch.Tensor:
+        empty = torch.tensor(self.EMPTY_SLOT, device=self.shape.device)
+        return empty.repeat(rows, SAMPLES, 1)  # [rows, SAMPLES, 3]
 
     @property
     def key(self) -> torch.Tensor:
@@ -87,38 +91,25 @@ class QuantileSamples(Summary):
     def example(self) -> torch.Tensor:
         return self.meta[..., 1]
 
-    @property
-    def position(self) -> torch.Tensor:
-        return self.meta[..., 2]
-
-    @property
-    def value(self) -> torch.Tensor:
-        return self.floats[..., 0]
-
-    @property
-    def acts(self) -> torch.Tensor:
-        return self.floats[..., 1 : 1 + self.ids.shape[2]]
-
-    @property
-    def siblings(self) -> torch.Tensor:
-        c = self.ids.shape[2]
-        return self.floats[..., 1 + c :].unflatten(2, (-1, c))
-
-    def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Row of each activation [D, N] (int32): its direction's, at its bucket."""
-        top = x.view(torch.int32) >> SHIFT  # sign, exponent, 2 mantissa bits: [-1024, 1024)
-        top += 1024
-        first = torch.arange(0, x.shape[0] * 2 * PER_SIGN, 2 * PER_SIGN, device=x.device)
-        return self.bucket_of.index_select(0, top.flatten()).view_as(top).add_(first.int()[:, None])
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """[D, N] int32: each activation's code (see row_of)."""
+        code = x.view(torch.int32) >> SHIFT  # [-1024, 1024)
+        base = torch.arange(1024, x.shape[0] * 2048, 2048, dtype=torch.int32, device=x.device)
+        return code.add_(base[:, None])
 
     def update(self, batch: BatchTokens) -> None:
         x = batch.x
         self.range.update(batch)
-        row = self.rows(x)  # [D, N]
+        # Work per code, not per row, over [D, N]: the counts and limits of the few thousand
+        # codes map to rows afterwards, so no [D, N] tensor of rows is ever made.
+        code = self.codes(x)  # [D, N]
         if batch.all_finite:
-            self.counts += occurrences(row, self.counts.numel(), torch.long).view_as(self.counts)
+            per_code = occurrences(code, self.row_of.numel(), torch.long)
         else:
-            self.counts.view(-1).index_add_(0, row.flatten(), batch.finite.flatten().long())
+            weights = batch.finite.flatten().long()
+            per_code = torch.zeros_like(self.row_of, dtype=torch.long)
+            per_code.index_add_(0, code.flatten(), weights)
+        self.counts.view(-1).index_add_(0, self.row_of, per_code)
         key = token_keys(batch.example, batch.position)  # [N]
         # Only a token whose key beats the largest kept key of its bucket can enter it: after
         # the first batches these are few, so they are gathered (a host sync). The test runs on
@@ -126,12 +117,12 @@ class QuantileSamples(Summary):
         # is the largest int32) and is made exact on the few tokens that pass.
         limit = self.key[:, -1]  # [rows]
         high = (key >> 31).int()  # [N]
-        coarse = (limit >> 31).clamp_(max=2**31 - 1).int()  # [rows]
-        enters = high <= coarse.index_select(0, row.flatten()).view_as(row)  # [D, N]
+        coarse = (limit >> 31).clamp_(max=2**31 - 1).int().index_select(0, self.row_of)
+        enters = high <= coarse.index_select(0, code.flatten()).view_as(code)  # [D, N]
         if not batch.all_finite:
             enters &= batch.finite
         direction, token = enters.nonzero(as_tuple=True)  # [M] each
-        row, key = row[direction, token].long(), key[token]
+        row, key = self.row_of[code[direction, token]].long(), key[token]
         exact = key < limit[row]
         row, key, direction, token = row[exact], key[exact], direction[exact], token[exact]
         # By row, then key: each row's candidates in order, of which the first SAMPLES count.
@@ -141,40 +132,56 @@ class QuantileSamples(Summary):
         rank = torch.arange(len(row), device=x.device) - torch.searchsorted(row, row)
         keep = rank < SAMPLES
         row, key, direction, token, rank = (t[keep] for t in (row, key, direction, token, rank))
-        rows, slot = torch.unique_consecutive(row, return_inverse=True)  # rows touched: [T]
-        ids, acts, siblings = batch.contexts(direction, token)
-        found = {
-            "meta": torch.stack([key, batch.example[token], batch.position[token]], 1),
-            "ids": ids,
-            "floats": torch.cat([x[direction, token, None], acts, siblings.flatten(1)], 1),
-        }
-        candidates = {}  # [T, SAMPLES, ...]: each touched row's candidates, empty slots after
-        for name, value in found.items():
-            candidates[name] = self._blank(name, len(rows))
-            candidates[name][slot, rank] = value.to(candidates[name].dtype)
-        self._merge_rows(rows, candidates)
+        rows, at = torch.unique_consecutive(row, return_inverse=True)  # rows touched: [T]
+        meta = self._empty_meta(len(rows))  # [T, SAMPLES, 3]: the candidates, empty slots after
+        meta[at, rank] = torch.stack([key, batch.example[token], batch.position[token]], 1)
+        ref = torch.full((len(rows), SAMPLES), -1, dtype=torch.long, device=x.device)
+        ref[at, rank] = torch.arange(len(row), device=x.device)  # candidate i: (direction, token)
 
-    def _merge_rows(self, rows: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
-        """Keep, in each of `rows`, the SAMPLES smallest keys of its slots and the candidates'."""
-        keys = torch.cat([self.key.index_select(0, rows), candidates["meta"][..., 0]], 1)
+        def contexts(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            d, n = direction[i], token[i]
+            ids, acts, siblings = batch.contexts(d, n)
+            return ids, torch.cat([x[d, n, None], acts, siblings.flatten(1)], 1)
+
+        self._merge_rows(rows, meta, ref, contexts)
+
+    def _merge_rows(self, rows: torch.Tensor, meta: torch.Tensor, ref: torch.Tensor, contexts):
+        """Keep, in each of `rows` [T], the SAMPLES smallest keys of its slots and of the
+        candidates `meta` [T, SAMPLES, 3]. ref [T, SAMPLES]: each candidate's reference (-1:
+        none), and contexts(refs) its ids and floats in the pool's form."""
+        old = self.meta.index_select(0, rows)  # [T, SAMPLES, 3]
+        keys = torch.cat([old[..., 0], meta[..., 0]], 1)  # [T, 2 * SAMPLES]
         best = keys.topk(SAMPLES, dim=1, largest=False).indices  # [T, SAMPLES], smallest first
-        at = best[..., None]
-        for name in self.TABLES:
-            table = getattr(self, name)
-            both = torch.cat([table.index_select(0, rows), candidates[name]], 1)
-            table.index_copy_(0, rows, both.gather(1, at.expand(-1, -1, table.shape[2])))
+        merged = torch.cat([old, meta], 1).gather(1, best[..., None].expand(-1, -1, 3))
+        self.meta.index_copy_(0, rows, merged)
+        # Each entering candidate takes the pool entry of an evicted slot of its row: a row has
+        # as many of one as of the other, and nonzero lists both by row.
+        slot = self.slot.index_select(0, rows)  # [T, SAMPLES]
+        chosen = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, best, True)
+        free = slot[~chosen[:, :SAMPLES]]  # [E] pool entries of the evicted
+        entering = (best >= SAMPLES).nonzero(as_tuple=True)  # [E] output places of the entering
+        moved = slot.gather(1, best.clamp(max=SAMPLES - 1))
+        moved[entering] = free
+        self.slot.index_copy_(0, rows, moved)
+        which = ref.gather(1, (best - SAMPLES).clamp(min=0))[entering]  # [E]
+        real = which >= 0
+        ids, floats = contexts(which[real])
+        self.ids.index_copy_(0, free[real], ids.to(self.ids.dtype))
+        self.floats.index_copy_(0, free[real], floats)
 
     def merge(self, other: QuantileSamples) -> None:
         self.counts += other.counts
         self.range.merge(other.range)
         rows = torch.arange(self.meta.shape[0], device=self.meta.device)
-        self._merge_rows(rows, {name: getattr(other, name) for name in self.TABLES})
+        ref = other.slot.where(other.key < EMPTY, -1)  # a candidate's reference: its pool entry
+        contexts = lambda i: (other.ids[i], other.floats[i])  # noqa: E731
+        self._merge_rows(rows, other.meta, ref, contexts)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**tensors_of(self, ("counts", *self.TABLES)), **self.range.state_dict()}
+        return {**tensors_of(self, self.STATE), **self.range.state_dict()}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_tensors(self, state, ("counts", *self.TABLES), self.shape.device)
+        load_tensors(self, state, self.STATE, self.shape.device)
         self.range.load(state, self.shape.device)
 
     def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
@@ -239,17 +246,15 @@ class QuantileSamples(Summary):
         rows = slice(start + first, start + stop)
         keys = self.key[rows].flatten()
         chosen = keys.argsort()[: min(SAMPLES, int((keys < EMPTY).sum()))]
-        c = self.ids.shape[2]
-
-        def pick(name: str, *shape: int) -> torch.Tensor:
-            return getattr(self, name)[rows].reshape(-1, *shape)[chosen]
-
+        meta = self.meta[rows].flatten(0, 1)[chosen]  # [m, 3]
+        pool = self.slot[rows].flatten()[chosen]  # [m]
+        floats, c = self.floats[pool], self.ids.shape[1]
         return unpack(
-            pick("value"),
-            pick("example"),
-            pick("position"),
-            pick("ids", c),
-            pick("acts", c),
-            pick("siblings", self.siblings.shape[2], c),
+            floats[:, 0],
+            meta[:, 1],
+            meta[:, 2],
+            self.ids[pool],
+            floats[:, 1 : 1 + c],
+            floats[:, 1 + c :].unflatten(1, (-1, c)),
             siblings,
         )
