@@ -48,8 +48,10 @@ class BatchTokens:
 
     @cached_property
     def _extremes(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        lo, hi = self.x.amin(1), self.x.amax(1)  # NaN propagates, so either is finite only
-        all_finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())  # if all are
+        # NaN propagates through amin and amax, and an infinity is an extreme: the extremes
+        # are all finite exactly when every activation is.
+        lo, hi = self.x.amin(1), self.x.amax(1)
+        all_finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
         if not all_finite:
             lo = self.x.masked_fill(~self.finite, math.inf).amin(1)
             hi = self.x.masked_fill(~self.finite, -math.inf).amax(1)

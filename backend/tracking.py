@@ -42,6 +42,7 @@ from backend.summaries import (
 OVERSAMPLE = 16
 _EMPTY_EXP = -(2**20)  # exponent of a direction that has seen no value yet
 CHUNK = 64  # top-k candidates are searched in chunks of this many tokens
+DENSE = 4  # chunks per direction beyond which every direction's k best chunks are searched
 
 
 class Moments(Summary):
@@ -59,18 +60,18 @@ class Moments(Summary):
 
     def update(self, batch: BatchTokens) -> None:
         n = batch.count  # [D]
-        # float32 passes over [D, N] (the sums are pairwise, accurate to a few float32 roundings
-        # of the sum of |x|), float64 from the per-direction sums on: Chan's formulas then
-        # combine batches without growing error.
-        mean = batch.zeroed.sum(1).double() / n.clamp(min=1)
-        # The deviations from the mean rounded to float32 are exact or nearly, and since
-        # sum (x - m)^2 = M2 + n (mean - m)^2, the rounding of m is taken off exactly.
-        rounded = mean.float()
-        deviation = batch.zeroed - rounded[:, None]  # [D, N]
+        # The corrected two-pass algorithm, in float32 passes over [D, N] with float64 from the
+        # per-direction sums on: a rough mean m, then the deviations from it, small numbers
+        # whose sums are accurate to float32 rounding of themselves (not of the activations'
+        # size): mean = m + sum(x - m) / n and M2 = sum (x - m)^2 - sum(x - m)^2 / n.
+        count = n.clamp(min=1).double()
+        rough = (batch.zeroed.sum(1) / count).float()  # [D]
+        deviation = batch.zeroed - rough[:, None]  # [D, N]
         if not batch.all_finite:
             deviation.masked_fill_(~batch.finite, 0.0)
-        shift = mean - rounded.double()
-        m2 = deviation.square_().sum(1).double() - n * shift.square()
+        first = deviation.sum(1).double()
+        mean = rough.double() + first / count
+        m2 = deviation.square_().sum(1).double() - first.square() / count
         self.nonfinite += batch.x.shape[1] - n
         self.range.update(batch)
         self._combine(n, mean, m2.clamp_(min=0.0))
@@ -218,6 +219,52 @@ def _floor_div(x: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     return torch.floor(torch.ldexp(x, -exp)).long()
 
 
+def topk_beyond(
+    x: torch.Tensor, floor: torch.Tensor, k: int, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k' = min(k, N) best values of each row of x [D, N] and their columns, best first,
+    where only values beyond floor [D] (above it if largest, else below) must be exact: the
+    others may be any, or the fill (-inf if largest, else +inf).
+
+    Once the lists are full few tokens beat their k-th value, and few chunks hold one: those
+    are read, not the k best chunks of every row. Where many chunks do (the first batches, or
+    a batch larger than any before), chunked_topk searches every row.
+    """
+    d, n = x.shape
+    k, whole = min(k, n), n - n % CHUNK
+    beyond = torch.gt if largest else torch.lt
+    chunks = x[:, :whole].view(d, whole // CHUNK, CHUNK)
+    peaks = chunks.amax(2) if largest else chunks.amin(2)  # [D, chunks]
+    row, chunk = beyond(peaks, floor[:, None]).nonzero(as_tuple=True)  # [Q] (a host sync)
+    if len(row) > DENSE * d:
+        return chunked_topk(x, k, largest)
+    # the Q chunks' columns, and the tail's that fills no whole chunk
+    tail = torch.arange(whole, n, device=x.device)
+    rows = torch.cat(
+        [
+            row.repeat_interleave(CHUNK),
+            torch.arange(d, device=x.device).repeat_interleave(len(tail)),
+        ]
+    )
+    columns = torch.cat(
+        [(chunk[:, None] * CHUNK + torch.arange(CHUNK, device=x.device)).flatten(), tail.repeat(d)]
+    )
+    values = x.reshape(-1).index_select(0, rows * n + columns)
+    keep = beyond(values, floor[rows])
+    rows, columns, values = rows[keep], columns[keep], values[keep]
+    # By row, then best first: each row's first k are its best.
+    order = values.argsort(descending=largest, stable=True)
+    order = order[rows[order].argsort(stable=True)]
+    rows, columns, values = rows[order], columns[order], values[order]
+    rank = torch.arange(len(rows), device=x.device) - torch.searchsorted(rows, rows)
+    keep = rank < k
+    best = x.new_full((d, k), -math.inf if largest else math.inf)
+    at = torch.zeros(d, k, dtype=torch.long, device=x.device)
+    best[rows[keep], rank[keep]] = values[keep]
+    at[rows[keep], rank[keep]] = columns[keep]
+    return best, at
+
+
 def chunked_topk(x: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(x, k, dim=1) for x [D, N], reading x about once instead of sorting it.
 
@@ -264,21 +311,14 @@ class TopK(Summary):
         self.siblings = torch.zeros(2, d, k, s, c, device=device)  # [2, D, k, S, 2W+1]
 
     def update(self, batch: BatchTokens) -> None:
-        d, n, k = batch.x.shape[0], batch.x.shape[1], self.shape.top_k
-        # A list can change only where the batch's extreme beats its k-th value: once the
-        # lists have filled, most batches leave most of them alone, and only the others are
-        # searched.
-        extreme = torch.stack([batch.hi, -batch.lo]).float()  # [2, D]
-        active = extreme > self.values[:, :, -1]
-        values = torch.full((2, d, min(k, n)), -math.inf, device=batch.x.device)
-        token = torch.zeros(2, d, min(k, n), dtype=torch.long, device=batch.x.device)
-        for side, (x, sign) in enumerate(((batch.high, 1.0), (batch.low, -1.0))):
-            searched = active[side].nonzero().squeeze(1)  # [P] (a host synchronisation)
-            if len(searched) < d:
-                x = x.index_select(0, searched)
-            found, at = chunked_topk(x, k, largest=sign > 0)  # [P, k']
-            values[side].index_copy_(0, searched, found * sign)
-            token[side].index_copy_(0, searched, at)  # indices into the real tokens
+        # A token enters a list only if it beats the list's k-th value (-inf until it is full).
+        floor = self.values[:, :, -1]  # [2, D]
+        found = [
+            topk_beyond(x, floor[side] * sign, self.shape.top_k, largest=sign > 0)
+            for side, (x, sign) in enumerate(((batch.high, 1.0), (batch.low, -1.0)))
+        ]
+        values = torch.stack([found[0][0], -found[1][0]])  # [2, D, k']
+        token = torch.stack([found[0][1], found[1][1]])  # indices into the real tokens
 
         def entering(side: torch.Tensor, d: torch.Tensor, j: torch.Tensor) -> dict:
             n = token[side, d, j]
