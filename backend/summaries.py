@@ -104,9 +104,10 @@ def tensors_of(summary: object, names: tuple[str, ...]) -> dict[str, torch.Tenso
 def load_tensors(
     summary: object, state: dict[str, torch.Tensor], names: tuple[str, ...], device: torch.device
 ) -> None:
-    """The usual load: the named tensors of the state back onto their attributes, on `device`."""
+    """The usual load: the named tensors of the state back onto their attributes, on `device`,
+    copied (summaries update in place, and the state may still be read)."""
     for name in names:
-        setattr(summary, name, state[name].to(device))
+        setattr(summary, name, state[name].to(device, copy=True))
 
 
 class Range:

@@ -354,10 +354,10 @@ class TopK(Summary):
         lists = new.any(1).nonzero().squeeze(1)  # [P] the lists that change (a host sync)
         best, new = best.view(-1, k).index_select(0, lists), new.index_select(0, lists)  # [P, k]
         changed, slot = new.nonzero(as_tuple=True)  # [M] entering tokens
-        where, d = lists[changed], self.shape.num_directions
-        fields = entering(where // d, where % d, best[changed, slot] - k)
+        where, directions = lists[changed], self.shape.num_directions
+        entered = entering(where // directions, where % directions, best[changed, slot] - k)
         kept = best.clamp(max=k - 1)  # where a new one enters, overwritten below
-        for name, value in fields.items():
+        for name, value in entered.items():
             field = getattr(self, name).flatten(0, 1)  # [2D, k, ...], a view
             rows = field.index_select(0, lists)  # [P, k, ...]
             at = kept.view(*kept.shape, *[1] * (rows.dim() - 2)).expand_as(rows)
