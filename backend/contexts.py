@@ -1,5 +1,11 @@
 """A batch's tokens as the summaries read them, and the context windows they keep of a token.
 
+`BatchTokens` is the one view of a batch that every summary reads: its activations over the real
+tokens, direction-major [D, N] and token-major [N, D], with the masked variants the summaries
+need. Each is computed on first use and then shared, so a batch costs each copy once whatever the
+number of summaries. A batch without NaN or infinity (the usual case, found from the per-direction
+min and max the moments need anyway) skips every mask: its masked variants are the activations.
+
 A kept token carries its window of +-W tokens (clipped to its sequence), its direction's
 activations there, and the activations there of its siblings: the other adapted modules of the
 same layer with the same component (gate_proj's siblings are up_proj and down_proj), so that a
@@ -8,7 +14,9 @@ reader can compare a layer's directions on the same tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -16,7 +24,7 @@ import torch
 @dataclass
 class BatchTokens:
     acts: torch.Tensor  # [D, B*L] float32, row-major over (sequence, position)
-    real: torch.Tensor  # [N] flat positions of the real (non-padding) tokens
+    real: torch.Tensor  # [N] flat positions of the real (non-padding) tokens, N > 0
     input_ids: torch.Tensor  # [B, L]
     lengths: torch.Tensor  # [B] real tokens per row (right padding)
     example_index: torch.Tensor  # [B]
@@ -33,6 +41,83 @@ class BatchTokens:
         self.ids = self.input_ids.flatten()[self.real]
         self.example = self.example_index[self.row]
 
+    @cached_property
+    def x(self) -> torch.Tensor:
+        """[D, N] float32: the activations at the real tokens."""
+        return self.acts.index_select(1, self.real)
+
+    @cached_property
+    def _extremes(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        # NaN propagates through amin and amax, and an infinity is an extreme: the extremes
+        # are all finite exactly when every activation is.
+        lo, hi = self.x.amin(1), self.x.amax(1)
+        all_finite = bool(torch.isfinite(lo).all() & torch.isfinite(hi).all())
+        if not all_finite:
+            lo = self.x.masked_fill(~self.finite, math.inf).amin(1)
+            hi = self.x.masked_fill(~self.finite, -math.inf).amax(1)
+        return lo.double(), hi.double(), all_finite
+
+    @property
+    def all_finite(self) -> bool:
+        """No NaN or infinity in the batch (one host synchronisation, shared)."""
+        return self._extremes[2]
+
+    @property
+    def lo(self) -> torch.Tensor:
+        """[D] float64: the least finite activation of each direction (+inf: none)."""
+        return self._extremes[0]
+
+    @property
+    def hi(self) -> torch.Tensor:
+        """[D] float64: the largest finite activation (-inf: none)."""
+        return self._extremes[1]
+
+    @cached_property
+    def finite(self) -> torch.Tensor:
+        """[D, N] bool."""
+        return torch.isfinite(self.x)
+
+    @cached_property
+    def count(self) -> torch.Tensor:
+        """[D] int64: finite activations per direction."""
+        if self.all_finite:
+            return torch.full_like(self.lo, self.x.shape[1], dtype=torch.long)
+        return self.finite.sum(1)
+
+    def _masked(self, fill: float) -> torch.Tensor:
+        return self.x if self.all_finite else self.x.masked_fill(~self.finite, fill)
+
+    @cached_property
+    def zeroed(self) -> torch.Tensor:
+        """[D, N] float32, 0 where not finite: for sums."""
+        return self._masked(0.0)
+
+    @cached_property
+    def high(self) -> torch.Tensor:
+        """[D, N] float32, -inf where not finite: for maxima."""
+        return self._masked(-math.inf)
+
+    @cached_property
+    def low(self) -> torch.Tensor:
+        """[D, N] float32, +inf where not finite: for minima."""
+        return self._masked(math.inf)
+
+    @cached_property
+    def rows(self) -> torch.Tensor:
+        """[N, D] float32, token-major: the profiles add a row of D values per token."""
+        return self.x.T.contiguous()
+
+    @cached_property
+    def rows_finite(self) -> torch.Tensor:
+        """[N, D] bool."""
+        return self.finite.T.contiguous()
+
+    @cached_property
+    def rows_zeroed(self) -> torch.Tensor:
+        """[N, D] float64 (sums of many tokens), 0 where not finite."""
+        rows = self.rows.double()
+        return rows if self.all_finite else rows.masked_fill_(~self.rows_finite, 0.0)
+
     def contexts(
         self, direction: torch.Tensor, n: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,14 +129,19 @@ class BatchTokens:
         offsets = torch.arange(-self.window, self.window + 1, device=n.device)
         position = self.position[n][..., None] + offsets
         inside = (position >= 0) & (position < self.lengths[self.row[n]][..., None])
-        at = (self.real[n][..., None] + offsets).clamp(0, self.acts.shape[1] - 1)
+        width = self.acts.shape[1]
+        at = (self.real[n][..., None] + offsets).clamp_(0, width - 1)  # [..., C]
         ids = self.input_ids.flatten()[at].masked_fill_(~inside, -1)
         siblings = self.siblings[direction].clamp(min=0)  # [..., S]; -1s are dropped on export
         return (
             ids,
-            self.acts[direction[..., None], at],
-            self.acts[siblings[..., None], at[..., None, :]],
+            self._take((direction * width)[..., None] + at),
+            self._take((siblings * width)[..., None] + at[..., None, :]),
         )
+
+    def _take(self, index: torch.Tensor) -> torch.Tensor:
+        """acts.flatten()[index]: index_select on a CPU is several times faster than indexing."""
+        return self.acts.reshape(-1).index_select(0, index.flatten()).view(index.shape)
 
 
 @dataclass

@@ -18,8 +18,6 @@ from backend.tracking import Tracker
 if TYPE_CHECKING:  # backend.state needs this module's layout_token_ids
     from backend.state import RunState
 
-TOP_TOKENS = 10  # token strings listed per direction and side
-
 
 def layer_layout(
     modules: list[LoraModule],
@@ -82,7 +80,8 @@ def finite_or_none(values: list[float]) -> list[float | None]:
 
 
 class Document:
-    """Turns a finished tracker into the contract's direction entries."""
+    """Turns a finished tracker into the contract's direction entries; the summaries' export
+    reads the token strings, the options and the Examples' form from it (summaries.Exporter)."""
 
     def __init__(
         self, layers: list[dict], tracker: Tracker, tokens: dict[int, str], min_token_count: int
@@ -111,40 +110,14 @@ class Document:
         return found
 
     def direction(self, layout: dict[str, Any]) -> dict:
-        t, i = self.tracker, layout["index"]
-        seen = int(t.count[i]) > 0
-        lo, hi = (float(t.min[i]), float(t.max[i])) if seen else (0.0, 0.0)
-        siblings = t.siblings[i].tolist()
+        """A direction's entry: its layout, then every summary's fields (backend.tracking)."""
         found = {key: value for key, value in layout.items() if key not in ("index",)}
         if "logit_effects" in layout:
             found["logit_effects"] = {
                 side: [{"token": self.tokens[token], "value": v} for token, v in effects]
                 for side, effects in layout["logit_effects"].items()
             }
-        found.update(
-            {
-                "stats": {
-                    "count": int(t.count[i]),
-                    "min": lo,
-                    "max": hi,
-                    "mean": float(t.mean[i]),
-                    "std": float(t.std()[i]),
-                    "nonfinite": int(t.nonfinite[i]),
-                },
-                "histogram": t.histogram.export(i, lo, hi),
-                "top_positive": [self.example(e) for e in t.top_examples(i, False)],
-                "top_negative": [self.example(e) for e in t.top_examples(i, True)],
-                "quantile_samples": [
-                    {**r, "examples": [self.example(e) for e in r["examples"]]}
-                    for r in t.samples.export(i, lo, hi, siblings)
-                ],
-                "position_profile": t.positions.export(i),
-            }
-        )
-        if t.tokens is not None:
-            top, bottom = t.tokens.export(i, self.min_token_count, TOP_TOKENS)
-            for key, rows in (("top_tokens", top), ("bottom_tokens", bottom)):
-                found[key] = [{"token": self.tokens[r.pop("id")], **r} for r in rows]
+        found.update(self.tracker.fields(layout["index"], self))
         return found
 
 

@@ -10,53 +10,49 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from typing import Any
 
 import torch
 
+from backend.contexts import BatchTokens
+from backend.summaries import Exporter, Shape, Summary, load_tensors, occurrences, tensors_of
+
 POSITION_BUCKETS = 22  # 0, 1, [2, 4), ..., [2**19, 2**20), then everything from 2**20 on
+TOP_TOKENS = 10  # token strings listed per direction and side
 
 
-@dataclass
-class TokenRows:
-    """A batch's activations token-major, as the profiles add them up."""
+class PositionProfile(Summary):
+    name = "positions"
+    STATE = ("sum", "count")
 
-    x: torch.Tensor  # [N, D] float32
-    finite: torch.Tensor  # [N, D] bool
-
-    @cached_property
-    def zeroed(self) -> torch.Tensor:
-        """float64 (sums of many tokens), 0 where not finite."""
-        return self.x.double().masked_fill_(~self.finite, 0.0)
-
-
-class PositionProfile:
-    def __init__(self, num_directions: int, device: torch.device) -> None:
-        shape = (POSITION_BUCKETS, num_directions)
-        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.count = torch.zeros(shape, dtype=torch.long, device=device)
+    def __init__(self, shape: Shape) -> None:
+        super().__init__(shape)
+        size, device = (POSITION_BUCKETS, shape.num_directions), shape.device
+        self.sum = torch.zeros(size, dtype=torch.float64, device=device)
+        self.count = torch.zeros(size, dtype=torch.long, device=device)
         # bucket b > 0 holds positions [2**(b-1), 2**b)
         self.edges = torch.tensor([2**b for b in range(POSITION_BUCKETS - 1)], device=device)
 
-    def update(self, rows: TokenRows, position: torch.Tensor) -> None:
-        """position [N]: each token's position in its sequence."""
-        bucket = torch.bucketize(position, self.edges, right=True)  # [N]
-        self.sum.index_add_(0, bucket, rows.zeroed)
-        self.count.index_add_(0, bucket, rows.finite.long())
+    def update(self, batch: BatchTokens) -> None:
+        bucket = torch.bucketize(batch.position, self.edges, right=True)  # [N]
+        self.sum.index_add_(0, bucket, batch.rows_zeroed)
+        if batch.all_finite:  # every direction counts every token
+            self.count += occurrences(bucket, POSITION_BUCKETS, torch.long)[:, None]
+        else:
+            self.count.index_add_(0, bucket, batch.rows_finite.long())
 
     def merge(self, other: PositionProfile) -> None:
         self.sum += other.sum
         self.count += other.count
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"sum": self.sum.cpu(), "count": self.count.cpu()}
+        return tensors_of(self, self.STATE)
 
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device):
-        profile = cls(state["sum"].shape[1], device)
-        profile.sum, profile.count = state["sum"].to(device), state["count"].to(device)
-        return profile
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        load_tensors(self, state, self.STATE, self.shape.device)
+
+    def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
+        return {"position_profile": self.export(d)}
 
     def export(self, d: int) -> dict:
         """Buckets up to the last one with tokens: edges [0, 1, 2, 4, ...], mean per bucket."""
@@ -70,52 +66,85 @@ class PositionProfile:
         }
 
 
-class TokenProfile:
-    def __init__(self, num_directions: int, vocab_size: int, device: torch.device) -> None:
-        shape = (vocab_size, num_directions)
-        self.sum = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.count = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.min = torch.full(shape, math.inf, device=device)
-        self.max = torch.full(shape, -math.inf, device=device)
+class TokenProfile(Summary):
+    """Per token id and direction: sum, min, max, and the count of finite activations, kept as
+    the tokens of that id seen minus the non-finite ones (so a batch of finite activations adds
+    one number per token to the counts, not a row of D)."""
 
-    def update(self, rows: TokenRows, ids: torch.Tensor) -> None:
-        """ids [N]: each token's id."""
-        self.sum.index_add_(0, ids, rows.zeroed)
-        self.count.index_add_(0, ids, rows.finite.int())
-        index = ids[:, None].expand_as(rows.x)
-        self.min.scatter_reduce_(0, index, rows.x.masked_fill(~rows.finite, math.inf), "amin")
-        self.max.scatter_reduce_(0, index, rows.x.masked_fill(~rows.finite, -math.inf), "amax")
+    name = "tokens"
+    STATE = ("sum", "min", "max", "seen", "nonfinite")
+
+    @staticmethod
+    def applies(shape: Shape) -> bool:
+        return shape.vocab_size > 0
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__(shape)
+        size, device = (shape.vocab_size, shape.num_directions), shape.device
+        self.sum = torch.zeros(size, dtype=torch.float64, device=device)
+        self.min = torch.full(size, math.inf, device=device)
+        self.max = torch.full(size, -math.inf, device=device)
+        self.seen = torch.zeros(shape.vocab_size, dtype=torch.int32, device=device)  # [V]
+        self.nonfinite = torch.zeros(size, dtype=torch.int32, device=device)
+
+    def update(self, batch: BatchTokens) -> None:
+        ids, rows = batch.ids, batch.rows  # [N], [N, D]
+        self.sum.index_add_(0, ids, batch.rows_zeroed)
+        self.seen += occurrences(ids, self.seen.numel(), torch.int32)
+        index = ids[:, None].expand_as(rows)
+        if batch.all_finite:
+            self.min.scatter_reduce_(0, index, rows, "amin")
+            self.max.scatter_reduce_(0, index, rows, "amax")
+            return
+        finite = batch.rows_finite
+        self.nonfinite.index_add_(0, ids, (~finite).int())
+        self.min.scatter_reduce_(0, index, rows.masked_fill(~finite, math.inf), "amin")
+        self.max.scatter_reduce_(0, index, rows.masked_fill(~finite, -math.inf), "amax")
 
     def merge(self, other: TokenProfile) -> None:
         self.sum += other.sum
-        self.count += other.count
+        self.seen += other.seen
+        self.nonfinite += other.nonfinite
         self.min = torch.minimum(self.min, other.min)
         self.max = torch.maximum(self.max, other.max)
 
-    def seen(self) -> torch.Tensor:
+    @property
+    def count(self) -> torch.Tensor:
+        """[V, D]: finite activations per token id and direction."""
+        return self.seen[:, None] - self.nonfinite
+
+    def ids_seen(self) -> torch.Tensor:
         """Ids of the tokens seen at least once."""
-        return (self.count > 0).any(1).nonzero().squeeze(1)
+        return self.seen.nonzero().squeeze(1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The rows of the tokens seen only: a vocabulary is mostly unseen."""
-        ids = self.seen()
-        state = {name: getattr(self, name)[ids].cpu() for name in ("sum", "count", "min", "max")}
-        return {**state, "ids": ids.cpu(), "vocab_size": torch.tensor(self.sum.shape[0])}
+        ids = self.ids_seen()
+        return {"ids": ids.cpu(), **{name: getattr(self, name)[ids].cpu() for name in self.STATE}}
 
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device):
-        profile = cls(state["sum"].shape[1], int(state["vocab_size"]), device)
-        ids = state["ids"].to(device)
-        for name in ("sum", "count", "min", "max"):
-            getattr(profile, name)[ids] = state[name].to(device)
-        return profile
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        ids = state["ids"].to(self.shape.device)
+        for name in self.STATE:
+            getattr(self, name)[ids] = state[name].to(self.shape.device)
+
+    def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
+        top, bottom = self.export(d, doc.min_token_count, TOP_TOKENS)
+        return {
+            key: [{"token": doc.tokens[r.pop("id")], **r} for r in rows]
+            for key, rows in (("top_tokens", top), ("bottom_tokens", bottom))
+        }
+
+    def token_ids(self) -> torch.Tensor:
+        """Every token seen: the profiles rank them only once merged with other processes' or
+        shards'."""
+        return self.ids_seen()
 
     def export(self, d: int, min_count: int, n: int) -> tuple[list[dict], list[dict]]:
         """The n tokens of highest and of lowest mean among those seen min_count times or more.
 
         Each as {"id", "count", "mean", "min", "max"}; highest first, then lowest first.
         """
-        count = self.count[:, d]
+        count = self.seen - self.nonfinite[:, d]
         ids = (count >= max(min_count, 1)).nonzero().squeeze(1)
         mean = self.sum[ids, d] / count[ids]
         order = mean.argsort(descending=True, stable=True)

@@ -14,10 +14,12 @@ one would. Exact counts per bucket turn ranges of whole buckets into quantile ra
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 
 from backend.contexts import BatchTokens, unpack
+from backend.summaries import Exporter, Range, Shape, Summary, load_tensors, occurrences, tensors_of
 
 SAMPLES = 2  # tokens kept per bucket, and shown per range
 # |activation| buckets: below 2**-12, four per octave up to 2**12, and from 2**12 on. A float32's
@@ -39,41 +41,90 @@ def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     return h & (EMPTY - 1)
 
 
-class QuantileSamples:
-    FIELDS = ("key", "value", "example", "position", "ids", "acts", "siblings")
+class QuantileSamples(Summary):
+    """One row per (direction, bucket), SAMPLES slots each, smallest key first.
 
-    def __init__(self, num_directions: int, context: int, siblings: int, device: torch.device):
-        d, c, s, slots = num_directions, context, siblings, num_directions * 2 * PER_SIGN
-        self.num_directions = d
+    - meta [rows, SAMPLES, 3] int64: each slot's key, example index and position;
+    - slot [rows, SAMPLES] int64: where in the pool its context lies;
+    - the pool, one entry per slot: ids [R*SAMPLES, C] int32 (the window's token ids, -1 outside
+      the sequence) and floats [R*SAMPLES, 1 + C + S*C] (the activation, the window's
+      activations, and its S siblings' activations there).
+    The slots of a row reorder, but a context never moves: one that enters takes the pool entry
+    of the one it evicts, so a merge rewrites keys and pool indices, and reads and writes the
+    contexts of the entering tokens only.
+    """
+
+    name = "samples"
+    STATE = ("counts", "meta", "slot", "ids", "floats")
+    EMPTY_SLOT = (EMPTY, -1, -1)  # meta of an empty slot
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__(shape)
+        d, device = shape.num_directions, shape.device
+        c, s, rows = 2 * shape.window + 1, shape.siblings.shape[1], d * 2 * PER_SIGN
         self.counts = torch.zeros(d, 2 * PER_SIGN, dtype=torch.long, device=device)
-        # One row per (direction, bucket), SAMPLES slots each, smallest key first.
-        self.key = torch.full((slots, SAMPLES), EMPTY, dtype=torch.long, device=device)
-        self.value = torch.zeros(slots, SAMPLES, device=device)
-        self.example = torch.full((slots, SAMPLES), -1, dtype=torch.long, device=device)
-        self.position = torch.full((slots, SAMPLES), -1, dtype=torch.long, device=device)
-        self.ids = torch.full((slots, SAMPLES, c), -1, dtype=torch.int32, device=device)
-        self.acts = torch.zeros(slots, SAMPLES, c, device=device)
-        self.siblings = torch.zeros(slots, SAMPLES, s, c, device=device)
+        self.meta = self._empty_meta(rows)
+        self.slot = torch.arange(rows * SAMPLES, device=device).view(rows, SAMPLES)
+        self.ids = torch.full((rows * SAMPLES, c), -1, dtype=torch.int32, device=device)
+        self.floats = torch.zeros(rows * SAMPLES, 1 + c + s * c, device=device)
+        self.range = Range(d, device)  # the extremes bound the outer ranges on export
         bits = (torch.arange(PER_SIGN - 1, dtype=torch.int32) + FIRST_EDGE) << SHIFT
         self.edges = bits.view(torch.float32).to(device)  # bucket j: edges[j-1] <= |x| < edges[j]
+        # A float32's top 11 bits (sign, exponent, 2 mantissa bits) give its bucket. Per
+        # direction d, code d * 2048 + 1024 + (bits >> 21) names them; row_of maps a code to
+        # its row: PER_SIGN * (sign bit) + its |activation| bucket, in direction d's rows.
+        top = torch.arange(2048, dtype=torch.int32)
+        magnitude = (top & 1023).sub_(FIRST_EDGE - 1).clamp_(0, PER_SIGN - 1)
+        bucket = magnitude.add_((top < 1024).int() * PER_SIGN)  # [2048]
+        first = torch.arange(0, d * 2 * PER_SIGN, 2 * PER_SIGN, dtype=torch.int32)
+        self.row_of = (first[:, None] + bucket).flatten().to(device)  # [D * 2048]
 
-    def buckets(self, x: torch.Tensor) -> torch.Tensor:
-        """Bucket of each activation [D, N]: PER_SIGN * (sign bit) + its |activation| bucket."""
-        bits = x.view(torch.int32)
-        magnitude = ((bits & 0x7FFFFFFF) >> SHIFT).sub_(FIRST_EDGE - 1).clamp_(0, PER_SIGN - 1)
-        return magnitude.add_((bits < 0).int() * PER_SIGN).long()
+    def _empty_meta(self, rows: int) -> torch.Tensor:
+        empty = torch.tensor(self.EMPTY_SLOT, device=self.shape.device)
+        return empty.repeat(rows, SAMPLES, 1)  # [rows, SAMPLES, 3]
 
-    def update(self, x: torch.Tensor, finite: torch.Tensor, batch: BatchTokens) -> None:
-        d = x.shape[0]
-        bucket = self.buckets(x)  # [D, N]
-        self.counts.scatter_add_(1, bucket, finite.long())
+    @property
+    def key(self) -> torch.Tensor:
+        return self.meta[..., 0]
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.meta[..., 1]
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """[D, N] int32: each activation's code (see row_of)."""
+        code = x.view(torch.int32) >> SHIFT  # [-1024, 1024)
+        base = torch.arange(1024, x.shape[0] * 2048, 2048, dtype=torch.int32, device=x.device)
+        return code.add_(base[:, None])
+
+    def update(self, batch: BatchTokens) -> None:
+        x = batch.x
+        self.range.update(batch)
+        # Work per code, not per row, over [D, N]: the counts and limits of the few thousand
+        # codes map to rows afterwards, so no [D, N] tensor of rows is ever made.
+        code = self.codes(x)  # [D, N]
+        if batch.all_finite:
+            per_code = occurrences(code, self.row_of.numel(), torch.long)
+        else:
+            weights = batch.finite.flatten().long()
+            per_code = torch.zeros_like(self.row_of, dtype=torch.long)
+            per_code.index_add_(0, code.flatten(), weights)
+        self.counts.view(-1).index_add_(0, self.row_of, per_code)
         key = token_keys(batch.example, batch.position)  # [N]
         # Only a token whose key beats the largest kept key of its bucket can enter it: after
-        # the first batches these are few, so they are gathered (the one host sync per batch).
-        row = bucket + torch.arange(d, device=x.device)[:, None] * (2 * PER_SIGN)  # [D, N]
-        enters = finite & (key < self.key[:, -1][row])
+        # the first batches these are few, so they are gathered (a host sync). The test runs on
+        # the keys' top 31 bits (int32, half the memory traffic of int64; an empty row's limit
+        # is the largest int32) and is made exact on the few tokens that pass.
+        limit = self.key[:, -1]  # [rows]
+        high = (key >> 31).int()  # [N]
+        coarse = (limit >> 31).clamp_(max=2**31 - 1).int().index_select(0, self.row_of)
+        enters = high <= coarse.index_select(0, code.flatten()).view_as(code)  # [D, N]
+        if not batch.all_finite:
+            enters &= batch.finite
         direction, token = enters.nonzero(as_tuple=True)  # [M] each
-        row, key = row[direction, token], key[token]
+        row, key = self.row_of[code[direction, token]].long(), key[token]
+        exact = key < limit[row]
+        row, key, direction, token = row[exact], key[exact], direction[exact], token[exact]
         # By row, then key: each row's candidates in order, of which the first SAMPLES count.
         order = key.argsort(stable=True)
         order = order[row[order].argsort(stable=True)]
@@ -81,50 +132,72 @@ class QuantileSamples:
         rank = torch.arange(len(row), device=x.device) - torch.searchsorted(row, row)
         keep = rank < SAMPLES
         row, key, direction, token, rank = (t[keep] for t in (row, key, direction, token, rank))
-        rows, slot = torch.unique_consecutive(row, return_inverse=True)  # rows touched: [T]
-        ids, acts, siblings = batch.contexts(direction, token)
-        candidates = self._empty(len(rows), ids.shape[1], siblings.shape[1], x.device)
-        fields = (key, x[direction, token], batch.example[token], batch.position[token])
-        for name, value in zip(self.FIELDS, (*fields, ids, acts, siblings), strict=True):
-            candidates[name][slot, rank] = value.to(candidates[name].dtype)
-        self._merge_rows(rows, candidates)
+        rows, at = torch.unique_consecutive(row, return_inverse=True)  # rows touched: [T]
+        meta = self._empty_meta(len(rows))  # [T, SAMPLES, 3]: the candidates, empty slots after
+        meta[at, rank] = torch.stack([key, batch.example[token], batch.position[token]], 1)
+        ref = torch.full((len(rows), SAMPLES), -1, dtype=torch.long, device=x.device)
+        ref[at, rank] = torch.arange(len(row), device=x.device)  # candidate i: (direction, token)
 
-    def _empty(self, rows: int, c: int, s: int, device: torch.device) -> dict[str, torch.Tensor]:
-        shapes = {"ids": (c,), "acts": (c,), "siblings": (s, c)}
-        return {
-            name: torch.full(
-                (rows, SAMPLES, *shapes.get(name, ())),
-                {"key": EMPTY, "example": -1, "position": -1, "ids": -1}.get(name, 0),
-                dtype=getattr(self, name).dtype,
-                device=device,
-            )
-            for name in self.FIELDS
-        }
+        def contexts(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            d, n = direction[i], token[i]
+            ids, acts, siblings = batch.contexts(d, n)
+            return ids, torch.cat([x[d, n, None], acts, siblings.flatten(1)], 1)
 
-    def _merge_rows(self, rows: torch.Tensor, candidates: dict[str, torch.Tensor]) -> None:
-        """Keep, in each of `rows`, the SAMPLES smallest keys of its slots and the candidates'."""
-        keys = torch.cat([self.key[rows], candidates["key"]], 1)  # [T, 2 * SAMPLES]
-        best = keys.topk(SAMPLES, dim=1, largest=False).indices  # sorted, smallest first
-        for name in self.FIELDS:
-            both = torch.cat([getattr(self, name)[rows], candidates[name]], 1)
-            at = best.view(*best.shape, *[1] * (both.dim() - 2)).expand(-1, -1, *both.shape[2:])
-            getattr(self, name)[rows] = both.gather(1, at)
+        self._merge_rows(rows, meta, ref, contexts)
+
+    def _merge_rows(self, rows: torch.Tensor, meta: torch.Tensor, ref: torch.Tensor, contexts):
+        """Keep, in each of `rows` [T], the SAMPLES smallest keys of its slots and of the
+        candidates `meta` [T, SAMPLES, 3]. ref [T, SAMPLES]: each candidate's reference (-1:
+        none), and contexts(refs) its ids and floats in the pool's form."""
+        old = self.meta.index_select(0, rows)  # [T, SAMPLES, 3]
+        keys = torch.cat([old[..., 0], meta[..., 0]], 1)  # [T, 2 * SAMPLES]
+        best = keys.topk(SAMPLES, dim=1, largest=False).indices  # [T, SAMPLES], smallest first
+        merged = torch.cat([old, meta], 1).gather(1, best[..., None].expand(-1, -1, 3))
+        self.meta.index_copy_(0, rows, merged)
+        # Each entering candidate takes the pool entry of an evicted slot of its row: a row has
+        # as many of one as of the other, and nonzero lists both by row.
+        slot = self.slot.index_select(0, rows)  # [T, SAMPLES]
+        chosen = torch.zeros_like(keys, dtype=torch.bool).scatter_(1, best, True)
+        free = slot[~chosen[:, :SAMPLES]]  # [E] pool entries of the evicted
+        entering = (best >= SAMPLES).nonzero(as_tuple=True)  # [E] output places of the entering
+        moved = slot.gather(1, best.clamp(max=SAMPLES - 1))
+        moved[entering] = free
+        self.slot.index_copy_(0, rows, moved)
+        which = ref.gather(1, (best - SAMPLES).clamp(min=0))[entering]  # [E]
+        real = which >= 0
+        ids, floats = contexts(which[real])
+        self.ids.index_copy_(0, free[real], ids.to(self.ids.dtype))
+        self.floats.index_copy_(0, free[real], floats)
 
     def merge(self, other: QuantileSamples) -> None:
         self.counts += other.counts
-        rows = torch.arange(self.key.shape[0], device=self.key.device)
-        self._merge_rows(rows, {name: getattr(other, name) for name in self.FIELDS})
+        self.range.merge(other.range)
+        rows = torch.arange(self.meta.shape[0], device=self.meta.device)
+        ref = other.slot.where(other.key < EMPTY, -1)  # a candidate's reference: its pool entry
+        contexts = lambda i: (other.ids[i], other.floats[i])  # noqa: E731
+        self._merge_rows(rows, other.meta, ref, contexts)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name).cpu() for name in ("counts", *self.FIELDS)}
+        return {**tensors_of(self, self.STATE), **self.range.state_dict()}
 
-    @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device):
-        _, _, s, c = state["siblings"].shape
-        samples = cls(state["counts"].shape[0], c, s, device)
-        for name in ("counts", *cls.FIELDS):
-            setattr(samples, name, state[name].to(device))
-        return samples
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        load_tensors(self, state, self.STATE, self.shape.device)
+        self.range.load(state, self.shape.device)
+
+    def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
+        lo, hi = self.range.of(d)
+        ranges = self.export(d, lo, hi, self.shape.siblings[d].tolist())
+        return {
+            "quantile_samples": [
+                {**r, "examples": [doc.example(e) for e in r["examples"]]} for r in ranges
+            ]
+        }
+
+    def examples(self) -> torch.Tensor:
+        return self.example.flatten()
+
+    def token_ids(self) -> torch.Tensor:
+        return self.ids.flatten()
 
     def export(self, d: int, lo: float, hi: float, siblings: list[int]) -> list[dict]:
         """Direction d's samples by range of |activation|: one entry per range and sign.
@@ -173,17 +246,15 @@ class QuantileSamples:
         rows = slice(start + first, start + stop)
         keys = self.key[rows].flatten()
         chosen = keys.argsort()[: min(SAMPLES, int((keys < EMPTY).sum()))]
-        c = self.ids.shape[2]
-
-        def pick(name: str, *shape: int) -> torch.Tensor:
-            return getattr(self, name)[rows].reshape(-1, *shape)[chosen]
-
+        meta = self.meta[rows].flatten(0, 1)[chosen]  # [m, 3]
+        pool = self.slot[rows].flatten()[chosen]  # [m]
+        floats, c = self.floats[pool], self.ids.shape[1]
         return unpack(
-            pick("value"),
-            pick("example"),
-            pick("position"),
-            pick("ids", c),
-            pick("acts", c),
-            pick("siblings", self.siblings.shape[2], c),
+            floats[:, 0],
+            meta[:, 1],
+            meta[:, 2],
+            self.ids[pool],
+            floats[:, 1 : 1 + c],
+            floats[:, 1 + c :].unflatten(1, (-1, c)),
             siblings,
         )

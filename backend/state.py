@@ -23,7 +23,7 @@ from backend.tracking import Tracker
 
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
-VERSION = 3  # 3: `run` is RunConfig.identity()
+VERSION = 3  # 3: `run` is RunConfig.identity(); the tracker saves each summary by name
 COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
 # Every process and shard reads all the rows, so each counts all skipped ones: these are not
 # summed when states merge.
@@ -44,16 +44,11 @@ class RunState:
     num_processes: int = 1  # processes whose results it holds
 
     def add_tokens(self, decode) -> None:
-        """Record the strings of every id the output may show (decode: id -> str): those of the
-        kept contexts, the logit effects, and every token seen, which the token profiles rank
-        only once merged with other processes' or shards'."""
-        t = self.tracker
-        ids = set(
-            torch.unique(torch.cat([t.context_ids.flatten(), t.samples.ids.flatten().long()]))
-        )
-        ids = {int(i) for i in ids} | layout_token_ids(self.layers)
-        if t.tokens is not None:
-            ids.update(t.tokens.seen().tolist())
+        """Record the strings of every id the output may show (decode: id -> str): those the
+        summaries name (kept contexts; every token seen, which the token profiles rank only
+        once merged with other processes' or shards'), the logit effects' and the stored
+        sequences'."""
+        ids = self.tracker.token_ids() | layout_token_ids(self.layers)
         for sequence in self.sequences.values():
             ids.update(sequence)
         self.tokens.update({i: decode(i) for i in ids if i >= 0 and i not in self.tokens})
