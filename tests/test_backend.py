@@ -13,41 +13,16 @@ from backend import UserError
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
 from backend.contract import validate
-from backend.data import iter_sequences, read_rows
+from backend.data import read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.loading import BaseModel, load_model
 from backend.pipeline import analyze
 from backend.tracking import Tracker
 from tests.reference import assert_histogram, lora_a_activations, top_k
+from tests.runs import K, W, load, reference, run_cli
 from tests.synthetic import assert_consistent
 from tests.tiny import random_texts, save_adapter
-
-K, W = 5, 3
-
-
-def load(base, adapter):
-    return load_model(BaseModel(str(base), str(base)), str(adapter), torch.float32, "cpu", None)
-
-
-def run_cli(tmp_path, base, adapter, data, *extra: str) -> dict:
-    out = tmp_path / "out.json"
-    argv = ["--base-model", str(base), "--lora-path", str(adapter), "--data-file", str(data)]
-    argv += ["--top-k", str(K), "--context-window", str(W), "--output", str(out), "--quiet"]
-    assert main([*argv, *extra]) == 0
-    return json.loads(out.read_text())
-
-
-def reference(base, adapter, data, text_field=None):
-    """Brute-force activations, and the (example_index, ids) each list entry belongs to."""
-    model, tokenizer = load(base, adapter)
-    seqs = list(
-        iter_sequences(
-            read_rows(data), tokenizer, text_field=text_field, max_length=None, num_examples=None
-        )
-    )
-    values = lora_a_activations(model, [s.input_ids for s in seqs])
-    return values, seqs, tokenizer
 
 
 def check_against_reference(doc, values, seqs, tokenizer):

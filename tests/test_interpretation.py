@@ -20,7 +20,7 @@ from backend.generate_activations_data import main
 from backend.output import build_document
 from backend.pipeline import analyze
 from backend.sampling import SAMPLES, token_keys
-from tests.test_backend import K, W, load, reference, run_cli
+from tests.runs import K, W, load, reference, run_cli
 from tests.tiny import save_adapter
 
 

@@ -8,19 +8,14 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from backend import UserError
 from backend.config import RunConfig
 from backend.data import read_rows
 from backend.generate_activations_data import build_parser, main
-from backend.loading import BaseModel, load_model
 from backend.output import build_document
 from backend.pipeline import analyze
-
-
-def load(base, adapter):
-    return load_model(BaseModel(str(base), str(base)), str(adapter), torch.float32, "cpu", None)
+from tests.runs import load
 
 
 def results(document: dict) -> dict:

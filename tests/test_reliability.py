@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backend.generate_activations_data import main
-from tests.test_scale import assert_same
+from tests.runs import assert_same
 from tests.tiny import save_adapter, save_base
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from backend.generate_activations_data import main
+from tests.runs import assert_same
 from tests.tiny import random_texts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,57 +37,6 @@ def args(base, adapter, data, out, *extra) -> list[str]:
 def subprocess_env() -> dict[str, str]:
     # The same intra-op threads as this process: CPU kernels' rounding depends on the count.
     return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
-
-
-def results(doc: dict) -> dict:
-    """What a run found, without when it ran or how many processes it used."""
-    meta = {k: v for k, v in doc["metadata"].items() if k not in ("created_at", "num_processes")}
-    return {"metadata": meta, "layers": doc["layers"], "cosine": doc["cross_layer_cosine"]}
-
-
-def assert_same(a: dict, b: dict, exact: bool, rel: float = 1e-12) -> None:
-    """Equal results: exactly, or up to the order of tied tokens and float rounding (relative
-    `rel`) of means, std and top activations."""
-    if exact:
-        assert results(a) == results(b)
-        return
-    assert results(a)["metadata"] == results(b)["metadata"]
-    assert results(a)["cosine"] == results(b)["cosine"]
-    for la, lb in zip(a["layers"], b["layers"], strict=True):
-        assert la["cosine_similarities"] == lb["cosine_similarities"]
-        for name, pa in la["projections"].items():
-            for da, db in zip(pa["directions"], lb["projections"][name]["directions"], strict=True):
-                assert da["histogram"] == db["histogram"]
-                sa, sb = da["stats"], db["stats"]
-                assert (sa["count"], sa["min"], sa["max"]) == (sb["count"], sb["min"], sb["max"])
-                assert sa["mean"] == pytest.approx(sb["mean"], rel=rel, abs=1e-15)
-                assert sa["std"] == pytest.approx(sb["std"], rel=rel)
-                for side in ("top_positive", "top_negative"):
-                    assert [e["activation"] for e in da[side]] == pytest.approx(
-                        [e["activation"] for e in db[side]], rel=rel
-                    )
-                # a seeded sample: the same tokens, whatever the batches
-                sample_a, sample_b = (
-                    [
-                        (
-                            r["quantile_range"],
-                            [(e["example_index"], e["token_index"]) for e in r["examples"]],
-                        )
-                        for r in d["quantile_samples"]
-                    ]
-                    for d in (da, db)
-                )
-                assert sample_a == sample_b
-                for side in ("top_tokens", "bottom_tokens"):
-                    assert [(t["token"], t["count"]) for t in da[side]] == [
-                        (t["token"], t["count"]) for t in db[side]
-                    ]
-                    assert [t["mean"] for t in da[side]] == pytest.approx(
-                        [t["mean"] for t in db[side]], rel=rel
-                    )
-                pa, pb = da["position_profile"], db["position_profile"]
-                assert (pa["edges"], pa["count"]) == (pb["edges"], pb["count"])
-                assert pa["mean"] == pytest.approx(pb["mean"], rel=rel, abs=1e-15)
 
 
 @pytest.fixture(scope="module")

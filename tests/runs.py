@@ -1,0 +1,90 @@
+"""Runs of the CLI on tiny models, and comparisons of whole runs: what several test files share."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from backend.data import iter_sequences, read_rows
+from backend.generate_activations_data import main
+from backend.loading import BaseModel, load_model
+from tests.reference import lora_a_activations
+
+K, W = 5, 3
+
+
+def load(base, adapter):
+    return load_model(BaseModel(str(base), str(base)), str(adapter), torch.float32, "cpu", None)
+
+
+def run_cli(tmp_path, base, adapter, data, *extra: str) -> dict:
+    out = tmp_path / "out.json"
+    argv = ["--base-model", str(base), "--lora-path", str(adapter), "--data-file", str(data)]
+    argv += ["--top-k", str(K), "--context-window", str(W), "--output", str(out), "--quiet"]
+    assert main([*argv, *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def reference(base, adapter, data, text_field=None):
+    """Brute-force activations, and the (example_index, ids) each list entry belongs to."""
+    model, tokenizer = load(base, adapter)
+    seqs = list(
+        iter_sequences(
+            read_rows(data), tokenizer, text_field=text_field, max_length=None, num_examples=None
+        )
+    )
+    values = lora_a_activations(model, [s.input_ids for s in seqs])
+    return values, seqs, tokenizer
+
+
+def results(doc: dict) -> dict:
+    """What a run found, without when it ran or how many processes it used."""
+    meta = {k: v for k, v in doc["metadata"].items() if k not in ("created_at", "num_processes")}
+    return {"metadata": meta, "layers": doc["layers"], "cosine": doc["cross_layer_cosine"]}
+
+
+def assert_same(a: dict, b: dict, exact: bool, rel: float = 1e-12) -> None:
+    """Equal results: exactly, or up to the order of tied tokens and float rounding (relative
+    `rel`) of means, std and top activations."""
+    if exact:
+        assert results(a) == results(b)
+        return
+    assert results(a)["metadata"] == results(b)["metadata"]
+    assert results(a)["cosine"] == results(b)["cosine"]
+    for la, lb in zip(a["layers"], b["layers"], strict=True):
+        assert la["cosine_similarities"] == lb["cosine_similarities"]
+        for name, pa in la["projections"].items():
+            for da, db in zip(pa["directions"], lb["projections"][name]["directions"], strict=True):
+                assert da["histogram"] == db["histogram"]
+                sa, sb = da["stats"], db["stats"]
+                assert (sa["count"], sa["min"], sa["max"]) == (sb["count"], sb["min"], sb["max"])
+                assert sa["mean"] == pytest.approx(sb["mean"], rel=rel, abs=1e-15)
+                assert sa["std"] == pytest.approx(sb["std"], rel=rel)
+                for side in ("top_positive", "top_negative"):
+                    assert [e["activation"] for e in da[side]] == pytest.approx(
+                        [e["activation"] for e in db[side]], rel=rel
+                    )
+                # a seeded sample: the same tokens, whatever the batches
+                sample_a, sample_b = (
+                    [
+                        (
+                            r["quantile_range"],
+                            [(e["example_index"], e["token_index"]) for e in r["examples"]],
+                        )
+                        for r in d["quantile_samples"]
+                    ]
+                    for d in (da, db)
+                )
+                assert sample_a == sample_b
+                for side in ("top_tokens", "bottom_tokens"):
+                    assert [(t["token"], t["count"]) for t in da[side]] == [
+                        (t["token"], t["count"]) for t in db[side]
+                    ]
+                    assert [t["mean"] for t in da[side]] == pytest.approx(
+                        [t["mean"] for t in db[side]], rel=rel
+                    )
+                pa, pb = da["position_profile"], db["position_profile"]
+                assert (pa["edges"], pa["count"]) == (pb["edges"], pb["count"])
+                assert pa["mean"] == pytest.approx(pb["mean"], rel=rel, abs=1e-15)
