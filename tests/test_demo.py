@@ -10,7 +10,7 @@ import pytest
 
 import generate_html_dashboard as dashboard
 from backend.generate_activations_data import main
-from tests.browser import card, open_sections, rendered
+from tests.browser import card, open_sections, rendered, searched, settled
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"
 
@@ -62,8 +62,9 @@ def test_the_demo_dashboard_shows_every_view(demo, open_page, tmp_path):
     widths = page.locator("#context-width button")
     assert widths.all_text_contents() == ["±3", "±10", "whole"]
     widths.last.click()
+    settled(page)
     assert down.locator(".examples.pos .example").first.locator(".tok").count() > 21
-    page.locator("#search").fill(" Wait")
+    searched(page, " Wait")
     assert page.locator("#search-results a").count() > 0
     assert opened.errors == [] and opened.dialogs == []
     assert (demo["schema_version"],) == dashboard.KNOWN_SCHEMA_VERSIONS
