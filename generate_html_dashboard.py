@@ -2,7 +2,7 @@
 
 The page's script is the parts in JS_PARTS (templates/), joined in that order. It draws one
 layer at a time from the data embedded in one inert <script type="application/octet-stream">
-element: one gzip-compressed JSON blob (base64) for what the overview needs, one per layer and
+element: one gzip-compressed JSON blob (in base 85) for what the overview needs, one per layer and
 one each for the cross-layer cosines and the stored sequences, which the page decompresses
 (DecompressionStream) when it first needs them. To keep a full-size run small, the data is the
 input with its floats rounded for display (DISPLAY_DIGITS significant digits; the page shows
@@ -143,7 +143,8 @@ def render_dashboard(data: dict, title: str) -> str:
     return env.get_template("dashboard.html.j2").render(
         title=title,
         fields=header_fields(data["metadata"]),
-        blobs=page_blobs(compact_data(data)),
+        # Raw text in the <script>: the alphabet has no "<" and no escape is decoded there.
+        blobs=[(name, Markup(text)) for name, text in page_blobs(compact_data(data))],
         css=css,
         js=js,
         csp=content_security_policy(css, js),
@@ -191,7 +192,7 @@ def _display(value: object) -> str:
 
 
 def page_blobs(page: dict) -> list[tuple[str, str]]:
-    """The page's data as (name, base64 of gzip of JSON) blobs: "index" (everything but the
+    """The page's data as (name, base 85 of gzip of JSON) blobs: "index" (everything but the
     layers' contents, with the overview: each layer's directions as scalars), "layer-<i>" for
     the i-th layer, "cross-layer-cosine" and "sequences" where the page has them."""
     lazy = ("layers", "cross_layer_cosine", "sequences")
@@ -222,7 +223,13 @@ def _compressed(value: object) -> str:
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     text = LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
     # mtime=0: the same input gives the same page, byte for byte.
-    return base64.b64encode(gzip.compress(text.encode(), compresslevel=9, mtime=0)).decode()
+    return base85(gzip.compress(text.encode(), compresslevel=9, mtime=0))
+
+
+def base85(data: bytes) -> str:
+    """Python's base 85 (RFC 1924's alphabet), with "." for "<", which could end the element:
+    a quarter longer than its bytes, where base64 is a third."""
+    return base64.b85encode(data).decode().replace("<", ".")
 
 
 def compact_data(data: dict) -> dict:
