@@ -5,7 +5,8 @@ const Format = (() => {
   const fmt = (v) => (v === null || v === undefined ? "not finite" : String(v));
   const round4 = (v) => Number(v.toPrecision(4)); // for values computed here, and fine edges
   const fmt4 = (v) => String(round4(v));
-  const fmtCount = (n) => n.toLocaleString("en-US");
+  const COUNT = new Intl.NumberFormat("en-US"); // one formatter: toLocaleString makes one a call
+  const fmtCount = (n) => COUNT.format(n);
   const hex = (ch) => ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
   const finite = (v) => v !== null && v !== undefined;
 

@@ -45,7 +45,10 @@ def test_the_demo_run_carries_every_analysis(demo):
 
 
 def test_the_demo_dashboard_shows_every_view(demo, open_page, tmp_path):
-    opened = open_page(rendered(tmp_path, demo).url + "#layer-15")
+    shown = rendered(tmp_path, demo)
+    # The page budget (README: `make demo`'s page, of all 51 held-out traces, is 0.85 MB).
+    assert shown.path.stat().st_size <= 1_000_000
+    opened = open_page(shown.url + "#layer-15")
     page = opened.page
     assert page.locator("#heatmap .cell").count() == 90
     down = card(page, "L15.down_proj[0]")
