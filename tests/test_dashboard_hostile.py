@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from playwright.sync_api import Browser
 
-from tests.browser import DESKTOP, Opened, rendered, watched
+from tests.browser import DESKTOP, Opened, rendered, settled, watched
 from tests.synthetic import make_activations
 
 FRAGMENTS = [
@@ -77,6 +77,7 @@ def show(page: Opened, tmp_path_factory) -> Iterator:
         directory = Path(folder / str(next(numbers)))
         directory.mkdir()
         page.page.goto(rendered(directory, with_tokens(tokens)).url)
+        settled(page.page)
         return page.page.evaluate(READ_PAGE)
 
     return show_

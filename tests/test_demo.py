@@ -10,7 +10,7 @@ import pytest
 
 import generate_html_dashboard as dashboard
 from backend.generate_activations_data import main
-from tests.browser import card, open_sections, rendered
+from tests.browser import card, open_sections, rendered, searched, settled
 
 DEMO = Path(__file__).resolve().parent.parent / "demo"
 
@@ -45,7 +45,10 @@ def test_the_demo_run_carries_every_analysis(demo):
 
 
 def test_the_demo_dashboard_shows_every_view(demo, open_page, tmp_path):
-    opened = open_page(rendered(tmp_path, demo).url + "#layer-15")
+    shown = rendered(tmp_path, demo)
+    # The page budget (README: `make demo`'s page, of all 51 held-out traces, is 0.85 MB).
+    assert shown.path.stat().st_size <= 1_000_000
+    opened = open_page(shown.url + "#layer-15")
     page = opened.page
     assert page.locator("#heatmap .cell").count() == 90
     down = card(page, "L15.down_proj[0]")
@@ -62,8 +65,9 @@ def test_the_demo_dashboard_shows_every_view(demo, open_page, tmp_path):
     widths = page.locator("#context-width button")
     assert widths.all_text_contents() == ["±3", "±10", "whole"]
     widths.last.click()
+    settled(page)
     assert down.locator(".examples.pos .example").first.locator(".tok").count() > 21
-    page.locator("#search").fill(" Wait")
+    searched(page, " Wait")
     assert page.locator("#search-results a").count() > 0
     assert opened.errors == [] and opened.dialogs == []
     assert (demo["schema_version"],) == dashboard.KNOWN_SCHEMA_VERSIONS

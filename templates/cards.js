@@ -1,0 +1,389 @@
+// A layer on screen: one card per direction (its examples, histogram and sections), and the
+// layer's statistics and cosines.
+/* global Contexts, Dom, Format, Plots */
+/* exported Cards */
+const Cards = (() => {
+  const { el, paint, scaleLegend, scroller, lazySection, choice } = Dom;
+  const { fmt, fmtCount, round4, finite, scaleOf } = Format;
+
+  const STATS_COLUMNS = [
+    "direction", "count", "min", "max", "mean", "std", "‖A‖", "‖B‖", "scaling",
+  ];
+  const SPACES = {
+    mlp_hidden: "MLP hidden space: gate/up write vectors (B), down read vector (A)",
+    residual: "residual stream: gate/up read vectors (A), down write vector (B)",
+  };
+
+  // Every direction of a layer, in the page's (module) order.
+  function* directions(layer) {
+    for (const [module, projection] of Object.entries(layer.projections)) {
+      for (const direction of projection.directions) yield { module, projection, direction };
+    }
+  }
+
+  // page: {strings, metadata, example_fields} of the index; settings: the page's {width,
+  // logCounts, statsOpen, sequences}, read whenever something is drawn; notes: Notes.create's.
+  function create(page, settings, notes) {
+    const strings = page.strings;
+    const tokenInfo = new WeakMap(); // token <span> -> what its tooltip shows
+    let cards = []; // the cards on screen, each with what its view and the page's settings redraw
+    const marks = new Map(); // direction key -> draws a value on that direction's histogram
+
+    const redraw = (card) => card.redraws.forEach((draw) => draw());
+    const token = (id, className) => Dom.tokenText(strings[id], className);
+
+    // What a card's tokens show: its own activations, or, where the examples carry them, those
+    // of the layer's other modules (same component) at the same tokens, and gate × up.
+    function cardViews(layer, d, examples) {
+      // label: on the switch; tip: in the tooltip; key: the histogram that shows the value.
+      const own = {
+        label: d.module,
+        tip: "activation",
+        key: d.direction.key,
+        scale: scaleOf(d.direction.stats),
+        values: (e) => e.activations,
+      };
+      const carried = new Set(d.direction.siblings || []);
+      const views = [own];
+      for (const [module, projection] of Object.entries(layer.projections)) {
+        const sibling = projection.directions.find((x) => x.component === d.direction.component);
+        if (!carried.has(module) || !sibling) continue;
+        views.push({
+          label: module,
+          tip: module,
+          key: sibling.key,
+          scale: scaleOf(sibling.stats),
+          values: (e) => e.sibling_activations?.[module] ?? e.tokens.map(() => null),
+        });
+      }
+      const gate = views.find((v) => v.label === "gate_proj");
+      const up = views.find((v) => v.label === "up_proj");
+      if (gate && up) views.push(productView(gate, up, examples));
+      return views;
+    }
+
+    // gate_proj and up_proj read the same input and the MLP multiplies what they produce: their
+    // product shows where both fire. It has no histogram; colours are relative to its largest
+    // |value| in the card.
+    function productView(gate, up, examples) {
+      const values = (e) => {
+        const ups = up.values(e);
+        const times = (g, u) => (finite(g) && finite(u) ? round4(g * u) : null);
+        return gate.values(e).map((g, j) => times(g, ups[j]));
+      };
+      const magnitudes = examples.flatMap((e) => values(e).filter(finite).map(Math.abs));
+      const scale = Math.max(0, ...magnitudes) || 1;
+      return { label: "gate×up", tip: "gate×up", key: null, scale, values };
+    }
+
+    function exampleRow(group, view) {
+      const example = group[0];
+      const row = el("li", "example");
+      const side = el("div", "side");
+      const value = el("span", "value", fmt(example.activation));
+      value.classList.add(example.activation < 0 ? "neg" : "pos");
+      const where = el("span", "where", `#${example.example_index} t${example.token_index}`);
+      where.title = `example ${example.example_index}, token ${example.token_index}`;
+      side.append(value, where);
+      if (group.length > 1) {
+        const repeats = el("span", "repeats", `×${group.length} examples`);
+        repeats.title = "the same context in examples " +
+          group.map((e) => `#${e.example_index}`).join(", ");
+        side.append(repeats);
+      }
+
+      const context = el("div", "context");
+      const sequence = settings.sequences?.[example.example_index];
+      const window = page.metadata.context_window;
+      const { tokens, values, first, cut } =
+        Contexts.shownTokens(example, view.values(example), settings.width, window, sequence);
+      if (first > 0) context.append(el("span", "muted", "… "));
+      tokens.forEach((id, i) => {
+        const offset = first + i - example.token_index; // from the example's own token
+        const span = token(id, "tok");
+        if (values[i] === undefined) span.classList.add("unrecorded");
+        else paint(span, values[i], view.scale);
+        if (offset === 0) span.classList.add("target");
+        tokenInfo.set(span, {
+          text: strings[id],
+          value: values[i],
+          view,
+          example: example.example_index,
+          position: example.token_index + offset,
+          offset,
+        });
+        context.append(span);
+      });
+      if (cut) context.append(el("span", "muted", " …"));
+      row.append(side, context);
+      return row;
+    }
+
+    // Drawn in its card's view and the page's context width; registered with the card, so that
+    // switching either redraws it.
+    function exampleList(examples, card) {
+      const list = el("ol", "example-list");
+      const groups = Contexts.groupRepeats(examples);
+      const draw = () => list.replaceChildren(...groups.map((g) => exampleRow(g, card.view)));
+      card.redraws.push(draw);
+      draw();
+      return list;
+    }
+
+    const examplesOrNone = (examples, card) =>
+      examples.length ? exampleList(examples, card) : el("p", "empty", "none");
+
+    function exampleSection(title, examples, card, sign) {
+      const section = el("div", `examples ${sign}`);
+      section.append(el("h4", "", `${title} (${examples.length})`), examplesOrNone(examples, card));
+      return section;
+    }
+
+    function directionCard(layer, d) {
+      const { projection, direction } = d;
+      const toExample = (row) => Contexts.exampleOf(row, page.example_fields, direction.siblings);
+      const positive = direction.top_positive.map(toExample);
+      const negative = direction.top_negative.map(toExample);
+      const samples = direction.quantile_samples.map((s) => ({
+        ...s, examples: s.examples.map(toExample),
+      }));
+      const sampled = samples.flatMap((s) => s.examples);
+      const views = cardViews(layer, d, [...positive, ...negative, ...sampled]);
+      const card = { view: views[0], redraws: [] }; // redraws: what a view or setting changes
+      cards.push(card);
+
+      const node = el("section", "card");
+      node.dataset.key = direction.key;
+      const head = el("header", "card-head");
+      const title = el("div", "card-title");
+      const legend = el("span");
+      title.append(el("h3", "", direction.name), legend, notes.starButton(direction.key));
+      const meta = el(
+        "div",
+        "card-meta",
+        `reads ${projection.read_site} · scaling ${fmt(projection.scaling)} · ` +
+          `‖A‖ ${fmt(direction.a_norm)} · ‖B‖ ${fmt(direction.b_norm)} · ` +
+          `write scale ${fmt(direction.write_norm_scale)}`,
+      );
+      const nonfinite = direction.stats.nonfinite;
+      if (nonfinite > 0) {
+        meta.append(" · ", el("span", "warn", `${fmtCount(nonfinite)} non-finite left out`));
+      }
+      head.append(title, meta, notes.noteBox(direction.key));
+
+      const showView = (view) => {
+        card.view = view;
+        const scale = fmt(round4(view.scale));
+        legend.replaceChildren(scaleLegend(`−${scale}`, `+${scale}`));
+        legend.title = `colour scale of ${view.label}`;
+        redraw(card);
+      };
+      if (views.length > 1) head.append(viewSwitch(views, showView));
+      showView(card.view);
+
+      node.append(
+        head,
+        cardHistogram(direction, card),
+        exampleSection("Top positive", positive, card, "pos"),
+        exampleSection("Top negative", negative, card, "neg"),
+        ...moreSections(direction, samples, card),
+      );
+      return node;
+    }
+
+    function viewSwitch(views, showView) {
+      const group = el("div", "seg views");
+      group.setAttribute("role", "group");
+      group.setAttribute("aria-label", "Tokens show the activations of");
+      const items = views.map((view) => ({
+        label: view.label, title: `${view.key || "gate × up"} at these tokens`, value: view,
+      }));
+      choice(group, items, views[0], showView);
+      return group;
+    }
+
+    function cardHistogram(direction, card) {
+      const figure = el("figure", "card-hist");
+      const draw = () => {
+        const { root, mark } = Plots.histogram(direction.histogram, settings.logCounts);
+        marks.set(direction.key, mark);
+        figure.replaceChildren(root);
+      };
+      card.redraws.push(draw);
+      draw();
+      return figure;
+    }
+
+    function moreSections(direction, samples, card) {
+      const sections = [];
+      const add = (title, build) => sections.push(lazySection("more", title, build));
+      if (samples.length) add("Quantile samples", () => quantileSamples(samples, card));
+      add("Top and bottom tokens", () => tokenTables(direction));
+      if (direction.logit_effects) add("Logit effects", () => logitEffects(direction.logit_effects));
+      add("Position profile", () => Plots.positionProfile(direction.position_profile));
+      return sections;
+    }
+
+    function quantileSamples(samples, card) {
+      const box = el("div", "quantiles");
+      for (const { quantile_range: [q0, q1], value_range: [lo, hi], examples } of samples) {
+        const heading = el("h5", "", `quantiles ${q0}–${q1} · values ${lo} … ${hi}`);
+        box.append(heading, examplesOrNone(examples, card));
+      }
+      return box;
+    }
+
+    function valueTable(caption, columns, rows) {
+      const table = el("table", "value-table");
+      table.createCaption().textContent = caption;
+      const head = table.createTHead().insertRow();
+      for (const label of columns) head.append(el("th", "", label));
+      const body = table.createTBody();
+      for (const cells of rows) body.insertRow().append(...cells);
+      return table;
+    }
+
+    function numberCell(value, scale) {
+      const cell = el("td", "", fmt(value));
+      if (scale) paint(cell, value, scale);
+      return cell;
+    }
+
+    function tokenCell(id) {
+      const cell = el("th");
+      cell.append(token(id));
+      return cell;
+    }
+
+    function tokenTables(direction) {
+      const scale = scaleOf(direction.stats);
+      const table = (caption, rows) => valueTable(
+        caption,
+        ["token", "count", "mean", "min", "max"],
+        rows.map((r) => [
+          tokenCell(r.token), numberCell(fmtCount(r.count)), numberCell(r.mean, scale),
+          numberCell(r.min), numberCell(r.max),
+        ]),
+      );
+      const box = el("div", "pair");
+      const seen = `, seen ≥ ${page.metadata.min_token_count}×`;
+      box.append(
+        scroller(table(`highest mean${seen}`, direction.top_tokens)),
+        scroller(table(`lowest mean${seen}`, direction.bottom_tokens)),
+      );
+      return box;
+    }
+
+    function logitEffects(effects) {
+      const values = [...effects.top, ...effects.bottom].map((e) => Math.abs(e.value));
+      const scale = Math.max(0, ...values) || 1;
+      const table = (caption, rows) => valueTable(
+        caption,
+        ["token", "logit"],
+        rows.map((e) => [tokenCell(e.token), numberCell(e.value, scale)]),
+      );
+      const box = el("div", "pair");
+      box.append(table("raises", effects.top), table("lowers", effects.bottom));
+      return box;
+    }
+
+    function statsTable(layer) {
+      const table = el("table", "stats-table");
+      const head = table.createTHead().insertRow();
+      for (const label of STATS_COLUMNS) head.append(el("th", "", label));
+      const body = table.createTBody();
+      for (const { projection, direction } of directions(layer)) {
+        const row = body.insertRow();
+        const s = direction.stats;
+        const values = [
+          s.min, s.max, s.mean, s.std, direction.a_norm, direction.b_norm, projection.scaling,
+        ];
+        row.append(el("th", "", direction.name));
+        row.append(el("td", "", fmtCount(s.count)), ...values.map((v) => el("td", "", fmt(v))));
+      }
+      return scroller(table);
+    }
+
+    function cosineTable(cosine) {
+      const figure = el("figure", "cosine");
+      figure.append(el("figcaption", "", SPACES[cosine.space] || cosine.space));
+      const table = el("table", "cos-table");
+      const head = table.createTHead().insertRow();
+      head.append(el("th"));
+      for (const label of cosine.labels) head.append(el("th", "col", label));
+      const body = table.createTBody();
+      cosine.matrix.forEach((values, i) => {
+        const row = body.insertRow();
+        row.append(el("th", "", cosine.labels[i]));
+        for (const v of values) {
+          const cell = el("td", "", v.toFixed(2));
+          cell.title = `${cosine.labels[i]} · ${fmt(v)}`;
+          paint(cell, v, 1);
+          row.append(cell);
+        }
+      });
+      figure.append(scroller(table));
+      return figure;
+    }
+
+    function cosines(layer) {
+      const box = el("div", "cos-box");
+      const title = el("h3", "", "Cosine similarities ");
+      title.append(scaleLegend("−1", "+1"));
+      box.append(title);
+      const grid = el("div", "cos-grid");
+      for (const cosine of layer.cosine_similarities) grid.append(cosineTable(cosine));
+      if (!layer.cosine_similarities.length) grid.append(el("p", "empty", "none in this file"));
+      box.append(grid);
+      return box;
+    }
+
+    function statsSection(layer) {
+      const details = el("details", "stats");
+      details.open = settings.statsOpen;
+      details.addEventListener("toggle", () => {
+        settings.statsOpen = details.open;
+      });
+      details.append(
+        el("summary", "", `Statistics for layer ${layer.layer}`),
+        statsTable(layer),
+        cosines(layer),
+      );
+      return details;
+    }
+
+    // The layer's title, cards and statistics; these cards replace those on screen.
+    function layerView(layer) {
+      cards = [];
+      marks.clear();
+      const grid = el("div", "modules");
+      for (const d of directions(layer)) grid.append(directionCard(layer, d));
+      return [el("h2", "layer-title", `Layer ${layer.layer}`), grid, statsSection(layer)];
+    }
+
+    // A token's tooltip rows, and the histogram to mark with its value.
+    function tokenTip(span) {
+      const info = tokenInfo.get(span);
+      const offset = info.offset === 0 ? "target" : `${info.offset > 0 ? "+" : ""}${info.offset}`;
+      const value = info.value === undefined ? "not kept (outside the window)" : fmt(info.value);
+      return {
+        rows: [
+          ["token", Format.escaped(info.text)],
+          [info.view.tip, value],
+          ["position", `example ${info.example}, token ${info.position} (${offset})`],
+        ],
+        key: info.view.key,
+        value: info.value,
+      };
+    }
+
+    // Draws `value` on the histogram of direction `key`, and hides the marks of the others.
+    function mark(key, value) {
+      for (const [k, draw] of marks) draw(k === key ? value : null);
+    }
+
+    return { layerView, redrawAll: () => cards.forEach(redraw), tokenTip, mark };
+  }
+
+  return { create };
+})();

@@ -1,0 +1,72 @@
+// Examples and their contexts, pure: rows to objects, repeats, what a row shows at a width.
+/* global Format */
+/* exported Contexts */
+const Contexts = (() => {
+  const NARROW = 3; // the narrow context width, in tokens on each side of the target
+  const WHOLE = 1000; // a stored sequence longer than this is cut around the target
+
+  // Examples are embedded as rows of `fields` (the page's example_fields), without
+  // "activation" (it is the activation at the target), their sibling activations in the order
+  // of the direction's `siblings`: objects are made only for the examples in use.
+  function exampleOf(row, fields, siblings) {
+    const example = Object.fromEntries(fields.map((field, i) => [field, row[i]]));
+    example.activations = Format.unfixed(example.activations);
+    if (example.sibling_activations) {
+      example.sibling_activations = Object.fromEntries(
+        siblings.map((m, i) => [m, Format.unfixed(example.sibling_activations[i])]));
+    }
+    example.activation = example.activations[example.target];
+    return example;
+  }
+
+  // Every example row of a direction: its top lists, then its quantile samples.
+  const exampleRows = (direction) => [
+    ...direction.top_positive,
+    ...direction.top_negative,
+    ...direction.quantile_samples.flatMap((samples) => samples.examples),
+  ];
+
+  // Examples with the same context, position and value are one finding (typically a prompt
+  // prefix that every example shares): one row, saying how many examples it stands for.
+  function sameContext(a, b) {
+    return a.token_index === b.token_index && a.activation === b.activation &&
+      a.target === b.target && a.tokens.length === b.tokens.length &&
+      a.tokens.every((id, j) => id === b.tokens[j]);
+  }
+
+  // Runs of consecutive examples with the same context, each run one group.
+  function groupRepeats(examples) {
+    const groups = [];
+    for (const example of examples) {
+      const last = groups[groups.length - 1];
+      if (last && sameContext(last[0], example)) last.push(example);
+      else groups.push([example]);
+    }
+    return groups;
+  }
+
+  // What a row shows at context width `width` (tokens on each side; Infinity: the whole stored
+  // `sequence`, if any) of a run with window `window`: ±width, the kept window, or the
+  // sequence (values undefined outside the window). first: the sequence position of tokens[0].
+  function shownTokens(example, values, width, window, sequence) {
+    const start = example.token_index - example.target; // the window's place in its sequence
+    if (width === Infinity && sequence) {
+      const first = Math.max(0, example.token_index - WHOLE / 2);
+      const tokens = sequence.slice(first, first + WHOLE);
+      const known = (p) => (p >= 0 && p < values.length ? values[p] : undefined);
+      return {
+        tokens, first, cut: first + tokens.length < sequence.length,
+        values: tokens.map((_, i) => known(first + i - start)),
+      };
+    }
+    const lo = width >= window ? 0 : Math.max(0, example.target - width);
+    const hi = width >= window
+      ? example.tokens.length : Math.min(example.tokens.length, example.target + width + 1);
+    return {
+      tokens: example.tokens.slice(lo, hi), values: values.slice(lo, hi), first: start + lo,
+      cut: false,
+    };
+  }
+
+  return { NARROW, WHOLE, exampleOf, exampleRows, sameContext, groupRepeats, shownTokens };
+})();

@@ -1,0 +1,283 @@
+// The page: decodes the index, draws the overview and the layer of the address, and wires
+// every control. Only the layer on screen is in the DOM, decoded and built when it is shown,
+// and a card's collapsed sections are built when first opened, so first paint does not grow
+// with the run. #layer's data-state is "loading" while something is being decoded or drawn,
+// "ready" once it is on screen.
+/* global Cards, Contexts, Data, Dom, Format, Heatmap, Notes, Plots, Search, Tooltip */
+(async () => {
+  const $ = (id) => document.getElementById(id);
+  const { el } = Dom;
+  const store = Data.open($("dashboard-data"));
+  const page = await store.get("index");
+  const META = page.metadata;
+  const OVERVIEW = page.overview; // per layer: its number and its directions' scalars
+  const main = $("layer");
+  const select = $("layer-select");
+  const prev = $("prev-layer");
+  const next = $("next-layer");
+  const position = $("layer-position");
+  // The page's settings, which the cards read whenever they draw.
+  const settings = {
+    width: META.context_window, // context tokens shown on each side of the target
+    logCounts: false,
+    statsOpen: false,
+    sequences: null, // --store-sequences: example index -> its whole sequence, once decoded
+  };
+  const layerOfKey = new Map(
+    OVERVIEW.flatMap((layer, index) => layer.directions.map((d) => [d.key, index])));
+  const layerData = (index) => store.get(`layer-${index}`);
+
+  let pending = 0;
+  // Runs `work` (async) with #layer marked "loading" until it is done.
+  async function busy(work) {
+    pending++;
+    main.dataset.state = "loading";
+    try {
+      return await work();
+    } finally {
+      if (--pending === 0) main.dataset.state = "ready";
+    }
+  }
+
+  // A link to a direction: a real link to its layer, which opens the card itself.
+  function directionLink(key, text) {
+    const link = el("a", "direction-link", text);
+    if (layerOfKey.has(key)) link.href = `#layer-${OVERVIEW[layerOfKey.get(key)].layer}`;
+    link.dataset.open = key;
+    return link;
+  }
+
+  const notesElements = { count: $("notes-count"), status: $("notes-status"), list: $("notes-list") };
+  const notes = Notes.create(META, notesElements, directionLink);
+  const cards = Cards.create(page, settings, notes);
+  const tooltip = Tooltip.create($("tooltip"), () => cards.mark(null, null));
+
+  // ---- layers and navigation ------------------------------------------------------------
+
+  let current = -1;
+  let shown = Promise.resolve(); // the layer being shown, or on screen
+
+  // Shows the index-th layer (a repeated request gets the same promise).
+  function show(index) {
+    if (index === current) return shown;
+    current = index;
+    tooltip.hide();
+    select.value = String(index);
+    prev.disabled = index === 0;
+    next.disabled = index === OVERVIEW.length - 1;
+    position.textContent = `${index + 1} of ${OVERVIEW.length}`;
+    heatmap.markCurrent(index);
+    shown = busy(() => drawLayer(index));
+    return shown;
+  }
+
+  async function drawLayer(index) {
+    const started = performance.now();
+    const layer = await layerData(index);
+    if (index !== current) return; // another layer was asked for meanwhile
+    main.replaceChildren(...cards.layerView(layer));
+    // Measured once the frame with the new layer is painted.
+    requestAnimationFrame(() => setTimeout(() => {
+      performance.measure("dashboard-layer", { start: started });
+    }));
+    for (const near of [index + 1, index - 1]) { // decoded ahead, for the ← → keys
+      if (near >= 0 && near < OVERVIEW.length) layerData(near);
+    }
+  }
+
+  function indexFromHash() {
+    const match = /^#layer-(-?\d+)$/.exec(location.hash);
+    const index = match ? OVERVIEW.findIndex((layer) => layer.layer === Number(match[1])) : -1;
+    return Math.max(index, 0);
+  }
+
+  // Controls show the layer at once (hashchange comes later, and keys can repeat faster)
+  // and record it in the hash, so that links, reloads and the back button agree with it.
+  function go(index) {
+    if (index < 0 || index >= OVERVIEW.length) return shown;
+    const showing = show(index);
+    location.hash = `layer-${OVERVIEW[index].layer}`;
+    return showing;
+  }
+
+  // Shows the layer of a direction key and brings its card into view, outlined.
+  async function openDirection(key) {
+    if (!layerOfKey.has(key)) return;
+    await go(layerOfKey.get(key));
+    for (const card of main.querySelectorAll(".card")) {
+      card.classList.toggle("opened", card.dataset.key === key);
+      if (card.dataset.key === key) card.scrollIntoView({ block: "start" });
+    }
+  }
+
+  // Heatmap cells and links carry the key of the direction they open.
+  document.addEventListener("click", (event) => {
+    const opener = event.target.closest && event.target.closest("[data-open]");
+    if (!opener) return;
+    event.preventDefault();
+    openDirection(opener.dataset.open);
+  });
+
+  // ---- tooltips ---------------------------------------------------------------------------
+
+  function showTokenTooltip(span) {
+    const { rows, key, value } = cards.tokenTip(span);
+    tooltip.show(span.getBoundingClientRect(), rows);
+    cards.mark(key, value);
+  }
+
+  const tokenAt = (event) => event.target.closest && event.target.closest(".tok");
+  main.addEventListener("pointerover", (event) => {
+    const span = event.pointerType === "mouse" && tokenAt(event);
+    if (span) showTokenTooltip(span);
+  });
+  main.addEventListener("pointerout", (event) => {
+    if (event.pointerType === "mouse" && tokenAt(event)) tooltip.hide();
+  });
+  // Touch has no hover: a tap (or click) on a token shows it, anywhere else hides it.
+  document.addEventListener("click", (event) => {
+    const span = tokenAt(event);
+    if (span) showTokenTooltip(span);
+    else tooltip.hide();
+  });
+
+  // ---- overview: search -------------------------------------------------------------------
+
+  const searchInput = $("search");
+  const results = $("search-results");
+  const SHOWN_DIRECTIONS = 50;
+  const SHOWN_VALUES = 8;
+  let searchIndex = null; // built on the first search, from every layer
+
+  // Draws the results for the input's text; #search-results' data-query is the query drawn.
+  async function showResults() {
+    const query = searchInput.value;
+    if (!query.trim()) {
+      results.replaceChildren();
+      results.dataset.query = query;
+      return;
+    }
+    searchIndex ??= Promise.all(OVERVIEW.map((_, i) => layerData(i)))
+      .then((layers) => Search.buildIndex(page.strings, layers, page.example_fields));
+    const found = (await searchIndex).find(query);
+    if (searchInput.value !== query) return; // typed on meanwhile
+    const total = found.reduce((n, f) => n + f.hits.length, 0);
+    const summary = found.length
+      ? `${Format.fmtCount(total)} occurrences in ${found.length} directions` +
+        (found.length > SHOWN_DIRECTIONS ? `; the ${SHOWN_DIRECTIONS} strongest:` : ":")
+      : "not in any example of this file";
+    const list = el("ul", "result-list");
+    for (const { layer, direction, hits } of found.slice(0, SHOWN_DIRECTIONS)) {
+      const item = el("li");
+      item.append(
+        directionLink(direction.key, `layer ${layer} ${direction.name}`),
+        el("span", "hits muted", ` ×${hits.length}`),
+      );
+      hits.sort((a, b) => Math.abs(b.value ?? 0) - Math.abs(a.value ?? 0));
+      for (const hit of hits.slice(0, SHOWN_VALUES)) {
+        const chip = el("span", hit.target ? "chip target" : "chip", Format.fmt(hit.value));
+        Dom.paint(chip, hit.value, Format.scaleOf(direction.stats));
+        item.append(" ", chip);
+      }
+      if (hits.length > SHOWN_VALUES) item.append(" …");
+      list.append(item);
+    }
+    results.replaceChildren(el("p", "muted", summary), list);
+    results.dataset.query = query;
+  }
+
+  // ---- page-wide controls -----------------------------------------------------------------
+
+  function contextWidthSwitch() {
+    const box = $("context-width");
+    const window = META.context_window;
+    const stored = store.has("sequences");
+    if (!(window > Contexts.NARROW) && !stored) return box.remove(); // one width
+    box.append(el("span", "muted", "context"));
+    const widths = [...new Set([Math.min(Contexts.NARROW, window), window])].map((width) => ({
+      label: `±${width}`,
+      title: `${width} tokens on each side of the example's own token`,
+      value: width,
+    }));
+    if (stored) {
+      widths.push({
+        label: "whole",
+        title: `the example's whole sequence (up to ${Contexts.WHOLE} tokens around its own ` +
+          "token), coloured where values were kept",
+        value: Infinity,
+      });
+    }
+    Dom.choice(box, widths, settings.width, (width) => busy(async () => {
+      if (width === Infinity) settings.sequences ??= await store.get("sequences");
+      settings.width = width;
+      cards.redrawAll();
+    }));
+  }
+
+  function logCountsSwitch() {
+    const check = $("log-counts");
+    check.addEventListener("change", () => {
+      settings.logCounts = check.checked;
+      cards.redrawAll();
+    });
+  }
+
+  function crossLayerSection() {
+    if (!store.has("cross-layer-cosine")) return;
+    const title = `Cross-layer cosines (${page.cross_layer_vectors} vectors)`;
+    const section = Dom.lazySection("panel cross-layer", title, () => {
+      const figure = el("figure", "cross-figure");
+      const caption = el("figcaption", "", "cosine of every pair of residual-stream vectors ");
+      caption.append(Dom.scaleLegend("−1", "+1"));
+      figure.append(caption);
+      busy(async () => {
+        const cosine = await store.get("cross-layer-cosine");
+        figure.append(Plots.crossLayerCosine(cosine, tooltip, openDirection));
+      });
+      return figure;
+    });
+    $("overview").append(section);
+  }
+
+  // ---- start ------------------------------------------------------------------------------
+
+  const heatmap = Heatmap.create($("heatmap"), $("heat-metric"), OVERVIEW);
+  if (!OVERVIEW.length) {
+    main.replaceChildren(el("p", "empty", "This file has no layers."));
+    prev.disabled = next.disabled = select.disabled = true;
+    main.dataset.state = "ready";
+    return;
+  }
+  crossLayerSection();
+  const search = Search.debounce(showResults, 150);
+  searchInput.addEventListener("input", () => (searchInput.value.trim() ? search() : showResults()));
+  $("notes-export").addEventListener("click", notes.exportAll);
+  const importInput = $("notes-import");
+  importInput.addEventListener("change", () => {
+    const [file] = importInput.files;
+    importInput.value = ""; // the same file can be imported again
+    if (!file) return;
+    busy(async () => {
+      if (!(await notes.importFile(file))) return;
+      main.replaceChildren(...cards.layerView(await layerData(current))); // with the imported notes
+    });
+  });
+  contextWidthSwitch();
+  logCountsSwitch();
+
+  OVERVIEW.forEach((layer, i) => select.append(new Option(`Layer ${layer.layer}`, String(i))));
+  select.addEventListener("change", () => go(Number(select.value)));
+  prev.addEventListener("click", () => go(current - 1));
+  next.addEventListener("click", () => go(current + 1));
+  document.addEventListener("keydown", (event) => {
+    if (event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) return;
+    if (event.target.closest("input, select, textarea")) return; // they use arrows themselves
+    const step = { ArrowLeft: -1, ArrowRight: 1 }[event.key];
+    if (!step) return;
+    event.preventDefault();
+    go(current + step);
+  });
+  window.addEventListener("hashchange", () => show(indexFromHash()));
+  await show(indexFromHash());
+  performance.mark("dashboard-ready");
+})();
