@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from backend.contexts import BatchTokens
-from backend.summaries import Exporter, Shape, Summary, load_tensors, occurrences, tensors_of
+from backend.summaries import Exporter, Shape, Summary, occurrences
 
 POSITION_BUCKETS = 22  # 0, 1, [2, 4), ..., [2**19, 2**20), then everything from 2**20 on
 TOP_TOKENS = 10  # token strings listed per direction and side
@@ -44,12 +44,6 @@ class PositionProfile(Summary):
     def merge(self, other: PositionProfile) -> None:
         self.sum += other.sum
         self.count += other.count
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return tensors_of(self, self.STATE)
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_tensors(self, state, self.STATE, self.shape.device)
 
     def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
         return {"position_profile": self.export(d)}

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from backend.contexts import BatchTokens, unpack
-from backend.summaries import Exporter, Range, Shape, Summary, load_tensors, occurrences, tensors_of
+from backend.summaries import Exporter, Range, Shape, Summary, occurrences
 
 SAMPLES = 2  # tokens kept per bucket, and shown per range
 # |activation| buckets: below 2**-12, four per octave up to 2**12, and from 2**12 on. A float32's
@@ -55,7 +55,7 @@ class QuantileSamples(Summary):
     """
 
     name = "samples"
-    STATE = ("counts", "meta", "slot", "ids", "floats")
+    STATE = ("counts", "meta", "slot", "ids", "floats", "range.min", "range.max")
     EMPTY_SLOT = (EMPTY, -1, -1)  # meta of an empty slot
 
     def __init__(self, shape: Shape) -> None:
@@ -176,13 +176,6 @@ class QuantileSamples(Summary):
         ref = other.slot.where(other.key < EMPTY, -1)  # a candidate's reference: its pool entry
         contexts = lambda i: (other.ids[i], other.floats[i])  # noqa: E731
         self._merge_rows(rows, other.meta, ref, contexts)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**tensors_of(self, self.STATE), **self.range.state_dict()}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_tensors(self, state, self.STATE, self.shape.device)
-        self.range.load(state, self.shape.device)
 
     def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
         lo, hi = self.range.of(d)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -57,6 +58,9 @@ class Summary:
     """Base of every summary. `name` prefixes its tensors in the state and must be unique."""
 
     name: ClassVar[str]
+    # The tensor attributes its default state_dict/load save and restore ("range.min": an
+    # attribute of an attribute).
+    STATE: ClassVar[tuple[str, ...]] = ()
 
     @staticmethod
     def applies(shape: Shape) -> bool:
@@ -76,12 +80,16 @@ class Summary:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything it holds, on the CPU."""
-        raise NotImplementedError
+        """Everything it holds, on the CPU: by default the tensors STATE names."""
+        return {name: attrgetter(name)(self).cpu() for name in self.STATE}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        """Take the tensors of `state_dict` (into a summary just built of the same shape)."""
-        raise NotImplementedError
+        """Take the tensors of `state_dict` (into a summary just built of the same shape),
+        copied: summaries update in place, and the state may still be read."""
+        for name in self.STATE:
+            owner, _, attribute = name.rpartition(".")
+            target = attrgetter(owner)(self) if owner else self
+            setattr(target, attribute, state[name].to(self.shape.device, copy=True))
 
     def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
         """Its fields of direction d's entry in the document (the export)."""
@@ -96,24 +104,8 @@ class Summary:
         return torch.empty(0, dtype=torch.long)
 
 
-def tensors_of(summary: object, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The named tensor attributes, on the CPU: the usual state_dict."""
-    return {name: getattr(summary, name).cpu() for name in names}
-
-
-def load_tensors(
-    summary: object, state: dict[str, torch.Tensor], names: tuple[str, ...], device: torch.device
-) -> None:
-    """The usual load: the named tensors of the state back onto their attributes, on `device`,
-    copied (summaries update in place, and the state may still be read)."""
-    for name in names:
-        setattr(summary, name, state[name].to(device, copy=True))
-
-
 class Range:
     """Running least and largest finite value of D directions, float64 (+-inf before any)."""
-
-    NAMES = ("min", "max")
 
     def __init__(self, num_directions: int, device: torch.device) -> None:
         self.min = torch.full((num_directions,), math.inf, dtype=torch.float64, device=device)
@@ -126,12 +118,6 @@ class Range:
     def merge(self, other: Range) -> None:
         self.min = torch.minimum(self.min, other.min)
         self.max = torch.maximum(self.max, other.max)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return tensors_of(self, self.NAMES)
-
-    def load(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
-        load_tensors(self, state, self.NAMES, device)
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """min and max [D], 0 for a direction that has seen no finite value yet."""

@@ -32,9 +32,7 @@ from backend.summaries import (
     Range,
     Shape,
     Summary,
-    load_tensors,
     occurrences,
-    tensors_of,
 )
 
 # Internal histogram resolution relative to the requested bins: the output groups whole internal
@@ -47,7 +45,7 @@ DENSE = 4  # chunks per direction beyond which every direction's k best chunks a
 
 class Moments(Summary):
     name = "moments"
-    STATE = ("count", "mean", "m2", "nonfinite")
+    STATE = ("count", "mean", "m2", "nonfinite", "range.min", "range.max")
 
     def __init__(self, shape: Shape) -> None:
         super().__init__(shape)
@@ -92,13 +90,6 @@ class Moments(Summary):
     def std(self) -> torch.Tensor:
         return (self.m2 / self.count.clamp(min=1)).sqrt()
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**tensors_of(self, self.STATE), **self.range.state_dict()}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_tensors(self, state, self.STATE, self.shape.device)
-        self.range.load(state, self.shape.device)
-
     @property
     def min(self) -> torch.Tensor:
         return self.range.min
@@ -119,7 +110,7 @@ class Histogram(Summary):
     """Exact counts of D streams on bins of width 2**exp[d] starting at start[d] * 2**exp[d]."""
 
     name = "histogram"
-    STATE = ("exp", "start", "counts")
+    STATE = ("exp", "start", "counts", "range.min", "range.max")
 
     def __init__(self, shape: Shape) -> None:
         super().__init__(shape)
@@ -184,13 +175,6 @@ class Histogram(Summary):
         self.range.merge(other.range)
         self._fit(torch.maximum(self.exp, other.exp))
         self.counts += self._rebinned(other.counts, other.exp, other.start, self.exp, self.start)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {**tensors_of(self, self.STATE), **self.range.state_dict()}
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_tensors(self, state, self.STATE, self.shape.device)
-        self.range.load(state, self.shape.device)
 
     def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
         return {"histogram": self.export(d, *self.range.of(d))}
@@ -292,7 +276,7 @@ class TopK(Summary):
     """
 
     name = "top"
-    FIELDS = ("values", "example", "position", "ids", "acts", "siblings")  # [2, D, k, ...]
+    STATE = FIELDS = ("values", "example", "position", "ids", "acts", "siblings")  # [2, D, k, ...]
 
     def __init__(self, shape: Shape) -> None:
         super().__init__(shape)
@@ -364,12 +348,6 @@ class TopK(Summary):
             rows = rows.gather(1, at)
             rows[changed, slot] = value.to(rows.dtype)
             field.index_copy_(0, lists, rows)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return tensors_of(self, self.FIELDS)
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_tensors(self, state, self.FIELDS, self.shape.device)
 
     def top_examples(self, d: int, negative: bool) -> list[Example]:
         """Direction d's top examples on one side, strongest first."""

@@ -26,7 +26,7 @@ from backend.contexts import BatchTokens
 from backend.data import iter_sequences, read_rows
 from backend.generate_activations_data import main
 from backend.loading import BaseModel, load_model
-from backend.summaries import Exporter, Shape, Summary, load_tensors, tensors_of
+from backend.summaries import Exporter, Shape, Summary
 from tests.reference import lora_a_activations
 
 
@@ -53,12 +53,6 @@ class AboveZero(Summary):
     def merge(self, other: AboveZero) -> None:
         self.above += other.above
         self.squares += other.squares
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return tensors_of(self, self.STATE)
-
-    def load(self, state: dict[str, torch.Tensor]) -> None:
-        load_tensors(self, state, self.STATE, self.shape.device)
 
     def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
         return {"above_zero": {"count": int(self.above[d]), "squares": float(self.squares[d])}}
