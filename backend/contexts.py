@@ -20,6 +20,30 @@ from functools import cached_property
 
 import torch
 
+# Odd 64-bit multipliers (int64 arithmetic wraps around) for the window keys below.
+_KEY_MIX = (0x9E3779B97F4A7C15 - 2**64, 0xBF58476D1CE4E5B9 - 2**64, 0x94D049BB133111EB - 2**64)
+
+
+def window_keys(input_ids: torch.Tensor, lengths: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, L] int64: a key of each token's context window, for input_ids [B, L] (right padding,
+    lengths [B] real tokens per row); padding positions get keys too, to be ignored.
+
+    The window of position p is the ids at p-W .. p+W clipped to the sequence, with p's place in
+    it: two tokens have the same key exactly when those agree (up to a 64-bit hash collision,
+    about one in 2**64 per pair), wherever they stand in the data. Positions outside the sequence
+    count as id -1, so a clipped window differs from an unclipped one.
+    """
+    b, length = input_ids.shape
+    inside = torch.arange(length, device=input_ids.device)[None, :] < lengths[:, None]
+    ids = input_ids.masked_fill(~inside, -1) + 2  # >= 1: an id, 1 outside the sequence
+    padded = torch.nn.functional.pad(ids, (window, window), value=1)  # [B, L + 2W]
+    key = torch.zeros(b, length, dtype=torch.long, device=input_ids.device)
+    for j in range(2 * window + 1):  # key = mix(key * M1 + id) per window slot, C small
+        key = (key * _KEY_MIX[0] + padded[:, j : j + length]) ^ (key >> 29 & ((1 << 35) - 1))
+    key = key * _KEY_MIX[1]
+    key = key ^ (key >> 31 & ((1 << 33) - 1))
+    return key * _KEY_MIX[2]
+
 
 @dataclass
 class BatchTokens:
@@ -40,6 +64,12 @@ class BatchTokens:
         self.row, self.position = self.real // length, self.real % length
         self.ids = self.input_ids.flatten()[self.real]
         self.example = self.example_index[self.row]
+
+    @cached_property
+    def window_key(self) -> torch.Tensor:
+        """[N] int64: the key of each real token's context window (`window_keys`)."""
+        keys = window_keys(self.input_ids, self.lengths, self.window)
+        return keys.flatten().index_select(0, self.real)
 
     @cached_property
     def x(self) -> torch.Tensor:
