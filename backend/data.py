@@ -140,6 +140,31 @@ def read_rows(path: Path, skipped: list[int] | None = None) -> Iterator[Row]:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def count_rows(path: Path) -> int:
+    """How many rows read_rows(path) gives, found cheaply: the non-blank lines of a JSONL file
+    (a malformed line is a row too), the lines of a text file, the length of a JSON list, the
+    row count in a Parquet file's footer. Raises what read_rows would for a file it cannot read."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":  # a list's length needs the list: nothing cheaper than parsing it
+        return sum(1 for _ in read_rows(path))
+    try:
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                return pq.ParquetFile(path).metadata.num_rows
+            except pa.ArrowException as e:
+                raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+        if suffix in (".jsonl", ".ndjson"):  # lines as _read_jsonl splits them: bytes at "\n"
+            with path.open("rb") as f:
+                return sum(1 for line in f if line.strip())
+        with path.open(encoding="utf-8", errors="replace") as f:  # as read_rows splits text
+            return sum(1 for _ in f)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _read_jsonl(path: Path, skipped: list[int]) -> Iterator[Row]:
     with path.open("rb") as f:  # bytes: a line that is not UTF-8 is one malformed line
         for number, line in enumerate(f, start=1):
@@ -186,9 +211,11 @@ def _read_parquet(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def read_hub_rows(name: str, split: str) -> Iterable[dict[str, Any]]:
-    """Rows of a dataset through `datasets` (a hub id, or a local dataset directory)."""
+    """Rows of a dataset through `datasets` (a hub id, or a local dataset directory), without
+    its progress bars (our bar counts the rows)."""
     import datasets
 
+    datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(name, split=split)
     except (OSError, ValueError) as e:  # not found, offline, an unknown split
@@ -208,6 +235,9 @@ def iter_sequences(
 
     Rows with no tokens, and unreadable rows (None), are skipped but keep their index.
     """
+    # What transformers would log (hidden by loading.quiet_libraries): said once, as ours.
+    limit = getattr(tokenizer, "model_max_length", None)
+    warned = not isinstance(limit, int) or limit > 10**9  # "no limit" is a huge number
     # islice: no row past num_examples is read, so a reader counts only the rows used.
     for index, row in enumerate(itertools.islice(rows, num_examples)):
         if index < start_row or row is None:
@@ -216,7 +246,14 @@ def iter_sequences(
         if not ids:
             continue
         truncated = max_length is not None and len(ids) > max_length
-        yield Sequence(index, ids[:max_length] if truncated else ids, truncated)
+        ids = ids[:max_length] if truncated else ids
+        if not warned and len(ids) > limit:
+            warn(
+                f"example {index} has {len(ids)} tokens, more than the model's maximum length "
+                f"{limit}: its activations past that may mean little (--max-length cuts them)"
+            )
+            warned = True
+        yield Sequence(index, ids, truncated)
 
 
 @dataclass

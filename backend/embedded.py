@@ -7,8 +7,10 @@ that every tool loads it with ordinary `from_pretrained` in seconds, and PEFT ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import os
 import shutil
 import tempfile
@@ -97,9 +99,11 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     folder, name = str(gguf_path.parent), gguf_path.name
     # dequantize=True yields plain nn.Linear weights and drops the GGUF quantization config,
     # which would otherwise make save_pretrained refuse and PEFT treat the model as frozen.
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, **DEQUANTIZE
-    )
+    # stderr off: transformers' "Converting and de-quantizing" bar cannot be turned off.
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32, **DEQUANTIZE
+        )
     # The tokenizer, its special tokens and the chat template all come from the GGUF metadata.
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # The GGUF tokenizer does not know the context length and would report it as unlimited.

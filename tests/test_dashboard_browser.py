@@ -286,6 +286,82 @@ def test_heatmap_cell_opens_its_layer_and_module(open_page, small):
     assert title == f"layer 3 gate_proj[0]: write magnitude {js(four(write))}"
 
 
+@pytest.fixture(scope="session")
+def loud_down(tmp_path_factory) -> Rendered:
+    """Rank 2 on the MLP of 6 layers, down_proj's values 1e3 times gate's and up's (as in
+    real models, where down_proj reads the wide hidden space)."""
+    data = make_activations(n_layers=6, rank=2, seed=11)
+    for layer in data["layers"]:
+        for direction in layer["projections"]["down_proj"]["directions"]:
+            direction["stats"] = {
+                key: value * 1e3 if key in ("min", "max", "mean", "std") else value
+                for key, value in direction["stats"].items()
+            }
+    return rendered(tmp_path_factory.mktemp("loud-down"), data)
+
+
+def heat_alphas(page: Page) -> dict[str, float]:
+    """Each heatmap cell's colour intensity, by the key of the direction it opens."""
+    cells = page.locator("#heatmap .cell[data-open]")
+    pairs = cells.evaluate_all(
+        "cs => cs.map(c => [c.dataset.open, c.style.getPropertyValue('--a')])"
+    )
+    return {key: float(alpha) for key, alpha in pairs}
+
+
+def heat_scale(page: Page, scale: str, timeout: float = 5) -> None:
+    """Wait until the heatmap is drawn on `scale` ("module" or "run")."""
+    deadline = time.monotonic() + timeout
+    while page.evaluate("document.getElementById('heatmap').dataset.scale") != scale:
+        assert time.monotonic() < deadline, f"the heatmap was not drawn on {scale!r}"
+        page.wait_for_timeout(10)
+
+
+def test_heatmap_colours_each_module_on_its_own_scale(open_page, loud_down):
+    page = open_page(loud_down.url).page
+    measures = {}  # key -> (module, max |activation|)
+    for ref in iter_directions(loud_down.data):
+        stats = ref.direction["stats"]
+        measures[ref.key] = (ref.module, max(-stats["min"], stats["max"]))
+    largest_of = {}
+    for module, value in measures.values():
+        largest_of[module] = max(largest_of.get(module, 0.0), value)
+    largest = max(largest_of.values())
+    gates = [key for key, (module, _) in measures.items() if module == "gate_proj"]
+
+    # By default, each module's cells over that module's largest (its components together).
+    heat_scale(page, "module")
+    alphas = heat_alphas(page)
+    for key, (module, value) in measures.items():
+        assert alphas[key] == pytest.approx(value / largest_of[module], abs=6e-4), key
+    assert max(alphas[key] for key in gates) == 1.0
+    assert sum(alphas[key] > 0.2 for key in gates) >= len(gates) // 2  # not all pale
+    legend = page.locator("#heat-legend").text_content()
+    assert "its module's largest" in legend
+
+    # The switch: one scale for the run, where gate_proj is all but white.
+    page.locator("#heat-scale button", has_text="whole run").click()
+    heat_scale(page, "run")
+    alphas = heat_alphas(page)
+    for key, (_, value) in measures.items():
+        assert alphas[key] == pytest.approx(value / largest, abs=6e-4), key
+    assert max(alphas[key] for key in gates) < 0.01
+    assert page.locator("#heat-legend").text_content() != legend
+    assert "whole run" in page.locator("#heat-legend").text_content()
+
+    # Write magnitude compares directions across modules: always one scale, and the switch
+    # is off while it is shown.
+    page.locator("#heat-scale button", has_text="per module").click()
+    heat_scale(page, "module")
+    page.select_option("#heat-metric", label="write magnitude")
+    heat_scale(page, "run")
+    assert (
+        "write magnitude over the largest in the whole run"
+        in page.locator("#heat-legend").text_content()
+    )
+    assert page.locator("#heat-scale button:disabled").count() == 2
+
+
 def test_sibling_views_and_gate_times_up(open_page, qwen_32b_shaped):
     page = open_page(qwen_32b_shaped.url).page
     gate = card(page, "L0.gate_proj[0]")
