@@ -251,12 +251,10 @@ def sort_by(*keys: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def group_starts(*keys: torch.Tensor) -> torch.Tensor:
-    """[Q] bool: where any of the sorted keys [Q] changes (True at 0): the first of each group."""
-    start = torch.zeros_like(keys[0], dtype=torch.bool)
-    start[:1] = True
-    for key in keys:
-        start[1:] |= key[1:] != key[:-1]
+def group_starts(key: torch.Tensor) -> torch.Tensor:
+    """[Q] bool: where the sorted key [Q] changes (True at 0): the first of each group."""
+    start = torch.ones_like(key, dtype=torch.bool)
+    start[1:] = key[1:] != key[:-1]
     return start
 
 
@@ -266,8 +264,8 @@ def near(value: torch.Tensor, extreme: torch.Tensor) -> torch.Tensor:
 
 
 def _pair(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """One int64 per (row, window key), for membership tests (a collision costs a candidate
-    slot, never a result)."""
+    """One int64 per (row, window key): equal exactly when both are, up to a 64-bit hash
+    collision (as for the keys themselves)."""
     return keys ^ (rows * (0x9E3779B97F4A7C15 - 2**64))  # an odd 64-bit multiplier
 
 
@@ -277,25 +275,27 @@ def token_order(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
 
 
 def distinct_windows(
-    rows: torch.Tensor,  # [Q] direction of each entry
+    lists: torch.Tensor,  # [Q] list (side * D + direction) of each entry
     columns: torch.Tensor,  # [Q] its token (into the batch's real tokens)
     values: torch.Tensor,  # [Q] its activation, oriented so that larger is better
     keys: torch.Tensor,  # [Q] its token's window key
     order: torch.Tensor,  # [Q] its token's (example, position) order
 ) -> tuple[torch.Tensor, ...]:
-    """One entry per (direction, window) among the entries: the window's extreme value and its
-    shown occurrence, the earliest of those near the extreme. Returns rows, columns, extremes,
-    shown values, keys and orders [G], one per group, sorted by row."""
-    at = sort_by(rows, keys, -values)  # by direction, then window, then best first
-    rows, columns, values, keys, order = (t[at] for t in (rows, columns, values, keys, order))
-    start = group_starts(rows, keys)
+    """One entry per (list, window) among the entries: the window's extreme value and its
+    shown occurrence, the earliest of those near the extreme. Returns lists, columns, extremes,
+    shown values, keys and orders [G], one per group."""
+    pair = _pair(lists, keys)
+    at = sort_by(pair, -values)  # by (list, window), best first
+    pair, values, order = pair[at], values[at], order[at]
+    start = group_starts(pair)
     group = start.cumsum(0) - 1  # [Q]
     extreme = values[start][group]
     candidate = order.where(near(values, extreme), torch.iinfo(torch.long).max)
     earliest = torch.full_like(order[start], torch.iinfo(torch.long).max)
     earliest.scatter_reduce_(0, group, candidate, "amin")
     shown = candidate == earliest[group]  # one per group: a token's order is unique
-    return tuple(t[shown] for t in (rows, columns, extreme, values, keys, order))
+    at = at[shown]
+    return lists[at], columns[at], extreme[shown], values[shown], keys[at], order[shown]
 
 
 def distinct(
@@ -367,26 +367,31 @@ class TopK(Summary):
     def update(self, batch: BatchTokens) -> None:
         # A window enters a list only if it beats the list's k-th value (-inf until it is full);
         # a kept window's occurrence a little below its value may become the one shown.
+        d = self.shape.num_directions
         floor = self.values[:, :, -1]  # [2, D]
         relaxed = floor - TIE * floor.abs()
-        found = [
-            self._candidates(batch, side, x, relaxed[side] * sign, sign > 0)
-            for side, (x, sign) in enumerate(((batch.high, 1.0), (batch.low, -1.0)))
-        ]
-        width = max(int(f[1].max()) + 1 if len(f[1]) else 0 for f in found)
-        if width == 0:
+        high = beyond(batch.high, relaxed[0], largest=True)
+        low = beyond(batch.low, -relaxed[1], largest=False)
+        if len(high[0]) + len(low[0]) == 0:
             return  # no token of the batch comes near any list
-        d, device = self.shape.num_directions, batch.x.device
-        values = torch.full((2, d, width), -math.inf, device=device)
-        shown = torch.full_like(values, -math.inf)
-        order, key, token = (
-            torch.zeros(2, d, width, dtype=torch.long, device=device) for _ in "abc"
+        found = self._candidates(
+            batch,
+            torch.cat([high[0], low[0] + d]),
+            torch.cat([high[1], low[1]]),
+            torch.cat([high[2], -low[2]]),
         )
-        for side, (rows, rank, columns, extreme, value, keys, orders) in enumerate(found):
-            at = (torch.full_like(rows, side), rows, rank)
-            values[at], shown[at], key[at], order[at], token[at] = (
-                extreme, value, keys, orders, columns
-            )  # fmt: skip
+        lists, rank, columns, extreme, occurrence, window, order, known = found
+        width = int(rank.max()) + 1  # candidates per list, at most 2k (a host sync)
+        at = lists * width + rank
+        values = torch.full((2 * d * width,), -math.inf, device=batch.x.device)
+        shown = torch.full_like(values, -math.inf)
+        key, token, first = (torch.zeros_like(values, dtype=torch.long) for _ in range(3))
+        values[at], shown[at], key[at], token[at], first[at] = (
+            extreme, occurrence, window, columns, order
+        )  # fmt: skip
+        values, shown, key, token, first = (
+            t.view(2, d, width) for t in (values, shown, key, token, first)
+        )
 
         def entering(side: torch.Tensor, d: torch.Tensor, j: torch.Tensor) -> dict:
             n = token[side, d, j]
@@ -400,35 +405,35 @@ class TopK(Summary):
                 "key": key[side, d, j],
             }
 
-        self._merge(values, shown, order, key, entering)
+        self._merge(values, shown, first, key, entering, known)
 
     def _candidates(
-        self, batch: BatchTokens, side: int, x: torch.Tensor, floor: torch.Tensor, largest: bool
+        self, batch: BatchTokens, lists: torch.Tensor, columns: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        """One side's candidate windows of a batch: rows, ranks (< 2k per row), columns,
-        extremes, shown values, keys and orders [G].
+        """The candidate windows of a batch's entries (lists [Q], columns, oriented values):
+        lists, ranks (< 2k per list), columns, extremes, shown values, keys and orders [G],
+        and whether any is a window a list keeps.
 
-        Per row, the windows it already keeps come first (they may change the occurrence
+        Per list, the windows it already keeps come first (they may change the occurrence
         shown), then the k best others: whatever else the batch holds cannot enter.
         """
-        rows, columns, values = beyond(x, floor, largest)
-        if not largest:
-            values = -values
+        k = self.shape.top_k
         window = batch.window_key[columns]
         order = token_order(batch.example[columns], batch.position[columns])
-        rows, columns, extreme, value, window, order = distinct_windows(
-            rows, columns, values, window, order
+        lists, columns, extreme, value, window, order = distinct_windows(
+            lists, columns, values, window, order
         )
-        kept = self.key[side].masked_select(self.values[side] > -math.inf)
-        kept_rows = (self.values[side] > -math.inf).nonzero()[:, 0]
-        known = torch.isin(_pair(rows, window), _pair(kept_rows, kept))
-        at = sort_by(rows, ~known, -extreme, order)
-        rows, columns, extreme, value, window, order = (
-            t[at] for t in (rows, columns, extreme, value, window, order)
+        kept = self.values.view(-1, k) > -math.inf  # [2D, k]
+        known = torch.isin(
+            _pair(lists, window), _pair(kept.nonzero()[:, 0], self.key.view(-1, k)[kept])
         )
-        rank = torch.arange(len(rows), device=rows.device) - torch.searchsorted(rows, rows)
-        keep = rank < 2 * self.shape.top_k
-        return tuple(t[keep] for t in (rows, rank, columns, extreme, value, window, order))
+        at = sort_by(lists, extreme.masked_fill(known, math.inf).neg_(), order)
+        lists = lists[at]
+        rank = torch.arange(len(lists), device=lists.device) - torch.searchsorted(lists, lists)
+        keep = rank < 2 * k
+        at = at[keep]
+        found = (t[at] for t in (columns, extreme, value, window, order))
+        return lists[keep], rank[keep], *found, bool(known.any())  # a host sync
 
     def merge(self, other: TopK) -> None:
         def entering(side: torch.Tensor, d: torch.Tensor, j: torch.Tensor) -> dict:
@@ -443,6 +448,7 @@ class TopK(Summary):
         order: torch.Tensor,  # [2, D, m] that occurrence's token_order
         key: torch.Tensor,  # [2, D, m] window keys, distinct within a list
         entering: Callable[..., dict],
+        known: bool = True,  # False: no candidate is a window its list keeps
     ) -> None:
         """Keep the k best distinct windows of the kept ones and the candidates.
 
@@ -452,13 +458,15 @@ class TopK(Summary):
         """
         k = self.shape.top_k
         kept_shown, kept_order = self._shown()
-        both = distinct(
-            torch.cat([self.values, values], 2),
-            torch.cat([kept_shown, shown], 2),
-            torch.cat([kept_order, order], 2),
-            torch.cat([self.key, key], 2),
-            k,
-        )
+        both = torch.cat([self.values, values], 2)
+        if known:
+            both = distinct(
+                both,
+                torch.cat([kept_shown, shown], 2),
+                torch.cat([kept_order, order], 2),
+                torch.cat([self.key, key], 2),
+                k,
+            )
         at = torch.cat([kept_order, order], 2).argsort(2)  # ties: the earlier occurrence
         best = at.gather(2, both.gather(2, at).argsort(dim=2, descending=True, stable=True))[
             ..., :k
