@@ -21,10 +21,11 @@ from tqdm import tqdm
 from backend import UserError, warn
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
+from backend.contexts import window_keys
 from backend.data import Batch, Position, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.loading import input_device
-from backend.output import layer_layout
+from backend.output import layer_layout, shown_windows
 from backend.state import RunState, differing_options
 from backend.tracking import Tracker
 
@@ -160,6 +161,37 @@ def store_sequences(
         if sequence.example_index in kept:
             state.sequences[sequence.example_index] = sequence.input_ids
     state.add_tokens(decode)
+
+
+def count_windows(state: RunState, sequences: Iterable[Sequence], rows: int = 256) -> None:
+    """Count how many tokens of the data have each window the document shows, into
+    state.occurrences: `sequences` is the run's whole data once more, only tokenized (no
+    forward pass); memory holds the shown windows' keys and `rows` sequences at a time."""
+    if state.counters["num_tokens"] == 0:
+        return  # no document to show
+    keys = torch.unique(shown_windows(state))  # [K] sorted
+    counts = torch.zeros_like(keys)
+    window = state.tracker.shape.window
+    group: list[list[int]] = []
+    for sequence in [*sequences, None]:
+        if sequence is not None:
+            group.append(sequence.input_ids)
+        if len(keys) and group and (len(group) == rows or sequence is None):
+            counts += _occurrences(keys, group, window)
+            group = []
+    state.occurrences = dict(zip(keys.tolist(), counts.tolist(), strict=True))
+
+
+def _occurrences(keys: torch.Tensor, group: list[list[int]], window: int) -> torch.Tensor:
+    """[K] how many tokens of the sequences `group` have each of the sorted window keys."""
+    lengths = torch.tensor([len(ids) for ids in group])
+    ids = torch.zeros(len(group), int(lengths.max()), dtype=torch.long)
+    for row, sequence in enumerate(group):
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    inside = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    found = window_keys(ids, lengths, window)[inside]  # [N] the real tokens' keys
+    at = torch.searchsorted(keys, found).clamp_(max=len(keys) - 1)
+    return torch.bincount(at[keys[at] == found], minlength=len(keys))
 
 
 def token_decoder(tokenizer: Any) -> Callable[[int], str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from backend import UserError
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
-from backend.contract import validate
+from backend.contract import iter_examples, validate
 from backend.data import read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
@@ -33,6 +34,9 @@ def check_against_reference(doc, values, seqs, tokenizer):
         for d in proj["directions"]
     }
     assert set(by_dir) == set(values)
+    occurrences = Counter(
+        window_of(s.input_ids, t, W) for s in seqs for t in range(len(s.input_ids))
+    )
     for key, direction in by_dir.items():
         per_example = values[key]
         everything = np.concatenate(per_example).astype(np.float64)
@@ -63,6 +67,12 @@ def check_against_reference(doc, values, seqs, tokenizer):
                 window_of(ids[position_of[e["example_index"]]], e["token_index"], W) for e in got
             ]
             assert len(set(windows)) == len(got)
+            assert [e["occurrences"] for e in got] == [w["occurrences"] for w in expected]
+        # every Example (quantile samples too) counts its window's tokens in the whole data
+        for example in iter_examples(direction):
+            ids = seqs[position_of[example["example_index"]]].input_ids
+            window = window_of(ids, example["token_index"], W)
+            assert example["occurrences"] == occurrences[window]
             for example in got:
                 position, token = position_of[example["example_index"]], example["token_index"]
                 ids, acts = seqs[position].input_ids, per_example[position]
