@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.contexts import context_keys, window_keys
 from backend.tracking import Tracker
 from tests.reference import top_windows, window_of
 
@@ -110,3 +111,20 @@ def test_an_evicted_window_seen_again_larger_re_enters():
         (1, 2, 5.0),
     ]
     assert_matches_brute_force(t, ids, acts, 2)
+
+
+def test_a_kept_windows_key_is_its_tokens_key_in_the_data():
+    ids, _ = repeated_data(seed=4)
+    batch = torch.full((len(ids), max(map(len, ids))), 7, dtype=torch.long)  # 7: padding
+    for row, sequence in enumerate(ids):
+        batch[row, : len(sequence)] = torch.tensor(sequence)
+    keys = window_keys(batch, torch.tensor([len(s) for s in ids]), W)
+    contexts = torch.full((sum(map(len, ids)), 2 * W + 1), -1, dtype=torch.long)
+    expected = []
+    for row, sequence in enumerate(ids):
+        for p in range(len(sequence)):
+            window, target = window_of(sequence, p, W)
+            at = len(expected)
+            contexts[at, W - target : W - target + len(window)] = torch.tensor(window)
+            expected.append(int(keys[row, p]))
+    assert context_keys(contexts).tolist() == expected
