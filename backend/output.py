@@ -129,6 +129,11 @@ class Document:
     def count(self, occurrences: dict[int, int]) -> None:
         """Give every Example made its window's number of occurrences (window key -> count)."""
         for (found, _), key in zip(self.shown, self.window_keys().tolist(), strict=True):
+            if key not in occurrences:
+                raise ValueError(
+                    "a shown window was not counted: count the windows of a merged or partial "
+                    "state with backend.analysis.count_windows before building its document"
+                )
             found["occurrences"] = occurrences[key]
 
     def direction(self, layout: dict[str, Any]) -> dict:
