@@ -206,13 +206,13 @@ def _floor_div(x: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
 
 def beyond(
     x: torch.Tensor, floor: torch.Tensor, largest: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The entries of x [D, N] beyond floor [D] (above it if largest, else below): rows,
-    columns and values [Q], in no particular order.
+    columns and values [Q], in no particular order; None where too many chunks hold one.
 
     Once the lists are full few tokens beat their k-th value, and few chunks hold one: only
     those chunks are read. Where many chunks do (the first batches, or a batch larger than any
-    before), every entry is returned and the caller sorts them all.
+    before), the caller first raises the floor to the batch's own k-th window.
     """
     d, n = x.shape
     whole = n - n % CHUNK
@@ -221,26 +221,35 @@ def beyond(
     peaks = chunks.amax(2) if largest else chunks.amin(2)  # [D, chunks]
     row, chunk = test(peaks, floor[:, None]).nonzero(as_tuple=True)  # [Q] (a host sync)
     if len(row) > DENSE * d:
-        rows = torch.arange(d, device=x.device).repeat_interleave(n)
-        columns = torch.arange(n, device=x.device).repeat(d)
-        values = x.reshape(-1)
-    else:  # the Q chunks' columns, and the tail's that fills no whole chunk
-        tail = torch.arange(whole, n, device=x.device)
-        rows = torch.cat(
-            [
-                row.repeat_interleave(CHUNK),
-                torch.arange(d, device=x.device).repeat_interleave(len(tail)),
-            ]
-        )
-        columns = torch.cat(
-            [
-                (chunk[:, None] * CHUNK + torch.arange(CHUNK, device=x.device)).flatten(),
-                tail.repeat(d),
-            ]
-        )
-        values = x.reshape(-1).index_select(0, rows * n + columns)
+        return None
+    tail = torch.arange(whole, n, device=x.device)  # the columns that fill no whole chunk
+    rows = torch.cat(
+        [
+            row.repeat_interleave(CHUNK),
+            torch.arange(d, device=x.device).repeat_interleave(len(tail)),
+        ]
+    )
+    columns = torch.cat(
+        [(chunk[:, None] * CHUNK + torch.arange(CHUNK, device=x.device)).flatten(), tail.repeat(d)]
+    )
+    values = x.reshape(-1).index_select(0, rows * n + columns)
     keep = test(values, floor[rows])
     return rows[keep], columns[keep], values[keep]
+
+
+def window_floor(x: torch.Tensor, windows: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """[D]: a floor below which no entry of x [D, N] can matter to a top-k of distinct windows
+    (windows [N] each token's window key): the batch's own k-th best window, less TIE (so that
+    an occurrence near a kept window's value still counts); the empty floor if it has fewer."""
+    sign = 1.0 if largest else -1.0
+    _, inverse = torch.unique(windows, return_inverse=True)  # [N] into the G windows
+    groups = int(inverse.max()) + 1
+    if groups < k:
+        return x.new_full((x.shape[0],), -math.inf * sign)
+    best = x.new_full((x.shape[0], groups), -math.inf)  # [D, G] each window's extreme
+    best.scatter_reduce_(1, inverse.expand(x.shape[0], -1), x * sign, "amax")
+    kth = best.topk(k, dim=1).values[:, -1]  # [D]
+    return (kth - TIE * kth.abs()) * sign
 
 
 def sort_by(*keys: torch.Tensor) -> torch.Tensor:
@@ -370,8 +379,8 @@ class TopK(Summary):
         d = self.shape.num_directions
         floor = self.values[:, :, -1]  # [2, D]
         relaxed = floor - TIE * floor.abs()
-        high = beyond(batch.high, relaxed[0], largest=True)
-        low = beyond(batch.low, -relaxed[1], largest=False)
+        high = self._entries(batch, batch.high, relaxed[0], largest=True)
+        low = self._entries(batch, batch.low, -relaxed[1], largest=False)
         if len(high[0]) + len(low[0]) == 0:
             return  # no token of the batch comes near any list
         found = self._candidates(
@@ -406,6 +415,24 @@ class TopK(Summary):
             }
 
         self._merge(values, shown, first, key, entering, known)
+
+    def _entries(
+        self, batch: BatchTokens, x: torch.Tensor, floor: torch.Tensor, largest: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entries of x [D, N] (batch.high or batch.low) that may matter to one side's
+        lists, beyond floor [D]: rows, columns and values [Q] (beyond)."""
+        found = beyond(x, floor, largest)
+        if found is not None:
+            return found
+        tighter = window_floor(x, batch.window_key, self.shape.top_k, largest)
+        floor = torch.maximum(floor, tighter) if largest else torch.minimum(floor, tighter)
+        found = beyond(x, floor, largest)
+        if found is not None:
+            return found
+        rows, columns = (x > floor[:, None] if largest else x < floor[:, None]).nonzero(
+            as_tuple=True
+        )  # many ties at the top: every entry beyond
+        return rows, columns, x[rows, columns]
 
     def _candidates(
         self, batch: BatchTokens, lists: torch.Tensor, columns: torch.Tensor, values: torch.Tensor
