@@ -10,8 +10,9 @@ and shards are combined.
   and the count of NaN and infinite activations, which every summary leaves out.
 - histogram: exact counts on a power-of-two grid that coarsens (merging bin pairs) as the range
   grows, so no value is ever re-read.
-- top-k: the k largest and the k most negative activations per direction with their context
-  window; a batch's candidates are merged with the running top-k.
+- top-k: the k distinct context windows of largest and the k of most negative activation per
+  direction, each shown at one occurrence with its context; a batch's tokens are grouped by
+  window and its candidates merged with the running lists, de-duplicated by window key.
 - quantile samples (backend.sampling), position and token profiles (backend.profiles).
 SUMMARIES lists them: the one place a new summary is registered.
 """
