@@ -179,6 +179,11 @@ def count_windows(state: RunState, sequences: Iterable[Sequence], rows: int = 25
         if len(keys) and group and (len(group) == rows or sequence is None):
             counts += _occurrences(keys, group, window)
             group = []
+    if len(keys) and int(counts.min()) == 0:  # e.g. rows given as an iterator, now spent
+        raise UserError(
+            "the data read again lacks windows the run kept: the rows must read the same each "
+            "time they are iterated (a list, a dataset or a file, not an iterator)"
+        )
     state.occurrences = dict(zip(keys.tolist(), counts.tolist(), strict=True))
 
 

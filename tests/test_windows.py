@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from backend import UserError
+from backend.config import RunConfig
 from backend.contexts import context_keys, window_keys
+from backend.pipeline import analyze
 from backend.tracking import Tracker
 from tests.reference import top_windows, window_of
+from tests.runs import load
+from tests.tiny import random_texts
 
 W, D = 2, 3
 
@@ -128,3 +133,10 @@ def test_a_kept_windows_key_is_its_tokens_key_in_the_data():
             contexts[at, W - target : W - target + len(window)] = torch.tensor(window)
             expected.append(int(keys[row, p]))
     assert context_keys(contexts).tolist() == expected
+
+
+def test_rows_that_cannot_be_read_again_are_refused(qwen2_base, rank1_adapter):
+    model, tokenizer = load(qwen2_base, rank1_adapter)
+    rows = ({"text": t} for t in random_texts(4))  # an iterator: spent after the pass
+    with pytest.raises(UserError, match="must read the same each time"):
+        analyze(model, tokenizer, rows, RunConfig(lora_path=str(rank1_adapter)))
