@@ -1,5 +1,6 @@
 """One slot per distinct context window: the top lists against a brute force that groups every
-token by its window, however the tokens are batched, ordered and merged."""
+token by its window, however the tokens are batched, ordered and merged; a kept window's key,
+by which its occurrences are counted; and the count's refusal of rows it cannot read again."""
 
 from __future__ import annotations
 
