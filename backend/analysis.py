@@ -21,11 +21,11 @@ from tqdm import tqdm
 from backend import UserError, warn
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
-from backend.contexts import window_keys
+from backend.contexts import context_keys, window_keys
 from backend.data import Batch, Position, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.loading import input_device
-from backend.output import layer_layout, shown_windows
+from backend.output import layer_layout
 from backend.state import RunState, differing_options
 from backend.tracking import Tracker
 
@@ -164,12 +164,13 @@ def store_sequences(
 
 
 def count_windows(state: RunState, sequences: Iterable[Sequence], rows: int = 256) -> None:
-    """Count how many tokens of the data have each window the document shows, into
-    state.occurrences: `sequences` is the run's whole data once more, only tokenized (no
-    forward pass); memory holds the shown windows' keys and `rows` sequences at a time."""
-    if state.counters["num_tokens"] == 0:
-        return  # no document to show
-    keys = torch.unique(shown_windows(state))  # [K] sorted
+    """Count how many tokens of the data have each window the summaries keep (those the
+    document shows among them), into state.occurrences: `sequences` is the run's whole data
+    once more, only tokenized (no forward pass); memory holds the kept windows' keys and `rows`
+    sequences at a time."""
+    windows = state.tracker.windows()  # [M, 2W+1]
+    windows = windows[(windows >= 0).any(1)]  # rows of -1: empty slots
+    keys = torch.unique(context_keys(windows))  # [K] sorted
     counts = torch.zeros_like(keys)
     window = state.tracker.shape.window
     group: list[list[int]] = []

@@ -204,13 +204,6 @@ def entries(layers: list[dict[str, Any]], document: Document) -> list[dict[str, 
     ]
 
 
-def shown_windows(state: RunState) -> torch.Tensor:
-    """[M] the window keys of every Example the document of `state` shows (with repeats)."""
-    document = Document(state.layers, state.tracker, state.tokens, state.run["min_token_count"])
-    entries(state.layers, document)
-    return document.window_keys()
-
-
 def examples_shown(layers: list[dict[str, Any]]) -> set[int]:
     """The example indices of every Example in the document's layers."""
     return {

@@ -541,6 +541,9 @@ class TopK(Summary):
     def token_ids(self) -> torch.Tensor:
         return self.ids.flatten()
 
+    def windows(self) -> torch.Tensor:
+        return self.ids.flatten(0, 2)  # [2Dk, 2W+1]
+
 
 # Every per-direction summary, in the order of its fields in a direction's entry.
 SUMMARIES: list[type[Summary]] = [
@@ -634,6 +637,10 @@ class Tracker:
         shows)."""
         kept = torch.cat([s.examples().cpu() for s in self.summaries.values()])
         return {int(i) for i in torch.unique(kept) if i >= 0}
+
+    def windows(self) -> torch.Tensor:
+        """[M, 2W+1] every context window the summaries keep, on the CPU (rows of -1: none)."""
+        return torch.cat([s.windows().long().cpu() for s in self.summaries.values()])
 
     def token_ids(self) -> set[int]:
         """Token ids the summaries' fields may name."""
