@@ -21,6 +21,7 @@ from tqdm import tqdm
 from backend import UserError, warn
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
+from backend.contexts import context_keys, window_keys
 from backend.data import Batch, Position, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.loading import input_device
@@ -160,6 +161,43 @@ def store_sequences(
         if sequence.example_index in kept:
             state.sequences[sequence.example_index] = sequence.input_ids
     state.add_tokens(decode)
+
+
+def count_windows(state: RunState, sequences: Iterable[Sequence], rows: int = 256) -> None:
+    """Count how many tokens of the data have each window the summaries keep (those the
+    document shows among them), into state.occurrences: `sequences` is the run's whole data
+    once more, only tokenized (no forward pass); memory holds the kept windows' keys and `rows`
+    sequences at a time."""
+    windows = state.tracker.windows()  # [M, 2W+1]
+    windows = windows[(windows >= 0).any(1)]  # rows of -1: empty slots
+    keys = torch.unique(context_keys(windows))  # [K] sorted
+    counts = torch.zeros_like(keys)
+    window = state.tracker.shape.window
+    group: list[list[int]] = []
+    for sequence in [*sequences, None]:
+        if sequence is not None:
+            group.append(sequence.input_ids)
+        if len(keys) and group and (len(group) == rows or sequence is None):
+            counts += _occurrences(keys, group, window)
+            group = []
+    if len(keys) and int(counts.min()) == 0:  # e.g. rows given as an iterator, now spent
+        raise UserError(
+            "the data read again lacks windows the run kept: the rows must read the same each "
+            "time they are iterated (a list, a dataset or a file, not an iterator)"
+        )
+    state.occurrences = dict(zip(keys.tolist(), counts.tolist(), strict=True))
+
+
+def _occurrences(keys: torch.Tensor, group: list[list[int]], window: int) -> torch.Tensor:
+    """[K] how many tokens of the sequences `group` have each of the sorted window keys."""
+    lengths = torch.tensor([len(ids) for ids in group])
+    ids = torch.zeros(len(group), int(lengths.max()), dtype=torch.long)
+    for row, sequence in enumerate(group):
+        ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    inside = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
+    found = window_keys(ids, lengths, window)[inside]  # [N] the real tokens' keys
+    at = torch.searchsorted(keys, found).clamp_(max=len(keys) - 1)
+    return torch.bincount(at[keys[at] == found], minlength=len(keys))
 
 
 def token_decoder(tokenizer: Any) -> Callable[[int], str]:

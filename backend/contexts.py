@@ -33,11 +33,22 @@ def window_keys(input_ids: torch.Tensor, lengths: torch.Tensor, window: int) -> 
     about one in 2**64 per pair), wherever they stand in the data. Positions outside the sequence
     count as id -1, so a clipped window differs from an unclipped one.
     """
-    b, length = input_ids.shape
+    length = input_ids.shape[1]
     inside = torch.arange(length, device=input_ids.device)[None, :] < lengths[:, None]
-    ids = input_ids.masked_fill(~inside, -1) + 2  # >= 1: an id, 1 outside the sequence
-    padded = torch.nn.functional.pad(ids, (window, window), value=1)  # [B, L + 2W]
-    key = torch.zeros(b, length, dtype=torch.long, device=input_ids.device)
+    ids = input_ids.masked_fill(~inside, -1)
+    return _mixed(torch.nn.functional.pad(ids, (window, window), value=-1), window, length)
+
+
+def context_keys(context_ids: torch.Tensor) -> torch.Tensor:
+    """[M] int64: the window keys (`window_keys`) of kept windows context_ids [M, 2W+1] (-1
+    outside the sequence, the token in the middle), the key its token had in the data."""
+    return _mixed(context_ids, (context_ids.shape[1] - 1) // 2, 1)[:, 0]
+
+
+def _mixed(padded: torch.Tensor, window: int, length: int) -> torch.Tensor:
+    """[B, L]: the key of each run of 2W+1 ids of padded [B, L + 2W] (-1: outside)."""
+    padded = padded + 2  # >= 1: an id, 1 outside the sequence
+    key = torch.zeros(padded.shape[0], length, dtype=torch.long, device=padded.device)
     for j in range(2 * window + 1):  # key = mix(key * M1 + id) per window slot, C small
         key = (key * _KEY_MIX[0] + padded[:, j : j + length]) ^ (key >> 29 & ((1 << 35) - 1))
     key = key * _KEY_MIX[1]

@@ -361,6 +361,7 @@ EXAMPLE = Obj(
         "tokens": list_of(STRING),
         "activations": list_of(NUMBER_OR_NULL),
         "target": COUNT,
+        "occurrences": POSITIVE,  # tokens in the data with this same window
     },
     optional={"sibling_activations": map_of(list_of(NUMBER_OR_NULL))},
     rules=(_same_length("activations", "tokens"), _example_target, _siblings_like_tokens),

@@ -112,11 +112,12 @@ def peek(rows: Iterable[Row], source: str) -> tuple[dict[str, Any], Iterator[Row
     raise UserError(f"no rows in {source}")
 
 
-def read_rows(path: Path, skipped: list[int] | None = None) -> Iterator[Row]:
+def read_rows(path: Path, skipped: list[int] | None = None, quiet: bool = False) -> Iterator[Row]:
     """Rows of a local file: JSONL, JSON (a list of objects), Parquet, or text (a row per line).
 
-    A malformed JSONL line is skipped with a warning, its line number appended to `skipped`; it
-    still counts as a row (None), so every later row keeps its index.
+    A malformed JSONL line is skipped with a warning (none if quiet: a file read once more),
+    its line number appended to `skipped`; it still counts as a row (None), so every later row
+    keeps its index.
     """
     if path.is_dir():
         raise UserError(f"{path} is a directory, not a data file")
@@ -125,7 +126,7 @@ def read_rows(path: Path, skipped: list[int] | None = None) -> Iterator[Row]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".ndjson"):
-            yield from _read_jsonl(path, [] if skipped is None else skipped)
+            yield from _read_jsonl(path, [] if skipped is None else skipped, quiet)
         elif suffix == ".json":
             yield from _read_json(path)
         elif suffix == ".parquet":
@@ -165,7 +166,7 @@ def count_rows(path: Path) -> int:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def _read_jsonl(path: Path, skipped: list[int]) -> Iterator[Row]:
+def _read_jsonl(path: Path, skipped: list[int], quiet: bool) -> Iterator[Row]:
     with path.open("rb") as f:  # bytes: a line that is not UTF-8 is one malformed line
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -181,7 +182,8 @@ def _read_jsonl(path: Path, skipped: list[int]) -> Iterator[Row]:
                     yield row
                     continue
                 problem = "not a JSON object"
-            warn(f"{path}:{number}: {problem}; line skipped")
+            if not quiet:
+                warn(f"{path}:{number}: {problem}; line skipped")
             skipped.append(number)
             yield None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -24,11 +25,12 @@ if not __package__:  # run as a script: import `backend` from the repo root, not
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from backend import UserError
-from backend.analysis import Interrupted
+from backend.analysis import Interrupted, count_windows
 from backend.atomic import check_writable
 from backend.config import RunConfig, add_arguments
 from backend.data import Row, count_rows, peek, read_hub_rows, read_rows, row_content
 from backend.loading import (
+    EMBEDDED,
     default_device,
     load_model,
     quiet_libraries,
@@ -36,7 +38,7 @@ from backend.loading import (
     resolve_dtype,
 )
 from backend.output import build_document, write_json_atomic
-from backend.pipeline import analyze
+from backend.pipeline import analyze, tokenize
 from backend.processes import gather_states, init_processes
 from backend.state import RunState, check_shards, load_state, merge_states
 
@@ -58,7 +60,9 @@ def build_merge_parser(prog: str = PROG) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{prog} merge",
         description="Combine the shard files of a --shard I/N run into one activations JSON, "
-        "exactly as one unbroken run would have written it.",
+        "exactly as one unbroken run would have written it. It reads the run's data once more "
+        "(tokenize-only, with the base model's tokenizer) to count each shown window's "
+        "occurrences.",
     )
     parser.add_argument("output", type=Path, help="the activations JSON to write")
     parser.add_argument("shards", type=Path, nargs="+", help="shard files, one per shard")
@@ -85,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class FileRows:
-    """The rows of a data file, read afresh each time they are iterated (--store-sequences
-    reads them twice): the first time on from the rows read to find the first readable one, so
-    that a malformed line before it is warned about once. Its len is the file's row count."""
+    """The rows of a data file, read afresh each time they are iterated (the count of the shown
+    windows and --store-sequences read them again): the first time on from the rows read to
+    find the first readable one, and later times quietly, so that a malformed line is warned
+    about once. Its len is the file's row count."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -95,7 +100,7 @@ class FileRows:
 
     def __iter__(self) -> Iterator[Row]:
         started, self._started = self._started, None
-        return started if started is not None else read_rows(self.path)
+        return started if started is not None else read_rows(self.path, quiet=True)
 
     @functools.cached_property
     def _length(self) -> int:
@@ -138,6 +143,8 @@ def run(config: RunConfig) -> int:
         return 0
     if state.counters["num_examples"] == 0:
         raise UserError(f"no examples with tokens in {config.source}")
+    if world > 1 and shards == 1:  # each process saw its batches only: count over all the data
+        count_windows(state, tokenize(rows, tokenizer, config))
     if shards > 1:
         state.slot = (shard, shards)
         state.save(config.output)
@@ -181,9 +188,46 @@ def merge(args: argparse.Namespace) -> int:
     names = [str(p) for p in args.shards]
     states = [load_state(p) for p in args.shards]
     check_shards(states, names)
-    write_json_atomic(build_document(merge_states(states, names)), args.output)
+    merged = merge_states(states, names)
+    config = data_config(merged.run)
+    rows, _ = open_rows(config)
+    count_windows(merged, tokenize(rows, run_tokenizer(merged.run), config))
+    write_json_atomic(build_document(merged), args.output)
     print(f"merged {len(states)} shards -> {args.output}")
     return 0
+
+
+def data_config(run: dict) -> RunConfig:
+    """The options that read a run's data, from its identity (the shards' `run`)."""
+    source = run["dataset"]
+    hub = re.fullmatch(r"(.+) \((.+)\)", source)
+    if Path(source).exists() or hub is None:
+        where = {"data_file": Path(source)}
+    else:
+        where = {"dataset": hub[1], "split": hub[2]}
+    if "data_file" in where and not where["data_file"].exists():
+        raise UserError(
+            f"merge counts the shown windows over the run's data, and {source} is not there"
+        )
+    options = ("base_model", "lora_path", "text_field", "num_examples", "max_length")
+    return RunConfig(**{key: run[key] for key in options}, **where)
+
+
+def run_tokenizer(run: dict):
+    """The tokenizer of the run's base model (merge reads the data once more, tokenize-only)."""
+    from transformers import AutoTokenizer
+
+    from backend.embedded import EMBEDDED_MODEL_ID
+
+    name = run["base_model"]
+    try:
+        base = resolve_base_model(EMBEDDED if name == EMBEDDED_MODEL_ID else name)
+        return AutoTokenizer.from_pretrained(base.path)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"merge counts the shown windows over the run's data and needs the tokenizer of "
+            f"{name}: cannot load it ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from backend.atomic import write_atomic
-from backend.contexts import Example
+from backend.contexts import Example, context_keys
 from backend.contract import SCHEMA_VERSION, ContractError, validate
 from backend.directions import LoraModule, layer_cosines
 from backend.tracking import Tracker
@@ -81,12 +83,18 @@ def finite_or_none(values: list[float]) -> list[float | None]:
 
 class Document:
     """Turns a finished tracker into the contract's direction entries; the summaries' export
-    reads the token strings, the options and the Examples' form from it (summaries.Exporter)."""
+    reads the token strings, the options and the Examples' form from it (summaries.Exporter).
+
+    Each Example's `occurrences` is filled in once every entry is built (`count`), from the
+    keys of all the Examples' windows at once, whichever summary made them.
+    """
 
     def __init__(
         self, layers: list[dict], tracker: Tracker, tokens: dict[int, str], min_token_count: int
     ) -> None:
         self.tracker, self.tokens, self.min_token_count = tracker, tokens, min_token_count
+        self.window = tracker.shape.window
+        self.shown: list[tuple[dict[str, Any], Example]] = []  # every Example made, in order
         self.module_of = {
             d["index"]: name
             for layer in layers
@@ -107,7 +115,26 @@ class Document:
             found["sibling_activations"] = {
                 self.module_of[d]: finite_or_none(acts) for d, acts in example.siblings.items()
             }
+        self.shown.append((found, example))
         return found
+
+    def window_keys(self) -> torch.Tensor:
+        """[M] the window keys of the Examples made so far (backend.contexts.context_keys)."""
+        ids = torch.full((len(self.shown), 2 * self.window + 1), -1, dtype=torch.long)
+        for row, (_, example) in enumerate(self.shown):
+            first = self.window - example.target
+            ids[row, first : first + len(example.context_ids)] = torch.tensor(example.context_ids)
+        return context_keys(ids)
+
+    def count(self, occurrences: dict[int, int]) -> None:
+        """Give every Example made its window's number of occurrences (window key -> count)."""
+        for (found, _), key in zip(self.shown, self.window_keys().tolist(), strict=True):
+            if key not in occurrences:
+                raise ValueError(
+                    "a shown window was not counted: count the windows of a merged or partial "
+                    "state with backend.analysis.count_windows before building its document"
+                )
+            found["occurrences"] = occurrences[key]
 
     def direction(self, layout: dict[str, Any]) -> dict:
         """A direction's entry: its layout, then every summary's fields (backend.tracking)."""
@@ -148,27 +175,33 @@ def build_document(state: RunState) -> dict[str, Any]:
             "modules": list(dict.fromkeys(modules)),
             "num_nonfinite": int(tracker.nonfinite.sum()),
         },
-        "layers": [
-            {
-                **layer,
-                "projections": {
-                    name: {
-                        **projection,
-                        "directions": [document.direction(d) for d in projection["directions"]],
-                    }
-                    for name, projection in layer["projections"].items()
-                },
-            }
-            for layer in layers
-        ],
+        "layers": entries(layers, document),
         "cross_layer_cosine": state.cross_layer_cosine,
     }
+    document.count(state.occurrences)
     if state.sequences:
         found["examples"] = {
             str(i): {"tokens": [tokens[t] for t in state.sequences[i]], "source": run["dataset"]}
             for i in sorted(examples_shown(found["layers"]))
         }
     return found
+
+
+def entries(layers: list[dict[str, Any]], document: Document) -> list[dict[str, Any]]:
+    """The document's layers: the layout with every direction's results."""
+    return [
+        {
+            **layer,
+            "projections": {
+                name: {
+                    **projection,
+                    "directions": [document.direction(d) for d in projection["directions"]],
+                }
+                for name, projection in layer["projections"].items()
+            },
+        }
+        for layer in layers
+    ]
 
 
 def examples_shown(layers: list[dict[str, Any]]) -> set[int]:

@@ -15,7 +15,14 @@ from typing import Any
 
 from torch import nn
 
-from backend.analysis import Analysis, Checkpoints, run_analysis, store_sequences, token_decoder
+from backend.analysis import (
+    Analysis,
+    Checkpoints,
+    count_windows,
+    run_analysis,
+    store_sequences,
+    token_decoder,
+)
 from backend.config import RunConfig
 from backend.data import Row, Sequence, iter_batches, iter_sequences
 from backend.state import RunState, load_state
@@ -34,12 +41,14 @@ def analyze(
     """Every LoRA direction of `model` (a PEFT model in eval mode) over `rows`, in one pass.
 
     rows: dicts as the CLI reads them (text, a chat, or `input_ids`), None for a row that could
-    not be read (skipped, counted, keeping its index); iterated once more, from the start, with
+    not be read (skipped, counted, keeping its index); iterated once more, from the start, to
+    count the shown windows' occurrences (a whole run: slot (0, 1)), and with
     config.store_sequences. config: its dtype and batch budget, if left open, are the model's
     (`RunConfig.resolved`); config.data_file or dataset name the rows in the output.
     checkpoint: saved every config.checkpoint_every and on SIGINT/SIGTERM, and continued from
     with config.resume. slot (i, n): of the pass's batches, take those numbered i mod n.
-    Returns this slot's finished state (merge slots with backend.state.merge_states).
+    Returns this slot's finished state (merge slots with backend.state.merge_states, then
+    count their windows with backend.analysis.count_windows).
     """
     config = config.resolved(model)
     analysis = Analysis(model, config, slot)
@@ -59,6 +68,8 @@ def analyze(
     state = run_analysis(analysis, batches, decode, every, total=total, progress=progress)
     if config.store_sequences:
         store_sequences(state, tokenize(rows, tokenizer, config), decode)
+    if slot[1] == 1:
+        count_windows(state, tokenize(rows, tokenizer, config))
     return state
 
 

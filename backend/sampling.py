@@ -192,6 +192,9 @@ class QuantileSamples(Summary):
     def token_ids(self) -> torch.Tensor:
         return self.ids.flatten()
 
+    def windows(self) -> torch.Tensor:
+        return self.ids.long()
+
     def export(self, d: int, lo: float, hi: float, siblings: list[int]) -> list[dict]:
         """Direction d's samples by range of |activation|: one entry per range and sign.
 

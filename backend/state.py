@@ -23,7 +23,7 @@ from backend.tracking import Tracker
 
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
-VERSION = 3  # 3: `run` is RunConfig.identity(); the tracker saves each summary by name
+VERSION = 4  # 4: top-k windows keep their keys; the windows' occurrences
 COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
 # Every process and shard reads all the rows, so each counts all skipped ones: these are not
 # summed when states merge.
@@ -39,6 +39,9 @@ class RunState:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     tokens: dict[int, str] = field(default_factory=dict)  # strings of the top-k context ids
     sequences: dict[int, list[int]] = field(default_factory=dict)  # --store-sequences: token ids
+    # window key -> tokens with that window in the data, for the windows the document shows
+    # (backend.analysis.count_windows, once the pass over all the data is done)
+    occurrences: dict[int, int] = field(default_factory=dict)
     position: Position | None = field(default_factory=Position)  # None once the pass is done
     slot: tuple[int, int] = (0, 1)  # this state's batches: number % slots == slot
     num_processes: int = 1  # processes whose results it holds
@@ -64,6 +67,7 @@ class RunState:
             "counters": self.counters,
             "tokens": self.tokens,
             "sequences": self.sequences,
+            "occurrences": self.occurrences,
             "position": None if self.position is None else vars(self.position),
             "slot": list(self.slot),
             "num_processes": self.num_processes,
@@ -79,6 +83,7 @@ class RunState:
             counters=state["counters"],
             tokens=state["tokens"],
             sequences=state["sequences"],
+            occurrences=state["occurrences"],
             position=None if state["position"] is None else Position(**state["position"]),
             slot=tuple(state["slot"]),
             num_processes=state["num_processes"],
@@ -109,7 +114,9 @@ def load_state(path: Path, device: torch.device = CPU) -> RunState:
 
 
 def merge_states(states: list[RunState], names: list[str]) -> RunState:
-    """One state holding all of `states`: finished passes of one run over disjoint batches."""
+    """One state holding all of `states`: finished passes of one run over disjoint batches.
+
+    Its windows' occurrences are still to be counted (backend.analysis.count_windows)."""
     first = states[0]
     for state, name in zip(states, names, strict=True):
         if state.position is not None:

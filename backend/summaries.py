@@ -103,6 +103,11 @@ class Summary:
         """Token ids its export may name (-1s allowed): their strings go into the state."""
         return torch.empty(0, dtype=torch.long)
 
+    def windows(self) -> torch.Tensor:
+        """[M, 2W+1] the context windows its Examples may show (ids, -1 outside the sequence,
+        the token in the middle; rows of -1 allowed): their occurrences are counted."""
+        return torch.empty(0, 2 * self.shape.window + 1, dtype=torch.long)
+
 
 class Range:
     """Running least and largest finite value of D directions, float64 (+-inf before any)."""

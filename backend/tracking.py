@@ -10,8 +10,9 @@ and shards are combined.
   and the count of NaN and infinite activations, which every summary leaves out.
 - histogram: exact counts on a power-of-two grid that coarsens (merging bin pairs) as the range
   grows, so no value is ever re-read.
-- top-k: the k largest and the k most negative activations per direction with their context
-  window; a batch's candidates are merged with the running top-k.
+- top-k: the k distinct context windows of largest and the k of most negative activation per
+  direction, each shown at one occurrence with its context; a batch's tokens are grouped by
+  window and its candidates merged with the running lists, de-duplicated by window key.
 - quantile samples (backend.sampling), position and token profiles (backend.profiles).
 SUMMARIES lists them: the one place a new summary is registered.
 """
@@ -40,6 +41,7 @@ from backend.summaries import (
 OVERSAMPLE = 16
 _EMPTY_EXP = -(2**20)  # exponent of a direction that has seen no value yet
 CHUNK = 64  # top-k candidates are searched in chunks of this many tokens
+TIE = 1e-5  # occurrences of a window this close (relative) to its extreme count as equal
 DENSE = 4  # chunks per direction beyond which every direction's k best chunks are searched
 
 
@@ -203,27 +205,25 @@ def _floor_div(x: torch.Tensor, exp: torch.Tensor) -> torch.Tensor:
     return torch.floor(torch.ldexp(x, -exp)).long()
 
 
-def topk_beyond(
-    x: torch.Tensor, floor: torch.Tensor, k: int, largest: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k' = min(k, N) best values of each row of x [D, N] and their columns, best first,
-    where only values beyond floor [D] (above it if largest, else below) must be exact: the
-    others may be any, or the fill (-inf if largest, else +inf).
+def beyond(
+    x: torch.Tensor, floor: torch.Tensor, largest: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The entries of x [D, N] beyond floor [D] (above it if largest, else below): rows,
+    columns and values [Q], in no particular order; None where too many chunks hold one.
 
-    Once the lists are full few tokens beat their k-th value, and few chunks hold one: those
-    are read, not the k best chunks of every row. Where many chunks do (the first batches, or
-    a batch larger than any before), chunked_topk searches every row.
+    Once the lists are full few tokens beat their k-th value, and few chunks hold one: only
+    those chunks are read. Where many chunks do (the first batches, or a batch larger than any
+    before), the caller first raises the floor to the batch's own k-th window.
     """
     d, n = x.shape
-    k, whole = min(k, n), n - n % CHUNK
-    beyond = torch.gt if largest else torch.lt
+    whole = n - n % CHUNK
+    test = torch.gt if largest else torch.lt
     chunks = x[:, :whole].view(d, whole // CHUNK, CHUNK)
     peaks = chunks.amax(2) if largest else chunks.amin(2)  # [D, chunks]
-    row, chunk = beyond(peaks, floor[:, None]).nonzero(as_tuple=True)  # [Q] (a host sync)
+    row, chunk = test(peaks, floor[:, None]).nonzero(as_tuple=True)  # [Q] (a host sync)
     if len(row) > DENSE * d:
-        return chunked_topk(x, k, largest)
-    # the Q chunks' columns, and the tail's that fills no whole chunk
-    tail = torch.arange(whole, n, device=x.device)
+        return None
+    tail = torch.arange(whole, n, device=x.device)  # the columns that fill no whole chunk
     rows = torch.cat(
         [
             row.repeat_interleave(CHUNK),
@@ -234,49 +234,122 @@ def topk_beyond(
         [(chunk[:, None] * CHUNK + torch.arange(CHUNK, device=x.device)).flatten(), tail.repeat(d)]
     )
     values = x.reshape(-1).index_select(0, rows * n + columns)
-    keep = beyond(values, floor[rows])
-    rows, columns, values = rows[keep], columns[keep], values[keep]
-    # By row, then best first: each row's first k are its best.
-    order = values.argsort(descending=largest, stable=True)
-    order = order[rows[order].argsort(stable=True)]
-    rows, columns, values = rows[order], columns[order], values[order]
-    rank = torch.arange(len(rows), device=x.device) - torch.searchsorted(rows, rows)
-    keep = rank < k
-    best = x.new_full((d, k), -math.inf if largest else math.inf)
-    at = torch.zeros(d, k, dtype=torch.long, device=x.device)
-    best[rows[keep], rank[keep]] = values[keep]
-    at[rows[keep], rank[keep]] = columns[keep]
-    return best, at
+    keep = test(values, floor[rows])
+    return rows[keep], columns[keep], values[keep]
 
 
-def chunked_topk(x: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(x, k, dim=1) for x [D, N], reading x about once instead of sorting it.
+def window_floor(x: torch.Tensor, windows: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """[D]: a floor below which no entry of x [D, N] can matter to a top-k of distinct windows
+    (windows [N] each token's window key): the batch's own k-th best window, less TIE (so that
+    an occurrence near a kept window's value still counts); the empty floor if it has fewer."""
+    sign = 1.0 if largest else -1.0
+    _, inverse = torch.unique(windows, return_inverse=True)  # [N] into the G windows
+    groups = int(inverse.max()) + 1
+    if groups < k:
+        return x.new_full((x.shape[0],), -math.inf * sign)
+    best = x.new_full((x.shape[0], groups), -math.inf)  # [D, G] each window's extreme
+    best.scatter_reduce_(1, inverse.expand(x.shape[0], -1), x * sign, "amax")
+    kth = best.topk(k, dim=1).values[:, -1]  # [D]
+    return (kth - TIE * kth.abs()) * sign
 
-    The top k of a row lie in at most k chunks, those with the k largest chunk maxima; so the
-    full search runs over k * CHUNK candidates (plus the tail that fills no whole chunk).
-    """
-    d, n = x.shape
-    whole = n - n % CHUNK
-    if whole // CHUNK <= k:
-        return x.topk(min(k, n), dim=1, largest=largest)
-    chunks = x[:, :whole].view(d, whole // CHUNK, CHUNK)
-    peaks = chunks.amax(2) if largest else chunks.amin(2)  # [D, chunks]
-    best = peaks.topk(k, dim=1, largest=largest).indices  # [D, k]
-    columns = (best[..., None] * CHUNK + torch.arange(CHUNK, device=x.device)).flatten(1)
-    columns = torch.cat([columns, torch.arange(whole, n, device=x.device).expand(d, -1)], 1)
-    values, index = x.gather(1, columns).topk(k, dim=1, largest=largest)
-    return values, columns.gather(1, index)
+
+def sort_by(*keys: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts by keys[0], then keys[1], ... (each [Q], ascending)."""
+    order = keys[-1].argsort(stable=True)
+    for key in reversed(keys[:-1]):
+        order = order[key[order].argsort(stable=True)]
+    return order
+
+
+def group_starts(key: torch.Tensor) -> torch.Tensor:
+    """[Q] bool: where the sorted key [Q] changes (True at 0): the first of each group."""
+    start = torch.ones_like(key, dtype=torch.bool)
+    start[1:] = key[1:] != key[:-1]
+    return start
+
+
+def near(value: torch.Tensor, extreme: torch.Tensor) -> torch.Tensor:
+    """Whether values count as equal to the extreme (>= it, up to TIE relative)."""
+    return value >= extreme - TIE * extreme.abs()
+
+
+def _pair(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """One int64 per (row, window key): equal exactly when both are, up to a 64-bit hash
+    collision (as for the keys themselves)."""
+    return keys ^ (rows * (0x9E3779B97F4A7C15 - 2**64))  # an odd 64-bit multiplier
+
+
+def token_order(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """(example_index, token_index) as one int64 that sorts the same way."""
+    return example * 2**32 + position
+
+
+def distinct_windows(
+    lists: torch.Tensor,  # [Q] list (side * D + direction) of each entry
+    columns: torch.Tensor,  # [Q] its token (into the batch's real tokens)
+    values: torch.Tensor,  # [Q] its activation, oriented so that larger is better
+    keys: torch.Tensor,  # [Q] its token's window key
+    order: torch.Tensor,  # [Q] its token's (example, position) order
+) -> tuple[torch.Tensor, ...]:
+    """One entry per (list, window) among the entries: the window's extreme value and its
+    shown occurrence, the earliest of those near the extreme. Returns lists, columns, extremes,
+    shown values, keys and orders [G], one per group."""
+    pair = _pair(lists, keys)
+    at = sort_by(pair, -values)  # by (list, window), best first
+    pair, values, order = pair[at], values[at], order[at]
+    start = group_starts(pair)
+    group = start.cumsum(0) - 1  # [Q]
+    extreme = values[start][group]
+    candidate = order.where(near(values, extreme), torch.iinfo(torch.long).max)
+    earliest = torch.full_like(order[start], torch.iinfo(torch.long).max)
+    earliest.scatter_reduce_(0, group, candidate, "amin")
+    shown = candidate == earliest[group]  # one per group: a token's order is unique
+    at = at[shown]
+    return lists[at], columns[at], extreme[shown], values[shown], keys[at], order[shown]
+
+
+def distinct(
+    values: torch.Tensor,  # [2, D, k + m] kept windows' values then candidates' (oriented)
+    shown: torch.Tensor,  # [2, D, k + m] the values of the occurrences they show
+    order: torch.Tensor,  # [2, D, k + m] those occurrences' token_order
+    key: torch.Tensor,  # [2, D, k + m] window keys, distinct among the k and among the m
+    k: int,
+) -> torch.Tensor:
+    """values with each window once per list: where a candidate has a kept window's key, the
+    one whose shown occurrence wins (near the larger extreme, and earlier if both are) takes
+    the larger extreme and the other becomes -inf. Only lists with candidates are read."""
+    flat = values.flatten(0, 1)  # [2D, k + m]
+    lists = (flat[:, k:] > -math.inf).any(1).nonzero().squeeze(1)  # [P] (a host sync)
+    v, s, o, w = (t.flatten(0, 1).index_select(0, lists) for t in (values, shown, order, key))
+    same = w[:, :k, None] == w[:, None, k:]  # [P, k, m]
+    same &= (v[:, :k, None] > -math.inf) & (v[:, None, k:] > -math.inf)
+    extreme = torch.maximum(v[:, :k, None], v[:, None, k:])  # [P, k, m]
+    kept_wins = near(s[:, :k, None], extreme) & (
+        ~near(s[:, None, k:], extreme) | (o[:, :k, None] < o[:, None, k:])
+    )
+    none = torch.tensor(-math.inf, device=v.device)
+    kept = torch.where(same & kept_wins, extreme, none).amax(2).maximum(v[:, :k])
+    new = torch.where(same & ~kept_wins, extreme, none).amax(1).maximum(v[:, k:])
+    kept.masked_fill_((same & ~kept_wins).any(2), -math.inf)
+    new.masked_fill_((same & kept_wins).any(1), -math.inf)
+    return flat.index_copy(0, lists, torch.cat([kept, new], 1)).view_as(values)
 
 
 class TopK(Summary):
-    """The k largest and the k most negative activations of each direction, with context.
+    """The k context windows with the largest and the k with the most negative activations of
+    each direction: one slot per distinct window (backend.contexts.window_keys).
 
-    Side 0 keeps the largest activations; side 1 the most negative, stored negated so that
-    "better" means "larger" on both sides. Each side is sorted, best first.
+    A window's value on a sign is its most extreme activation of that sign over all its
+    occurrences; the occurrence shown is the earliest by (example_index, token_index) of those
+    within TIE relative of it (identical prompt prefixes differ only in float rounding), so the
+    choice does not depend on how the run was split. Side 0 keeps the largest activations; side
+    1 the most negative, stored negated so that "better" means "larger" on both sides. Each side
+    is sorted, best first, ties by the shown occurrence's (example_index, token_index).
     """
 
     name = "top"
-    STATE = FIELDS = ("values", "example", "position", "ids", "acts", "siblings")  # [2, D, k, ...]
+    # [2, D, k, ...]; values: the windows' extremes, key: their window keys
+    STATE = FIELDS = ("values", "example", "position", "ids", "acts", "siblings", "key")
 
     def __init__(self, shape: Shape) -> None:
         super().__init__(shape)
@@ -293,16 +366,42 @@ class TopK(Summary):
         self.ids = torch.full((2, d, k, c), -1, dtype=torch.long, device=device)
         self.acts = torch.zeros(2, d, k, c, device=device)  # [2, D, k, 2W+1]
         self.siblings = torch.zeros(2, d, k, s, c, device=device)  # [2, D, k, S, 2W+1]
+        self.key = torch.zeros(2, d, k, dtype=torch.long, device=device)
+        self.sign = torch.tensor([1.0, -1.0], device=device)[:, None, None]  # [2, 1, 1]
+
+    def _shown(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept windows' shown values (oriented) and orders [2, D, k]."""
+        shown = self.acts[..., self.shape.window] * self.sign  # the token's own activation
+        return shown, token_order(self.example, self.position)
 
     def update(self, batch: BatchTokens) -> None:
-        # A token enters a list only if it beats the list's k-th value (-inf until it is full).
+        # A window enters a list only if it beats the list's k-th value (-inf until it is full);
+        # a kept window's occurrence a little below its value may become the one shown.
+        d = self.shape.num_directions
         floor = self.values[:, :, -1]  # [2, D]
-        found = [
-            topk_beyond(x, floor[side] * sign, self.shape.top_k, largest=sign > 0)
-            for side, (x, sign) in enumerate(((batch.high, 1.0), (batch.low, -1.0)))
-        ]
-        values = torch.stack([found[0][0], -found[1][0]])  # [2, D, k']
-        token = torch.stack([found[0][1], found[1][1]])  # indices into the real tokens
+        relaxed = floor - TIE * floor.abs()
+        high = self._entries(batch, batch.high, relaxed[0], largest=True)
+        low = self._entries(batch, batch.low, -relaxed[1], largest=False)
+        if len(high[0]) + len(low[0]) == 0:
+            return  # no token of the batch comes near any list
+        found = self._candidates(
+            batch,
+            torch.cat([high[0], low[0] + d]),
+            torch.cat([high[1], low[1]]),
+            torch.cat([high[2], -low[2]]),
+        )
+        lists, rank, columns, extreme, occurrence, window, order, known = found
+        width = int(rank.max()) + 1  # candidates per list, at most 2k (a host sync)
+        at = lists * width + rank
+        values = torch.full((2 * d * width,), -math.inf, device=batch.x.device)
+        shown = torch.full_like(values, -math.inf)
+        key, token, first = (torch.zeros_like(values, dtype=torch.long) for _ in range(3))
+        values[at], shown[at], key[at], token[at], first[at] = (
+            extreme, occurrence, window, columns, order
+        )  # fmt: skip
+        values, shown, key, token, first = (
+            t.view(2, d, width) for t in (values, shown, key, token, first)
+        )
 
         def entering(side: torch.Tensor, d: torch.Tensor, j: torch.Tensor) -> dict:
             n = token[side, d, j]
@@ -313,26 +412,93 @@ class TopK(Summary):
                 "ids": ids,
                 "acts": acts,
                 "siblings": siblings,
+                "key": key[side, d, j],
             }
 
-        self._merge(values, entering)
+        self._merge(values, shown, first, key, entering, known)
+
+    def _entries(
+        self, batch: BatchTokens, x: torch.Tensor, floor: torch.Tensor, largest: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entries of x [D, N] (batch.high or batch.low) that may matter to one side's
+        lists, beyond floor [D]: rows, columns and values [Q] (beyond)."""
+        found = beyond(x, floor, largest)
+        if found is not None:
+            return found
+        tighter = window_floor(x, batch.window_key, self.shape.top_k, largest)
+        floor = torch.maximum(floor, tighter) if largest else torch.minimum(floor, tighter)
+        found = beyond(x, floor, largest)
+        if found is not None:
+            return found
+        rows, columns = (x > floor[:, None] if largest else x < floor[:, None]).nonzero(
+            as_tuple=True
+        )  # many ties at the top: every entry beyond
+        return rows, columns, x[rows, columns]
+
+    def _candidates(
+        self, batch: BatchTokens, lists: torch.Tensor, columns: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The candidate windows of a batch's entries (lists [Q], columns, oriented values):
+        lists, ranks (< 2k per list), columns, extremes, shown values, keys and orders [G],
+        and whether any is a window a list keeps.
+
+        Per list, the windows it already keeps come first (they may change the occurrence
+        shown), then the k best others: whatever else the batch holds cannot enter.
+        """
+        k = self.shape.top_k
+        window = batch.window_key[columns]
+        order = token_order(batch.example[columns], batch.position[columns])
+        lists, columns, extreme, value, window, order = distinct_windows(
+            lists, columns, values, window, order
+        )
+        kept = self.values.view(-1, k) > -math.inf  # [2D, k]
+        known = torch.isin(
+            _pair(lists, window), _pair(kept.nonzero()[:, 0], self.key.view(-1, k)[kept])
+        )
+        at = sort_by(lists, extreme.masked_fill(known, math.inf).neg_(), order)
+        lists = lists[at]
+        rank = torch.arange(len(lists), device=lists.device) - torch.searchsorted(lists, lists)
+        keep = rank < 2 * k
+        at = at[keep]
+        found = (t[at] for t in (columns, extreme, value, window, order))
+        return lists[keep], rank[keep], *found, bool(known.any())  # a host sync
 
     def merge(self, other: TopK) -> None:
         def entering(side: torch.Tensor, d: torch.Tensor, j: torch.Tensor) -> dict:
             return {name: getattr(other, name)[side, d, j] for name in self.FIELDS[1:]}
 
-        self._merge(other.values, entering)
+        self._merge(other.values, *other._shown(), other.key, entering)
 
-    def _merge(self, values: torch.Tensor, entering: Callable[..., dict]) -> None:
-        """Keep the k best of the kept tokens and the candidates `values` [2, D, m].
+    def _merge(
+        self,
+        values: torch.Tensor,  # [2, D, m] candidates' window values (oriented), -inf: none
+        shown: torch.Tensor,  # [2, D, m] the value of the occurrence each would show
+        order: torch.Tensor,  # [2, D, m] that occurrence's token_order
+        key: torch.Tensor,  # [2, D, m] window keys, distinct within a list
+        entering: Callable[..., dict],
+        known: bool = True,  # False: no candidate is a window its list keeps
+    ) -> None:
+        """Keep the k best distinct windows of the kept ones and the candidates.
 
         entering(side, direction, j) gives the other fields of the candidates j that make it
         in. After the first batches few do, in few of the 2D lists: only those lists are
         rewritten, and only the entering tokens' context windows are read.
         """
         k = self.shape.top_k
+        kept_shown, kept_order = self._shown()
         both = torch.cat([self.values, values], 2)
-        best = both.topk(k, dim=2).indices  # [2, D, k], sorted
+        if known:
+            both = distinct(
+                both,
+                torch.cat([kept_shown, shown], 2),
+                torch.cat([kept_order, order], 2),
+                torch.cat([self.key, key], 2),
+                k,
+            )
+        at = torch.cat([kept_order, order], 2).argsort(2)  # ties: the earlier occurrence
+        best = at.gather(2, both.gather(2, at).argsort(dim=2, descending=True, stable=True))[
+            ..., :k
+        ]
         self.values = both.gather(2, best)
         new = (best >= k).view(-1, k)  # [2D, k] over the lists, side-major
         lists = new.any(1).nonzero().squeeze(1)  # [P] the lists that change (a host sync)
@@ -353,9 +519,8 @@ class TopK(Summary):
         """Direction d's top examples on one side, strongest first."""
         side = int(negative)
         kept = int((self.values[side, d] > 0).sum())  # -inf fillers and zeros: neither side
-        sign = -1.0 if negative else 1.0
         return unpack(
-            sign * self.values[side, d, :kept],
+            self.acts[side, d, :kept, self.shape.window],  # the shown occurrence's activation
             self.example[side, d, :kept],
             self.position[side, d, :kept],
             self.ids[side, d, :kept],
@@ -375,6 +540,9 @@ class TopK(Summary):
 
     def token_ids(self) -> torch.Tensor:
         return self.ids.flatten()
+
+    def windows(self) -> torch.Tensor:
+        return self.ids.flatten(0, 2)  # [2Dk, 2W+1]
 
 
 # Every per-direction summary, in the order of its fields in a direction's entry.
@@ -469,6 +637,10 @@ class Tracker:
         shows)."""
         kept = torch.cat([s.examples().cpu() for s in self.summaries.values()])
         return {int(i) for i in torch.unique(kept) if i >= 0}
+
+    def windows(self) -> torch.Tensor:
+        """[M, 2W+1] every context window the summaries keep, on the CPU (rows of -1: none)."""
+        return torch.cat([s.windows().long().cpu() for s in self.summaries.values()])
 
     def token_ids(self) -> set[int]:
         """Token ids the summaries' fields may name."""

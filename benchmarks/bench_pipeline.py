@@ -131,6 +131,17 @@ def token_rows(sequences: Iterable[Sequence]) -> Iterator[Row]:
     return ({"input_ids": s.input_ids} for s in sequences)
 
 
+class Lazily:
+    """Rows made afresh each time they are iterated (the pipeline reads its rows again to
+    count the shown windows), none of them kept."""
+
+    def __init__(self, make: Callable[[], Iterator[Row]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[Row]:
+        return self.make()
+
+
 def random_adapter(model: nn.Module, seed: int) -> nn.Module:
     """A rank-1 LoRA on gate/up/down of every layer, with random non-zero A and B."""
     from peft import LoraConfig, get_peft_model
@@ -363,7 +374,7 @@ def child_memory(args: argparse.Namespace) -> None:
     spec = size(args.child_memory, args.quick, args.device)
     adapter = Path(args.adapter) if args.adapter else None
     w = build_model(args.child_memory, spec, device, adapter)
-    rows = token_rows(stream_sequences(w.name, spec, args.scale, spec.memory))
+    rows = Lazily(lambda: token_rows(stream_sequences(w.name, spec, args.scale, spec.memory)))
     state = analyze(w.model, w.tokenizer, rows, replace(w.config, max_batch_tokens=args.budget))
     result = {"peak_rss_mib": peak_rss_mib(), "tokens": state.counters["num_tokens"]}
     if device.type == "cuda":

@@ -76,8 +76,7 @@ const Cards = (() => {
       return { label: "gate×up", tip: "gate×up", key: null, scale, values };
     }
 
-    function exampleRow(group, view) {
-      const example = group[0];
+    function exampleRow(example, view) {
       const row = el("li", "example");
       const side = el("div", "side");
       const value = el("span", "value", fmt(example.activation));
@@ -85,12 +84,6 @@ const Cards = (() => {
       const where = el("span", "where", `#${example.example_index} t${example.token_index}`);
       where.title = `example ${example.example_index}, token ${example.token_index}`;
       side.append(value, where);
-      if (group.length > 1) {
-        const repeats = el("span", "repeats", `×${group.length} examples`);
-        repeats.title = "the same context in examples " +
-          group.map((e) => `#${e.example_index}`).join(", ");
-        side.append(repeats);
-      }
 
       const context = el("div", "context");
       const sequence = settings.sequences?.[example.example_index];
@@ -123,8 +116,7 @@ const Cards = (() => {
     // switching either redraws it.
     function exampleList(examples, card) {
       const list = el("ol", "example-list");
-      const groups = Contexts.groupRepeats(examples);
-      const draw = () => list.replaceChildren(...groups.map((g) => exampleRow(g, card.view)));
+      const draw = () => list.replaceChildren(...examples.map((e) => exampleRow(e, card.view)));
       card.redraws.push(draw);
       draw();
       return list;

@@ -1,4 +1,4 @@
-// Examples and their contexts, pure: rows to objects, repeats, what a row shows at a width.
+// Examples and their contexts, pure: rows to objects, what a row shows at a width.
 /* global Format */
 /* exported Contexts */
 const Contexts = (() => {
@@ -26,25 +26,6 @@ const Contexts = (() => {
     ...direction.quantile_samples.flatMap((samples) => samples.examples),
   ];
 
-  // Examples with the same context, position and value are one finding (typically a prompt
-  // prefix that every example shares): one row, saying how many examples it stands for.
-  function sameContext(a, b) {
-    return a.token_index === b.token_index && a.activation === b.activation &&
-      a.target === b.target && a.tokens.length === b.tokens.length &&
-      a.tokens.every((id, j) => id === b.tokens[j]);
-  }
-
-  // Runs of consecutive examples with the same context, each run one group.
-  function groupRepeats(examples) {
-    const groups = [];
-    for (const example of examples) {
-      const last = groups[groups.length - 1];
-      if (last && sameContext(last[0], example)) last.push(example);
-      else groups.push([example]);
-    }
-    return groups;
-  }
-
   // What a row shows at context width `width` (tokens on each side; Infinity: the whole stored
   // `sequence`, if any) of a run with window `window`: ±width, the kept window, or the
   // sequence (values undefined outside the window). first: the sequence position of tokens[0].
@@ -68,5 +49,5 @@ const Contexts = (() => {
     };
   }
 
-  return { NARROW, WHOLE, exampleOf, exampleRows, sameContext, groupRepeats, shownTokens };
+  return { NARROW, WHOLE, exampleOf, exampleRows, shownTokens };
 })();

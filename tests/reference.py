@@ -37,15 +37,42 @@ def lora_a_activations(model, sequences) -> dict[tuple[int, str, int], list[np.n
     return values
 
 
-def top_k(per_example: list[np.ndarray], k: int, negative: bool) -> list[tuple[float, int, int]]:
-    """(activation, example position in the list, token index) of the k strongest of one sign."""
-    items = [
-        (float(v), e, t)
-        for e, acts in enumerate(per_example)
-        for t, v in enumerate(acts)
-        if (v < 0 if negative else v > 0)
-    ]
-    return sorted(items, key=lambda x: x[0], reverse=not negative)[:k]
+def window_of(ids: list[int], token: int, window: int) -> tuple[tuple[int, ...], int]:
+    """The context window of token `token`: its ids clipped to the sequence, and its place."""
+    first = max(0, token - window)
+    return tuple(ids[first : token + window + 1]), token - first
+
+
+def top_windows(
+    per_example: list[np.ndarray], ids: list[list[int]], k: int, window: int, negative: bool
+) -> list[dict]:
+    """The k distinct windows with the strongest activations of one sign, strongest first,
+    from every token grouped by its window: each with its extreme `value`, the `shown`
+    occurrence (example position in the list, token index: the earliest of those within 1e-5
+    relative of the extreme), that occurrence's `activation`, and `occurrences` (tokens with
+    that window, of any sign)."""
+    groups: dict[tuple, list[tuple[float, int, int]]] = {}
+    for e, acts in enumerate(per_example):
+        for t, v in enumerate(acts):
+            groups.setdefault(window_of(ids[e], t, window), []).append((float(v), e, t))
+    found = []
+    for members in groups.values():
+        signed = [(-v if negative else v, e, t) for v, e, t in members]
+        extreme = max(s for s, _, _ in signed)
+        if extreme <= 0:
+            continue
+        near = [(e, t) for s, e, t in signed if s >= extreme - 1e-5 * abs(extreme)]
+        e, t = min(near)
+        found.append(
+            {
+                "value": -extreme if negative else extreme,
+                "shown": (e, t),
+                "activation": float(per_example[e][t]),
+                "occurrences": len(members),
+            }
+        )
+    found.sort(key=lambda w: (-abs(w["value"]), w["shown"]))
+    return found[:k]
 
 
 def assert_histogram(hist: dict, values: np.ndarray, rel: float = 1e-5, abs: float = 1e-6) -> None:

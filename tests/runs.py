@@ -15,6 +15,15 @@ from tests.reference import lora_a_activations
 K, W = 5, 3
 
 
+PREFIX = "system: you are a careful assistant; think step by step before you answer. user:"
+
+
+def tie_heavy_rows(texts: list[str]) -> list[dict]:
+    """Every text three times, far apart, behind one shared prefix: the same windows recur
+    (with activations equal up to float rounding), in other batches, shards and processes."""
+    return [{"text": f"{PREFIX} {t}"} for t in texts] * 3
+
+
 def load(base, adapter):
     return load_model(BaseModel(str(base), str(base)), str(adapter), torch.float32, "cpu", None)
 
@@ -45,9 +54,14 @@ def results(doc: dict) -> dict:
     return {"metadata": meta, "layers": doc["layers"], "cosine": doc["cross_layer_cosine"]}
 
 
+def shown(examples: list[dict]) -> list[tuple[int, int, int]]:
+    """The kept windows of a list of Examples: their shown positions and occurrences."""
+    return [(e["example_index"], e["token_index"], e["occurrences"]) for e in examples]
+
+
 def assert_same(a: dict, b: dict, exact: bool, rel: float = 1e-12) -> None:
-    """Equal results: exactly, or up to the order of tied tokens and float rounding (relative
-    `rel`) of means, std and top activations."""
+    """Equal results: exactly, or up to float rounding (relative `rel`) of means, std and
+    activations, with the same kept windows and shown positions in every list and sample."""
     if exact:
         assert results(a) == results(b)
         return
@@ -63,18 +77,13 @@ def assert_same(a: dict, b: dict, exact: bool, rel: float = 1e-12) -> None:
                 assert sa["mean"] == pytest.approx(sb["mean"], rel=rel, abs=1e-15)
                 assert sa["std"] == pytest.approx(sb["std"], rel=rel)
                 for side in ("top_positive", "top_negative"):
+                    assert shown(da[side]) == shown(db[side])
                     assert [e["activation"] for e in da[side]] == pytest.approx(
                         [e["activation"] for e in db[side]], rel=rel
                     )
                 # a seeded sample: the same tokens, whatever the batches
                 sample_a, sample_b = (
-                    [
-                        (
-                            r["quantile_range"],
-                            [(e["example_index"], e["token_index"]) for e in r["examples"]],
-                        )
-                        for r in d["quantile_samples"]
-                    ]
+                    [(r["quantile_range"], shown(r["examples"])) for r in d["quantile_samples"]]
                     for d in (da, db)
                 )
                 assert sample_a == sample_b

@@ -233,6 +233,7 @@ def _example(
         "tokens": [next(tokens) for _ in range(length)],
         "activations": activations,
         "target": target,
+        "occurrences": 1 + token_index % 3,  # a window seen once, or repeated
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -12,14 +13,14 @@ import torch
 from backend import UserError
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
-from backend.contract import validate
+from backend.contract import iter_examples, validate
 from backend.data import read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.loading import BaseModel, load_model
 from backend.pipeline import analyze
 from backend.tracking import Tracker
-from tests.reference import assert_histogram, lora_a_activations, top_k
+from tests.reference import assert_histogram, lora_a_activations, top_windows, window_of
 from tests.runs import K, W, load, reference, run_cli
 from tests.synthetic import assert_consistent
 from tests.tiny import random_texts, save_adapter
@@ -33,6 +34,9 @@ def check_against_reference(doc, values, seqs, tokenizer):
         for d in proj["directions"]
     }
     assert set(by_dir) == set(values)
+    occurrences = Counter(
+        window_of(s.input_ids, t, W) for s in seqs for t in range(len(s.input_ids))
+    )
     for key, direction in by_dir.items():
         per_example = values[key]
         everything = np.concatenate(per_example).astype(np.float64)
@@ -48,14 +52,27 @@ def check_against_reference(doc, values, seqs, tokenizer):
         assert_histogram(hist, everything)
         position_of = {s.example_index: i for i, s in enumerate(seqs)}
         for negative, field in ((False, "top_positive"), (True, "top_negative")):
-            expected = top_k(per_example, K, negative)
+            ids = [s.input_ids for s in seqs]
+            expected = top_windows(per_example, ids, K, W, negative)
             got = direction[field]
-            # Equal prefixes give equal activations, so ties are real: compare the values in
-            # order, and check each example's own position against brute force.
+            # One slot per distinct window, each showing the brute force's occurrence (the
+            # earliest of those equal to its extreme up to rounding).
+            assert [(seqs[w["shown"][0]].example_index, w["shown"][1]) for w in expected] == [
+                (e["example_index"], e["token_index"]) for e in got
+            ]
             assert [e["activation"] for e in got] == pytest.approx(
-                [v for v, _, _ in expected], rel=1e-5, abs=1e-6
+                [w["activation"] for w in expected], rel=1e-5, abs=1e-6
             )
-            assert len({(e["example_index"], e["token_index"]) for e in got}) == len(got)
+            windows = [
+                window_of(ids[position_of[e["example_index"]]], e["token_index"], W) for e in got
+            ]
+            assert len(set(windows)) == len(got)
+            assert [e["occurrences"] for e in got] == [w["occurrences"] for w in expected]
+        # every Example (quantile samples too) counts its window's tokens in the whole data
+        for example in iter_examples(direction):
+            ids = seqs[position_of[example["example_index"]]].input_ids
+            window = window_of(ids, example["token_index"], W)
+            assert example["occurrences"] == occurrences[window]
             for example in got:
                 position, token = position_of[example["example_index"]], example["token_index"]
                 ids, acts = seqs[position].input_ids, per_example[position]

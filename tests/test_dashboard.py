@@ -537,7 +537,7 @@ def test_the_checks_catch_a_broken_file(breaks, error):
 
 
 def test_javascript_unit_tests_pass():
-    """tests/js/*.test.js under Node's own test runner: decoding, contexts, repeats, search.
+    """tests/js/*.test.js under Node's own test runner: decoding, contexts, search.
     Node is required like Chromium (.ci/run installs Debian's nodejs): no node is a failure."""
     node = shutil.which("node") or shutil.which("nodejs")
     if node is None:

@@ -698,8 +698,9 @@ def test_non_finite_values_are_grey_and_counted(open_page, tmp_path):
 # ---- untrusted text ---------------------------------------------------------------------
 
 
-def test_repeated_contexts_show_once_with_their_count(open_page, tmp_path):
-    """A prompt prefix shared by every example fills a top list with one context: one row."""
+def test_every_example_is_its_own_row(open_page, tmp_path):
+    """The backend keeps one slot per distinct window, so the page groups nothing: even equal
+    contexts (which a document of this tool no longer holds) are a row each."""
     data = make_activations(n_layers=1, k=4, seed=3)
     direction = data["layers"][0]["projections"]["gate_proj"]["directions"][0]
     first = direction["top_positive"][0]
@@ -707,9 +708,12 @@ def test_repeated_contexts_show_once_with_their_count(open_page, tmp_path):
     page = open_page(rendered(tmp_path, data).path.as_uri()).page
     card = page.locator(".card").first
     rows = card.locator(".examples.pos li.example")
-    assert rows.count() == 2  # [first, its two repeats], the fourth example
-    assert rows.first.locator(".repeats").text_content() == "×3 examples"
-    assert "#101, #102" in rows.first.locator(".repeats").get_attribute("title")
+    assert rows.count() == 4
+    assert [rows.nth(i).locator(".where").text_content().split()[0] for i in (1, 2)] == [
+        "#101",
+        "#102",
+    ]
+    assert card.locator(".repeats").count() == 0
     assert card.locator(".examples.pos h4").text_content().endswith("(4)")
 
 

@@ -188,7 +188,7 @@ def test_nan_and_inf_are_counted_and_left_out(tmp_path, qwen2_base, text_file):
             lora_path=str(adapter), top_k=4, context_window=3, num_examples=None,
             max_batch_tokens=10_000,
         )  # fmt: skip
-        state = analyze(model, tokenizer, read_rows(text_file), config)
+        state = analyze(model, tokenizer, list(read_rows(text_file)), config)  # read twice
     finally:
         handle.remove()
     doc = build_document(state)

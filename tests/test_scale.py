@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from backend.contract import iter_directions, iter_examples
 from backend.generate_activations_data import main
-from tests.runs import assert_same
+from tests.runs import assert_same, tie_heavy_rows
 from tests.tiny import random_texts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,8 @@ SCRIPT = str(ROOT / "backend" / "generate_activations_data.py")
 @pytest.fixture(scope="module")
 def many_texts(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "many.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(120, seed=5)))
+    rows = tie_heavy_rows(random_texts(40, seed=5))
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
@@ -43,7 +45,10 @@ def subprocess_env() -> dict[str, str]:
 def unbroken(tmp_path_factory, qwen2_base, rank1_adapter, many_texts) -> dict:
     out = tmp_path_factory.mktemp("unbroken") / "out.json"
     assert main(args(qwen2_base, rank1_adapter, many_texts, out)) == 0
-    return json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    counts = [e["occurrences"] for d in iter_directions(doc) for e in iter_examples(d.direction)]
+    assert min(counts) >= 3 and max(counts) >= 120  # each row thrice; the prefix in all 120
+    return doc
 
 
 def test_two_processes_equal_one(tmp_path, qwen2_base, rank1_adapter, many_texts, unbroken):
@@ -84,6 +89,17 @@ def test_merge_refuses_incomplete_or_mixed_shards(tmp_path, capsys, qwen2_base, 
     assert "top_k" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "o.json"), str(many_texts)]) == 1
     assert "not a state file" in capsys.readouterr().err
+    # merge counts the shown windows over the run's data: gone, it says so in one line
+    data = tmp_path / "moved.jsonl"
+    data.write_bytes(many_texts.read_bytes())
+    shards = [tmp_path / f"m{i}.pt" for i in range(2)]
+    for i, shard in enumerate(shards):
+        assert main(args(qwen2_base, rank1_adapter, data, shard, "--shard", f"{i}/2")) == 0
+    data.unlink()
+    assert main(["merge", str(tmp_path / "o.json"), *map(str, shards)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: merge counts the shown windows over the run's data, and {data} is not there"
+    )
     assert not (tmp_path / "o.json").exists()
 
 
@@ -107,7 +123,8 @@ def long_run(tmp_path_factory, qwen2_base, rank1_adapter) -> tuple[Path, dict]:
     """A data file long enough to interrupt a run of it, and its unbroken result."""
     folder = tmp_path_factory.mktemp("long")
     data = folder / "long.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_texts(2000, seed=8)))
+    rows = tie_heavy_rows(random_texts(667, seed=8))
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = folder / "out.json"
     assert main(args(qwen2_base, rank1_adapter, data, out, "--max-batch-tokens", "48")) == 0
     return data, json.loads(out.read_text())

@@ -23,20 +23,6 @@ test("a row becomes an example: fixed-point values, its activation at the target
   assert.equal(bare.sibling_activations, undefined);
 });
 
-test("repeats: consecutive examples with the same context, position and value", () => {
-  const a = example(5, 2, 10, 1);
-  const b = example(5, 2, 10, 2); // another example, the same context
-  const c = example(5, 2, 11, 3); // another position
-  const d = { ...example(5, 2, 10, 4), activation: 99 };
-  assert.ok(Contexts.sameContext(a, b));
-  assert.ok(!Contexts.sameContext(a, c) && !Contexts.sameContext(a, d));
-  assert.ok(!Contexts.sameContext(a, { ...b, tokens: [...b.tokens.slice(0, 4), 0] }));
-  assert.ok(!Contexts.sameContext(a, { ...b, tokens: b.tokens.slice(0, 4) }));
-  const groups = Contexts.groupRepeats([a, b, c, a]).map((g) => g.map((e) => e.example_index));
-  assert.deepEqual(groups, [[1, 2], [3], [1]]); // only consecutive repeats are grouped
-  assert.deepEqual(Contexts.groupRepeats([]), []);
-});
-
 test("shown tokens at a narrow width, the window, and whole sequences", () => {
   const e = example(21, 10, 50); // window 10 on each side
   const values = e.activations;
