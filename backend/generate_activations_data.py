@@ -174,9 +174,9 @@ def summary(state: RunState, output: Path, seconds: float) -> None:
         f"{len(state.layers)} layers, {state.num_processes} process(es), {seconds:.1f} s "
         f"-> {output} ({output.stat().st_size / 1e6:.1f} MB)"
     )
-    nonfinite = int(state.tracker.nonfinite.sum())
+    nonfinite = int(state.tracker.moments.nonfinite.sum())
     if nonfinite:
-        worst = int(state.tracker.nonfinite.argmax())
+        worst = int(state.tracker.moments.nonfinite.argmax())
         print(
             f"warning: {nonfinite} NaN/infinite activations were left out of the statistics "
             f"(most in direction {worst}); see stats.nonfinite per direction",

@@ -173,7 +173,7 @@ def build_document(state: RunState) -> dict[str, Any]:
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "lora_layers": [layer["layer"] for layer in layers],
             "modules": list(dict.fromkeys(modules)),
-            "num_nonfinite": int(tracker.nonfinite.sum()),
+            "num_nonfinite": int(tracker.moments.nonfinite.sum()),
         },
         "layers": entries(layers, document),
         "cross_layer_cosine": state.cross_layer_cosine,

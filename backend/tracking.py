@@ -646,34 +646,3 @@ class Tracker:
         """Token ids the summaries' fields may name."""
         ids = torch.cat([s.token_ids().long().cpu() for s in self.summaries.values()])
         return {int(i) for i in torch.unique(ids) if i >= 0}
-
-    # The moments and top-k by their old names, as the tests and the summary line read them.
-    @property
-    def count(self) -> torch.Tensor:
-        return self.moments.count
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.moments.mean
-
-    @property
-    def m2(self) -> torch.Tensor:
-        return self.moments.m2
-
-    @property
-    def min(self) -> torch.Tensor:
-        return self.moments.min
-
-    @property
-    def max(self) -> torch.Tensor:
-        return self.moments.max
-
-    @property
-    def nonfinite(self) -> torch.Tensor:
-        return self.moments.nonfinite
-
-    def std(self) -> torch.Tensor:
-        return self.moments.std()
-
-    def top_examples(self, d: int, negative: bool) -> list[Example]:
-        return self.top.top_examples(d, negative)

@@ -277,12 +277,16 @@ def test_tracker_matches_brute_force(k):
                 tokens.append((acts[row, pos], first + row, pos, ids, acts[row, lo:hi], pos - lo))
     values = torch.stack([t[0] for t in tokens]).double().numpy()  # [tokens, D]
     for j in range(d):
-        assert int(tracker.count[j]) == len(tokens)
-        assert float(tracker.mean[j]) == pytest.approx(values[:, j].mean(), rel=1e-5, abs=1e-9)
-        assert float(tracker.std()[j]) == pytest.approx(values[:, j].std(), rel=1e-5)
-        assert float(tracker.min[j]) == values[:, j].min()
-        assert float(tracker.max[j]) == values[:, j].max()
-        hist = tracker.histogram.export(j, float(tracker.min[j]), float(tracker.max[j]))
+        assert int(tracker.moments.count[j]) == len(tokens)
+        assert float(tracker.moments.mean[j]) == pytest.approx(
+            values[:, j].mean(), rel=1e-5, abs=1e-9
+        )
+        assert float(tracker.moments.std()[j]) == pytest.approx(values[:, j].std(), rel=1e-5)
+        assert float(tracker.moments.min[j]) == values[:, j].min()
+        assert float(tracker.moments.max[j]) == values[:, j].max()
+        hist = tracker.histogram.export(
+            j, float(tracker.moments.min[j]), float(tracker.moments.max[j])
+        )
         edges = np.array(hist["edges"])
         expected = np.bincount(
             np.searchsorted(edges, values[:, j], side="right") - 1, minlength=len(hist["counts"])
@@ -290,7 +294,7 @@ def test_tracker_matches_brute_force(k):
         assert hist["counts"] == expected.tolist()
         for negative in (False, True):
             order = np.argsort(values[:, j] if negative else -values[:, j], kind="stable")[:k]
-            got = tracker.top_examples(j, negative)
+            got = tracker.top.top_examples(j, negative)
             assert len(got) == k  # random normals: every side has more than k tokens
             for example, i in zip(got, order, strict=True):
                 value, example_index, pos, ids, context, target = tokens[i]
@@ -312,16 +316,20 @@ def test_tracker_merge_equals_one_pass():
         feed(parts[i % 2], acts, lengths, first)
     merged = parts[0]
     merged.merge(Tracker.from_state_dict(parts[1].state_dict(), torch.device("cpu")))
-    assert torch.equal(merged.count, one.count)
-    assert torch.equal(merged.min, one.min) and torch.equal(merged.max, one.max)
+    assert torch.equal(merged.moments.count, one.moments.count)
+    assert torch.equal(merged.moments.min, one.moments.min) and torch.equal(
+        merged.moments.max, one.moments.max
+    )
     # float64 rounding only: the mean relative to the spread, M2 relative to itself
-    torch.testing.assert_close(merged.mean, one.mean, rtol=0, atol=1e-12 * float(one.std().max()))
-    torch.testing.assert_close(merged.m2, one.m2, rtol=1e-9, atol=0)
+    torch.testing.assert_close(
+        merged.moments.mean, one.moments.mean, rtol=0, atol=1e-12 * float(one.moments.std().max())
+    )
+    torch.testing.assert_close(merged.moments.m2, one.moments.m2, rtol=1e-9, atol=0)
     for j in range(3):
-        lo, hi = float(one.min[j]), float(one.max[j])
+        lo, hi = float(one.moments.min[j]), float(one.moments.max[j])
         assert merged.histogram.export(j, lo, hi) == one.histogram.export(j, lo, hi)
         for negative in (False, True):
-            assert merged.top_examples(j, negative) == one.top_examples(j, negative)
+            assert merged.top.top_examples(j, negative) == one.top.top_examples(j, negative)
         assert merged.samples.export(j, lo, hi, [0]) == one.samples.export(j, lo, hi, [0])
     for a, b in ((merged.positions, one.positions), (merged.tokens, one.tokens)):
         assert torch.equal(a.count, b.count)
@@ -344,7 +352,7 @@ def test_tracker_memory_does_not_grow_with_data():
     for _ in range(200):
         feed(tracker, torch.randn(3, 50, 6, generator=generator) * 10, [50, 20, 7])
     assert state_bytes() == one
-    assert int(tracker.count[0]) == 201 * 77
+    assert int(tracker.moments.count[0]) == 201 * 77
 
 
 def test_histogram_exact_as_range_grows():
@@ -359,7 +367,9 @@ def test_histogram_exact_as_range_grows():
     values = np.concatenate(seen)
     for d in range(2):
         lo, hi = values[:, d].min(), values[:, d].max()
-        hist = tracker.histogram.export(d, float(tracker.min[d]), float(tracker.max[d]))
+        hist = tracker.histogram.export(
+            d, float(tracker.moments.min[d]), float(tracker.moments.max[d])
+        )
         edges = np.array(hist["edges"])
         assert len(hist["counts"]) == 20
         assert edges[0] <= lo and hi < edges[-1]
@@ -377,12 +387,12 @@ def test_constant_activations():
     assert sum(hist["counts"]) == 4 and len(hist["counts"]) == 5
     spike = hist["counts"].index(4)
     assert hist["edges"][spike] <= 3.0 < hist["edges"][spike + 1]
-    assert tracker.top_examples(0, negative=True) == []
-    assert [e.activation for e in tracker.top_examples(0, negative=False)] == [3.0, 3.0]
-    assert math.isclose(float(tracker.std()[0]), 0.0)
+    assert tracker.top.top_examples(0, negative=True) == []
+    assert [e.activation for e in tracker.top.top_examples(0, negative=False)] == [3.0, 3.0]
+    assert math.isclose(float(tracker.moments.std()[0]), 0.0)
     zeros = Tracker(1, top_k=2, context_window=1, bins=5, device=torch.device("cpu"))
     feed(zeros, torch.zeros(1, 4, 1), [4])
-    assert zeros.top_examples(0, negative=False) == []  # zero is neither positive nor negative
+    assert zeros.top.top_examples(0, negative=False) == []  # zero is neither positive nor negative
     assert sorted(zeros.histogram.export(0, 0.0, 0.0)["counts"]) == [0, 0, 0, 0, 4]
 
 

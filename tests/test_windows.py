@@ -70,7 +70,7 @@ def assert_matches_brute_force(t: Tracker, ids, acts, k: int) -> None:
         per_example = [a[j] for a in acts]
         for negative in (False, True):
             expected = top_windows(per_example, ids, k, W, negative)
-            got = t.top_examples(j, negative)
+            got = t.top.top_examples(j, negative)
             assert [(e.example_index, e.token_index) for e in got] == [w["shown"] for w in expected]
             assert [e.activation for e in got] == [w["activation"] for w in expected]
             windows = [window_of(ids[e.example_index], e.token_index, W) for e in got]
@@ -112,7 +112,9 @@ def test_an_evicted_window_seen_again_larger_re_enters():
     for r in range(3):
         feed(t, ids, acts, [r])
     # window (0, 1, 0) of row 0 (2.0) was evicted by row 1's; row 2's 9.0 brings it back
-    assert [(e.example_index, e.token_index, e.activation) for e in t.top_examples(0, False)] == [
+    assert [
+        (e.example_index, e.token_index, e.activation) for e in t.top.top_examples(0, False)
+    ] == [
         (2, 1, 9.0),
         (1, 2, 5.0),
     ]
