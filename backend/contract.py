@@ -35,6 +35,11 @@ SPACES = {
 
 # The lists of Examples a direction carries, besides those inside its quantile samples.
 EXAMPLE_LISTS = ("top_positive", "top_negative")
+# The lists of attribution Examples inside a direction's `effects` (runs with --effects).
+ATTRIBUTION_LISTS = ("top_attribution", "bottom_attribution")
+# What a pinned direction's activation is clamped to in effects.steering: its observed minimum,
+# zero, its observed maximum, or nothing (the plain continuation, to compare against).
+CLAMPS = ("min", "zero", "max", "none")
 
 
 def module_order(module: str) -> tuple[int, str]:
@@ -102,7 +107,8 @@ def iter_directions(document: dict[str, Any]) -> Iterator[DirectionRef]:
 
 
 def iter_examples(direction: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every Example a direction carries: its top lists, then its quantile samples."""
+    """Every Example a direction carries: its top lists, its quantile samples, then its
+    attribution lists (runs with --effects)."""
     for _, example in examples_at(direction):
         yield example
 
@@ -115,6 +121,9 @@ def examples_at(direction: dict[str, Any], path: str = "") -> Iterator[tuple[str
     for r, samples in enumerate(direction["quantile_samples"]):
         for j, example in enumerate(samples["examples"]):
             yield f"{path}.quantile_samples[{r}].examples[{j}]", example
+    for side in ATTRIBUTION_LISTS if "effects" in direction else ():
+        for j, example in enumerate(direction["effects"][side]):
+            yield f"{path}.effects.{side}[{j}]", example
 
 
 # ---- validate(): the format of docs/data-format.md, field by field ------------------------
@@ -353,6 +362,34 @@ def _components(projection: dict, path: str) -> None:
             )
 
 
+def _attribution_target(example: dict, path: str) -> None:
+    at_target, given = example["attributions"][example["target"]], example["attribution"]
+    if at_target != given:
+        _fail(
+            _field(path, "attribution"),
+            f"expected attributions[target] {_show(at_target)}, got {_show(given)}",
+        )
+
+
+def _value_with_clamp(entry: dict, path: str) -> None:
+    if (entry["value"] is None) != (entry["clamp"] == "none"):
+        _fail(
+            _field(path, "value"),
+            f"expected null exactly where clamp is none, got {_show(entry['value'])}",
+        )
+
+
+def _tokens_counted(effects: dict, path: str) -> None:
+    rows, positions = effects["kl_tokens"], sum(map(len, effects["kl_tokens"].values()))
+    if len(rows) != effects["num_examples"]:
+        _fail(_field(path, "kl_tokens"), f"expected {effects['num_examples']} rows (num_examples)")
+    if positions != effects["num_tokens"]:
+        _fail(
+            _field(path, "kl_tokens"),
+            f"expected {effects['num_tokens']} values (num_tokens), got {positions}",
+        )
+
+
 EXAMPLE = Obj(
     {
         "activation": NUMBER,
@@ -365,6 +402,19 @@ EXAMPLE = Obj(
     },
     optional={"sibling_activations": map_of(list_of(NUMBER_OR_NULL))},
     rules=(_same_length("activations", "tokens"), _example_target, _siblings_like_tokens),
+)
+ATTRIBUTION_EXAMPLE = Obj(
+    {**EXAMPLE.fields, "attribution": NUMBER, "attributions": list_of(NUMBER_OR_NULL)},
+    EXAMPLE.optional,
+    rules=(*EXAMPLE.rules, _same_length("attributions", "tokens"), _attribution_target),
+)
+DIRECTION_EFFECTS = Obj(
+    {
+        "ablation_kl": NUMBER,
+        "ablation_dloss": NUMBER,
+        "attribution": NUMBER,
+        **dict.fromkeys(ATTRIBUTION_LISTS, list_of(ATTRIBUTION_EXAMPLE)),
+    }
 )
 COSINES = Obj({"labels": list_of(STRING), "matrix": list_of(list_of(NUMBER))}, rules=(_square,))
 TOKEN_ROW = Obj({"token": STRING, "count": POSITIVE, "mean": NUMBER, "min": NUMBER, "max": NUMBER})
@@ -413,6 +463,7 @@ DIRECTION = Obj(
         "top_tokens": list_of(TOKEN_ROW),
         "bottom_tokens": list_of(TOKEN_ROW),
         "logit_effects": LOGIT_EFFECTS,
+        "effects": DIRECTION_EFFECTS,  # runs with --effects
     },
     rules=(_counts_sum_to_count,),
 )
@@ -456,6 +507,36 @@ METADATA = Obj(
     }
 )
 SEQUENCE = Obj({"tokens": list_of(STRING), "source": STRING})
+EXAMPLE_INDEX = Scalar("an example index", lambda k: k.isdigit() and str(int(k)) == k)
+GROUP_EFFECT = {"ablation_kl": NUMBER, "ablation_dloss": NUMBER}
+STEERING = Obj(
+    {
+        "layer": COUNT,
+        "module": STRING,
+        "component": COUNT,
+        "prompt_index": COUNT,
+        "clamp": Scalar(f"one of {', '.join(CLAMPS)}", lambda v: v in CLAMPS),
+        "value": NUMBER_OR_NULL,
+        "text": STRING,
+        "tokens": list_of(STRING),
+    },
+    rules=(_value_with_clamp,),
+)
+EFFECTS = Obj(
+    {
+        "num_examples": POSITIVE,
+        "num_tokens": POSITIVE,
+        "max_length": POSITIVE,
+        "kl_vs_base": NUMBER,
+        "attribution_spearman": NUMBER_OR_NULL,
+        "layers": list_of(Obj({"layer": COUNT, **GROUP_EFFECT})),
+        "modules": list_of(Obj({"module": STRING, **GROUP_EFFECT})),
+        "kl_tokens": map_of(list_of(NUMBER), key=EXAMPLE_INDEX),
+        "prompts": list_of(Obj({"example_index": COUNT, "tokens": list_of(STRING)})),
+        "steering": list_of(STEERING),
+    },
+    rules=(_tokens_counted,),
+)
 DOCUMENT = Obj(
     {
         "schema_version": SCHEMA,
@@ -464,10 +545,8 @@ DOCUMENT = Obj(
         "cross_layer_cosine": COSINES,
     },
     optional={
-        "examples": map_of(
-            SEQUENCE,
-            key=Scalar("an example index", lambda k: k.isdigit() and str(int(k)) == k),
-        )
+        "examples": map_of(SEQUENCE, key=EXAMPLE_INDEX),
+        "effects": EFFECTS,  # runs with --effects
     },
 )
 
@@ -493,6 +572,40 @@ def _agreements(document: dict[str, Any]) -> None:
             for c, direction in enumerate(projection["directions"]):
                 path = f"{_field(f'layers[{i}].projections', module)}.directions[{c}]"
                 _direction_agrees(direction, path, module, set(layer["projections"]), meta)
+                if ("effects" in direction) != ("effects" in document):
+                    _fail(f"{path}.effects", "expected exactly where the document has effects")
+    if "effects" in document:
+        _effects_agree(document["effects"], document)
+
+
+def _effects_agree(effects: dict[str, Any], document: dict[str, Any]) -> None:
+    """The effects' groups against the layers, their rows against the stored sequences, and
+    the pinned samples against the directions and prompts."""
+    meta = document["metadata"]
+    if [g["layer"] for g in effects["layers"]] != meta["lora_layers"]:
+        _fail("effects.layers", f"expected one entry per layer {_show(meta['lora_layers'])}")
+    if [g["module"] for g in effects["modules"]] != meta["modules"]:
+        _fail("effects.modules", f"expected one entry per module {_show(meta['modules'])}")
+    stored = document.get("examples", {})
+    for index, values in effects["kl_tokens"].items():
+        if index not in stored:
+            _fail(_field("effects.kl_tokens", index), "expected its tokens in examples")
+        longest = min(len(stored[index]["tokens"]), effects["max_length"]) - 1
+        if len(values) != longest:
+            _fail(_field("effects.kl_tokens", index), f"expected {longest} values (its positions)")
+    ranks = {
+        (layer["layer"], module): projection["rank"]
+        for layer in document["layers"]
+        for module, projection in layer["projections"].items()
+    }
+    for i, entry in enumerate(effects["steering"]):
+        where = f"effects.steering[{i}]"
+        if entry["component"] >= ranks.get((entry["layer"], entry["module"]), 0):
+            _fail(where, "expected a direction of the layers")
+        if entry["prompt_index"] >= len(effects["prompts"]):
+            _fail(
+                f"{where}.prompt_index", f"expected an index into {len(effects['prompts'])} prompts"
+            )
 
 
 def _direction_agrees(
@@ -504,8 +617,11 @@ def _direction_agrees(
         _fail(f"{path}.histogram.counts", f"expected {bins} entries (metadata.histogram_bins)")
     if "logit_effects" in direction and not writes_residual(module):
         _fail(f"{path}.logit_effects", f"unexpected: {module} does not write the residual stream")
-    for side in EXAMPLE_LISTS:
-        if len(direction[side]) > meta["top_k"]:
+    lists = [(side, direction[side]) for side in EXAMPLE_LISTS]
+    if "effects" in direction:
+        lists += [(f"effects.{side}", direction["effects"][side]) for side in ATTRIBUTION_LISTS]
+    for side, examples in lists:
+        if len(examples) > meta["top_k"]:
             _fail(f"{path}.{side}", f"expected at most {meta['top_k']} entries (metadata.top_k)")
     longest = 2 * meta["context_window"] + 1
     for where, example in examples_at(direction, path):
