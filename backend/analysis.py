@@ -6,6 +6,7 @@ from the last checkpoint with the same result as an unbroken pass.
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -20,9 +21,10 @@ from tqdm import tqdm
 
 from backend import UserError, warn
 from backend.capture import ActivationCapture, read_sites
+from backend.causal import NEW_TOKENS, EffectsState, effects_rows, group_order, pin
 from backend.config import RunConfig
 from backend.contexts import context_keys, window_keys
-from backend.data import Batch, Position, Sequence, collate
+from backend.data import Batch, Position, Row, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.loading import input_device
 from backend.output import layer_layout
@@ -78,6 +80,7 @@ class Analysis:
             siblings=sibling_table(self.modules, first),
             vocab_size=model.get_input_embeddings().weight.shape[0],
         )
+        self.model, self.first = model, first
         effects = logit_effects(model, self.modules, config.logit_tokens)
         self.state = RunState(
             config.identity(),
@@ -86,6 +89,9 @@ class Analysis:
             cross_layer_cosine(self.modules),
             slot=slot,
         )
+        if config.effects:
+            groups = group_order(self.modules)
+            self.state.effects = EffectsState(tracker.shape.num_directions, *groups, tracker.shape)
         self._split_before = False  # warn about the first out-of-memory split only
 
     def resume(self, saved: RunState, name: str) -> None:
@@ -97,7 +103,7 @@ class Analysis:
             raise UserError(f"{name} is a checkpoint of another run ({', '.join(differs)} differ)")
         if saved.layers != self.state.layers:
             raise UserError(f"{name} is a checkpoint of another adapter")
-        if saved.position is None:
+        if saved.finished:
             raise UserError(f"{name} is a finished run: nothing to resume")
         self.state = saved
 
@@ -169,6 +175,8 @@ def count_windows(state: RunState, sequences: Iterable[Sequence], rows: int = 25
     once more, only tokenized (no forward pass); memory holds the kept windows' keys and `rows`
     sequences at a time."""
     windows = state.tracker.windows()  # [M, 2W+1]
+    if state.effects is not None:
+        windows = torch.cat([windows, state.effects.windows()])
     windows = windows[(windows >= 0).any(1)]  # rows of -1: empty slots
     keys = torch.unique(context_keys(windows))  # [K] sorted
     counts = torch.zeros_like(keys)
@@ -216,16 +224,16 @@ class Checkpoints:
     def __post_init__(self) -> None:
         self._last_time, self._last_count = time.monotonic(), 0
 
-    def due(self, counters: dict[str, int]) -> bool:
-        done = counters["num_examples"] - self._last_count
-        by_count = self.examples is not None and done >= self.examples
+    def due(self, done: int) -> bool:
+        """done: the examples passed so far (and rows of the effects, once in them)."""
+        by_count = self.examples is not None and done - self._last_count >= self.examples
         by_time = self.seconds is not None and time.monotonic() - self._last_time >= self.seconds
         return by_count or by_time
 
-    def save(self, state: RunState, decode: Callable[[int], str]) -> None:
+    def save(self, state: RunState, decode: Callable[[int], str], done: int) -> None:
         state.add_tokens(decode)
         state.save(self.path)
-        self._last_time, self._last_count = time.monotonic(), state.counters["num_examples"]
+        self._last_time, self._last_count = time.monotonic(), done
 
 
 @contextmanager
@@ -272,12 +280,92 @@ def run_analysis(
             rate = (state.counters["num_tokens"] - done) / (time.perf_counter() - start)
             bar.set_postfix_str(f"{state.counters['num_tokens']} tok, {rate:,.0f} tok/s", False)
             bar.update(len(group))
-            if checkpoints is not None and (signals or checkpoints.due(state.counters)):
-                checkpoints.save(state, decode)
-            if signals:
-                name = signal.Signals(signals[0]).name
-                where = f"; state saved to {checkpoints.path}" if checkpoints else ""
-                raise Interrupted(signals[0], f"interrupted by {name}{where}: rerun with --resume")
+            save_or_stop(state, decode, checkpoints, signals, state.counters["num_examples"])
     state.position = None
     state.add_tokens(decode)
     return state
+
+
+def save_or_stop(
+    state: RunState,
+    decode: Callable[[int], str],
+    checkpoints: Checkpoints | None,
+    signals: list[int],
+    done: int,
+) -> None:
+    """Between two steps of a pass: save a checkpoint where one is due (`done` steps passed)
+    or a signal came, and stop (Interrupted) where one came."""
+    if checkpoints is not None and (signals or checkpoints.due(done)):
+        checkpoints.save(state, decode, done)
+    if signals:
+        name = signal.Signals(signals[0]).name
+        where = f"; state saved to {checkpoints.path}" if checkpoints else ""
+        raise Interrupted(signals[0], f"interrupted by {name}{where}: rerun with --resume")
+
+
+def run_effects(
+    analysis: Analysis,
+    sequences: Iterable[Sequence],
+    decode: Callable[[int], str],
+    checkpoints: Checkpoints | None = None,
+    progress: bool = True,
+) -> None:
+    """This slot's rows of the effects (backend.causal) into the state, after the pass: each
+    row exactly (backend.effects), checkpointed like the pass; a resumed run goes on from the
+    row it had reached. Each row's sequence is kept: the document shows it, coloured by KL."""
+    from backend.effects import Effects  # the full model's forward: only where effects run
+
+    config, state = analysis.config, analysis.state
+    effects, (slot, slots) = state.effects, state.slot
+    computer = Effects(analysis.model, analysis.modules, analysis.first, config.max_batch_tokens)
+    bar = tqdm(total=config.effects, initial=effects.rows_done, unit="row", disable=not progress)
+    bar.set_description_str("effects")
+    rows = effects_rows(sequences, config.effects, config.effects_max_length)
+    with deferred_signals() as signals, bar:
+        for ordinal, sequence, ids in rows:
+            if ordinal < effects.rows_done:
+                continue
+            if ordinal % slots == slot:
+                row = computer.row(ids.to(analysis.device))
+                whole = len(ids) == len(sequence.input_ids)
+                effects.update(row, ids, sequence.example_index, whole)
+                state.sequences[sequence.example_index] = sequence.input_ids
+            effects.rows_done = ordinal + 1
+            bar.update(1)
+            done = state.counters["num_examples"] + effects.rows_done
+            save_or_stop(state, decode, checkpoints, signals, done)
+    state.add_tokens(decode)
+
+
+def pin_directions(
+    state: RunState, model: nn.Module, tokenizer: Any, rows: Iterable[Row], config: RunConfig
+) -> None:
+    """The effects' pinned samples, on the merged state (the ranking needs every row): the
+    config.steer_directions directions of largest ablation KL, each on the first
+    config.steer_prompts rows of the effects, under every clamp (backend.steering)."""
+    from backend.steering import clamped_generate, steering_prompt
+
+    effects = state.effects
+    modules = {(m.layer, m.module): m for m in find_lora_modules(model)}
+    where = {
+        d["index"]: (modules[layer["layer"], name], d["component"])
+        for layer in state.layers
+        for name, projection in layer["projections"].items()
+        for d in projection["directions"]
+    }
+    chosen = []
+    for index in effects.ranking()[: config.steer_directions]:
+        lo, hi = state.tracker.moments.range.of(index)
+        chosen.append((index, *where[index], lo, hi))
+    wanted = sorted(effects.kl_tokens)[: config.steer_prompts]
+    prompts = [
+        (i, steering_prompt(row, tokenizer, config.text_field, config.max_length))
+        for i, row in enumerate(itertools.islice(rows, wanted[-1] + 1 if wanted else 0))
+        if i in wanted
+    ]
+
+    def generate(module: LoraModule, component: int, value: float | None, prompt: list[int]):
+        return clamped_generate(model, module, component, value, prompt, NEW_TOKENS)
+
+    pin(effects, chosen, prompts, generate, lambda ids: tokenizer.decode(ids))
+    state.add_tokens(token_decoder(tokenizer))

@@ -34,6 +34,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a token and the next), got {value}")
+    return value
+
+
 def count_or_all(text: str) -> int | None:
     return None if text == "all" else positive_int(text)
 
@@ -159,6 +166,42 @@ class RunConfig:
         parse=positive_int,
         identity=True,
     )
+    effects: int = option(
+        "effects",
+        "measure the directions' causal effects on the first N rows with at least 2 tokens: "
+        "KL and loss change when each direction, layer and module is ablated, attribution "
+        "(-activation x gradient) and its top tokens, and pinned-direction samples",
+        0,
+        parse=non_negative_int,
+        metavar="N",
+        shown="0, off",
+        identity=True,
+    )
+    effects_max_length: int = option(
+        "effects",
+        "cut each row of the effects to this many tokens (after --max-length)",
+        2048,
+        parse=at_least_two,
+        identity=True,
+    )
+    steer_directions: int = option(
+        "effects",
+        "pin the M directions of largest ablation KL: greedy continuations with the "
+        "activation held at its observed min, 0 and max, and left as is",
+        8,
+        parse=non_negative_int,
+        metavar="M",
+        identity=True,
+    )
+    steer_prompts: int = option(
+        "effects",
+        "prompts of the pinned samples: the first P rows of the effects (a chat row up to "
+        "its assistant header, other rows their first 64 tokens)",
+        2,
+        parse=non_negative_int,
+        metavar="P",
+        identity=True,
+    )
     dtype: str | None = option(
         "runtime",
         "model dtype",
@@ -202,8 +245,8 @@ class RunConfig:
     )
     checkpoint_every: tuple[int | None, float | None] = option(
         "scale and resume",
-        "save a checkpoint every N examples, or every N minutes with an m suffix; "
-        "SIGINT/SIGTERM also save one",
+        "save a checkpoint every N examples (and rows of the effects), or every N minutes "
+        "with an m suffix; SIGINT/SIGTERM also save one",
         (None, 600.0),
         parse=interval,
         metavar="N|Nm",

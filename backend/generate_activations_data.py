@@ -17,7 +17,7 @@ import functools
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from backend.loading import (
     resolve_dtype,
 )
 from backend.output import build_document, write_json_atomic
-from backend.pipeline import analyze, tokenize
+from backend.pipeline import analyze, finish, tokenize
 from backend.processes import gather_states, init_processes
 from backend.state import RunState, check_shards, load_state, merge_states
 
@@ -124,6 +124,7 @@ def run(config: RunConfig) -> int:
     quiet_libraries(downloads=not config.quiet)
     rows, first = open_rows(config)
     row_content(first, config.text_field)  # a wrong field fails before the model loads
+    check_effects(config, rows)
     rank, world, device = init_processes(config.device or default_device(), config.device_map)
     checkpoint = checkpoint_path(config, rank, world)
     for path in (config.output, checkpoint):  # before the model loads, not after the pass
@@ -143,8 +144,8 @@ def run(config: RunConfig) -> int:
         return 0
     if state.counters["num_examples"] == 0:
         raise UserError(f"no examples with tokens in {config.source}")
-    if world > 1 and shards == 1:  # each process saw its batches only: count over all the data
-        count_windows(state, tokenize(rows, tokenizer, config))
+    if world > 1 and shards == 1:  # each process saw its batches only: finish the whole run
+        finish(state, model, tokenizer, rows, config.resolved(model))
     if shards > 1:
         state.slot = (shard, shards)
         state.save(config.output)
@@ -155,6 +156,18 @@ def run(config: RunConfig) -> int:
     if not config.quiet:
         summary(state, config.output, time.perf_counter() - started)
     return 0
+
+
+def check_effects(config: RunConfig, rows: Iterable[Row]) -> None:
+    """--effects N beyond the rows there are fails now, not after the pass (rows without 2
+    tokens are found only once the effects read them)."""
+    sizes = (config.num_examples, len(rows) if isinstance(rows, Sized) else None)
+    known = [n for n in sizes if n is not None]
+    if known and config.effects > min(known):
+        raise UserError(
+            f"--effects {config.effects}: the run reads only {min(known)} rows "
+            "(the data's rows, within --num-examples)"
+        )
 
 
 def checkpoint_path(config: RunConfig, rank: int, world: int) -> Path:
@@ -191,7 +204,15 @@ def merge(args: argparse.Namespace) -> int:
     merged = merge_states(states, names)
     config = data_config(merged.run)
     rows, _ = open_rows(config)
-    count_windows(merged, tokenize(rows, run_tokenizer(merged.run), config))
+    if merged.effects is None:
+        count_windows(merged, tokenize(rows, run_tokenizer(merged.run), config))
+    else:  # the pinned samples need the model
+        device = default_device()
+        dtype = resolve_dtype(merged.run["dtype"], device)
+        model, tokenizer = load_model(
+            run_base_model(merged.run), config.lora_path, dtype, device, None
+        )
+        finish(merged, model, tokenizer, rows, config)
     write_json_atomic(build_document(merged), args.output)
     print(f"merged {len(states)} shards -> {args.output}")
     return 0
@@ -209,20 +230,28 @@ def data_config(run: dict) -> RunConfig:
         raise UserError(
             f"merge counts the shown windows over the run's data, and {source} is not there"
         )
-    options = ("base_model", "lora_path", "text_field", "num_examples", "max_length")
+    options = (
+        "base_model", "lora_path", "text_field", "num_examples", "max_length", "effects",
+        "effects_max_length", "steer_directions", "steer_prompts",
+    )  # fmt: skip
     return RunConfig(**{key: run[key] for key in options}, **where)
+
+
+def run_base_model(run: dict):
+    """The run's base model, found again from the name its output records."""
+    from backend.embedded import EMBEDDED_MODEL_ID
+
+    name = run["base_model"]
+    return resolve_base_model(EMBEDDED if name == EMBEDDED_MODEL_ID else name)
 
 
 def run_tokenizer(run: dict):
     """The tokenizer of the run's base model (merge reads the data once more, tokenize-only)."""
     from transformers import AutoTokenizer
 
-    from backend.embedded import EMBEDDED_MODEL_ID
-
     name = run["base_model"]
     try:
-        base = resolve_base_model(EMBEDDED if name == EMBEDDED_MODEL_ID else name)
-        return AutoTokenizer.from_pretrained(base.path)
+        return AutoTokenizer.from_pretrained(run_base_model(run).path)
     except (OSError, ValueError) as e:
         raise UserError(
             f"merge counts the shown windows over the run's data and needs the tokenizer of "

@@ -13,11 +13,12 @@ import torch
 
 from backend.atomic import write_atomic
 from backend.contexts import Example, context_keys
-from backend.contract import SCHEMA_VERSION, ContractError, validate
+from backend.contract import SCHEMA_VERSION, ContractError, iter_examples, validate
 from backend.directions import LoraModule, layer_cosines
 from backend.tracking import Tracker
 
-if TYPE_CHECKING:  # backend.state needs this module's layout_token_ids
+if TYPE_CHECKING:  # backend.state needs this module's layout_token_ids, causal finite_or_none
+    from backend.causal import EffectsState
     from backend.state import RunState
 
 
@@ -90,9 +91,15 @@ class Document:
     """
 
     def __init__(
-        self, layers: list[dict], tracker: Tracker, tokens: dict[int, str], min_token_count: int
+        self,
+        layers: list[dict],
+        tracker: Tracker,
+        tokens: dict[int, str],
+        min_token_count: int,
+        effects: EffectsState | None = None,
     ) -> None:
         self.tracker, self.tokens, self.min_token_count = tracker, tokens, min_token_count
+        self.effects = effects
         self.window = tracker.shape.window
         self.shown: list[tuple[dict[str, Any], Example]] = []  # every Example made, in order
         self.module_of = {
@@ -145,6 +152,8 @@ class Document:
                 for side, effects in layout["logit_effects"].items()
             }
         found.update(self.tracker.fields(layout["index"], self))
+        if self.effects is not None:
+            found.update(self.effects.fields(layout["index"], self))
         return found
 
 
@@ -160,7 +169,7 @@ def build_document(state: RunState) -> dict[str, Any]:
     of the examples shown (if any were stored)."""
     run, layers, tracker, tokens = state.run, state.layers, state.tracker, state.tokens
     modules = [name for layer in layers for name in layer["projections"]]
-    document = Document(layers, tracker, tokens, run["min_token_count"])
+    document = Document(layers, tracker, tokens, run["min_token_count"], state.effects)
     found = {
         "schema_version": SCHEMA_VERSION,
         "metadata": {
@@ -179,10 +188,15 @@ def build_document(state: RunState) -> dict[str, Any]:
         "cross_layer_cosine": state.cross_layer_cosine,
     }
     document.count(state.occurrences)
-    if state.sequences:
+    # The examples shown (where their sequences were stored) and the effects' rows.
+    stored = examples_shown(found["layers"]) & state.sequences.keys()
+    if state.effects is not None:
+        found["effects"] = state.effects.document(tokens, run["effects_max_length"])
+        stored |= state.effects.kl_tokens.keys()
+    if stored:
         found["examples"] = {
             str(i): {"tokens": [tokens[t] for t in state.sequences[i]], "source": run["dataset"]}
-            for i in sorted(examples_shown(found["layers"]))
+            for i in sorted(stored)
         }
     return found
 
@@ -211,9 +225,7 @@ def examples_shown(layers: list[dict[str, Any]]) -> set[int]:
         for layer in layers
         for projection in layer["projections"].values()
         for d in projection["directions"]
-        for e in d["top_positive"]
-        + d["top_negative"]
-        + [e for r in d["quantile_samples"] for e in r["examples"]]
+        for e in iter_examples(d)
     }
 
 

@@ -19,7 +19,9 @@ from backend.analysis import (
     Analysis,
     Checkpoints,
     count_windows,
+    pin_directions,
     run_analysis,
+    run_effects,
     store_sequences,
     token_decoder,
 )
@@ -47,30 +49,42 @@ def analyze(
     (`RunConfig.resolved`); config.data_file or dataset name the rows in the output.
     checkpoint: saved every config.checkpoint_every and on SIGINT/SIGTERM, and continued from
     with config.resume. slot (i, n): of the pass's batches, take those numbered i mod n.
+    With config.effects, the effects' rows follow the pass (backend.causal).
     Returns this slot's finished state (merge slots with backend.state.merge_states, then
-    count their windows with backend.analysis.count_windows).
+    `finish` the merged state).
     """
     config = config.resolved(model)
     analysis = Analysis(model, config, slot)
     if checkpoint is not None and config.resume and checkpoint.exists():
         analysis.resume(load_state(checkpoint, analysis.device), str(checkpoint))
     state = analysis.state
-    state.counters["num_skipped_rows"] = 0  # a resumed pass reads every row again
-    sequences = tokenize(counted(rows, state.counters), tokenizer, config, state.position.row)
-    batches = iter_batches(
-        sequences, config.max_batch_tokens, config.sort_window, state.position, slot
-    )
     decode = token_decoder(tokenizer)
     every = None if checkpoint is None else Checkpoints(checkpoint, *config.checkpoint_every)
-    # The bar counts this slot's examples: known in advance only when it takes every batch.
-    known = [n for n in (config.num_examples, size(rows)) if n is not None]
-    total = min(known) if known and slot[1] == 1 else None
-    state = run_analysis(analysis, batches, decode, every, total=total, progress=progress)
+    if state.position is not None:  # a run resumed during its effects has done its pass
+        state.counters["num_skipped_rows"] = 0  # a resumed pass reads every row again
+        sequences = tokenize(counted(rows, state.counters), tokenizer, config, state.position.row)
+        batches = iter_batches(
+            sequences, config.max_batch_tokens, config.sort_window, state.position, slot
+        )
+        # The bar counts this slot's examples: known in advance only when it takes every batch.
+        known = [n for n in (config.num_examples, size(rows)) if n is not None]
+        total = min(known) if known and slot[1] == 1 else None
+        state = run_analysis(analysis, batches, decode, every, total=total, progress=progress)
+    if state.effects is not None:
+        run_effects(analysis, tokenize(rows, tokenizer, config), decode, every, progress)
     if config.store_sequences:
         store_sequences(state, tokenize(rows, tokenizer, config), decode)
     if slot[1] == 1:
-        count_windows(state, tokenize(rows, tokenizer, config))
+        finish(state, model, tokenizer, rows, config)
     return state
+
+
+def finish(state: RunState, model: nn.Module, tokenizer: Any, rows: Iterable[Row], config) -> None:
+    """What needs the whole run's state, on the process that holds it: the shown windows'
+    occurrences over all the data, and the effects' pinned samples."""
+    count_windows(state, tokenize(rows, tokenizer, config))
+    if state.effects is not None:
+        pin_directions(state, model, tokenizer, rows, config)
 
 
 def tokenize(

@@ -17,13 +17,14 @@ import torch
 
 from backend import UserError
 from backend.atomic import write_atomic
+from backend.causal import EffectsState
 from backend.data import Position
 from backend.output import layout_token_ids
 from backend.tracking import Tracker
 
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
-VERSION = 4  # 4: top-k windows keep their keys; the windows' occurrences
+VERSION = 5  # 5: the effects (--effects); 4: top-k windows keep their keys and occurrences
 COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
 # Every process and shard reads all the rows, so each counts all skipped ones: these are not
 # summed when states merge.
@@ -45,6 +46,13 @@ class RunState:
     position: Position | None = field(default_factory=Position)  # None once the pass is done
     slot: tuple[int, int] = (0, 1)  # this state's batches: number % slots == slot
     num_processes: int = 1  # processes whose results it holds
+    effects: EffectsState | None = None  # --effects: run after the pass (backend.causal)
+
+    @property
+    def finished(self) -> bool:
+        """The pass is done, and the effects' rows too where the run has them."""
+        effects_done = self.effects is None or self.effects.rows_done == self.run["effects"]
+        return self.position is None and effects_done
 
     def add_tokens(self, decode) -> None:
         """Record the strings of every id the output may show (decode: id -> str): those the
@@ -52,6 +60,8 @@ class RunState:
         once merged with other processes' or shards'), the logit effects' and the stored
         sequences'."""
         ids = self.tracker.token_ids() | layout_token_ids(self.layers)
+        if self.effects is not None:
+            ids |= self.effects.token_ids()
         for sequence in self.sequences.values():
             ids.update(sequence)
         self.tokens.update({i: decode(i) for i in ids if i >= 0 and i not in self.tokens})
@@ -71,14 +81,17 @@ class RunState:
             "position": None if self.position is None else vars(self.position),
             "slot": list(self.slot),
             "num_processes": self.num_processes,
+            "effects": None if self.effects is None else self.effects.state_dict(),
         }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any], device: torch.device) -> RunState:
+        tracker = Tracker.from_state_dict(state["tracker"], device)
+        effects = state["effects"]
         return cls(
             run=state["run"],
             layers=state["layers"],
-            tracker=Tracker.from_state_dict(state["tracker"], device),
+            tracker=tracker,
             cross_layer_cosine=state["cross_layer_cosine"],
             counters=state["counters"],
             tokens=state["tokens"],
@@ -87,6 +100,9 @@ class RunState:
             position=None if state["position"] is None else Position(**state["position"]),
             slot=tuple(state["slot"]),
             num_processes=state["num_processes"],
+            effects=None
+            if effects is None
+            else EffectsState.from_state_dict(effects, tracker.shape),
         )
 
     def save(self, path: Path) -> None:
@@ -119,7 +135,7 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
     Its windows' occurrences are still to be counted (backend.analysis.count_windows)."""
     first = states[0]
     for state, name in zip(states, names, strict=True):
-        if state.position is not None:
+        if not state.finished:
             raise UserError(f"{name} is an unfinished run: finish it with --resume first")
         if state.run != first.run or state.layers != first.layers:
             differs = differing_options(state.run, first.run)
@@ -136,8 +152,12 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
         dict(first.sequences),
     )
     merged.position, merged.num_processes = None, first.num_processes
+    if first.effects is not None:
+        merged.effects = EffectsState.from_state_dict(first.effects.state_dict(), tracker.shape)
     for state in states[1:]:
         merged.tracker.merge(state.tracker)
+        if merged.effects is not None:
+            merged.effects.merge(state.effects)
         merged.tokens.update(state.tokens)
         merged.sequences.update(state.sequences)
         merged.num_processes += state.num_processes
