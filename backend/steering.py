@@ -21,6 +21,7 @@ from transformers import GenerationConfig
 
 from backend.data import row_content, tokenize_row
 from backend.directions import LoraModule
+from backend.loading import input_device
 
 CLAMPS = ("min", "zero", "max", "none")
 PROMPT_TOKENS = 64  # a row that is not a chat: its first tokens are the prompt
@@ -97,8 +98,7 @@ def clamped_generations(
         eos_token_id=eos or None,
         pad_token_id=eos[0] if eos else 0,  # only fills rows that have ended
     )
-    device = model.get_input_embeddings().weight.device
-    input_ids = torch.tensor([prompt] * len(values), device=device)  # [V, T]
+    input_ids = torch.tensor([prompt] * len(values), device=input_device(model))  # [V, T]
     with _clamped(layer.lora_A[adapter], component, values), _neutral_generation_config(inner):
         output = model.generate(
             input_ids=input_ids,
