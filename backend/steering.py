@@ -4,14 +4,15 @@ Clamping direction c of a module to v replaces its activation A[c] · x by v at 
 prompt and generated tokens alike: the module then writes the constant scaling * B[:, c] * v in
 place of what that direction would have written, and every other direction is left on. Comparing
 the continuations at the direction's observed minimum, 0, its maximum and as is shows what the
-direction does to the model's output.
+direction does to the model's output. All the pinned samples of one prompt (every clamp of every
+pinned direction) are rows of one batch, one generate call, each row clamped only where it pins.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import EllipsisType
 from typing import Any
 
@@ -27,6 +28,7 @@ CLAMPS = ("min", "zero", "max", "none")
 PROMPT_TOKENS = 64  # a row that is not a chat: its first tokens are the prompt
 
 EosIds = int | list[int] | None | EllipsisType  # ...: the model's generation_config's
+Pin = tuple[LoraModule, int, float | None]  # (module, component, value); value None: as is
 
 
 def steering_prompt(
@@ -62,33 +64,36 @@ def clamped_generate(
     eos_token_id: the token id(s) that end a continuation (the EOS is kept as its last token);
     ... (the default) takes the model's generation_config's, None never stops before
     max_new_tokens."""
-    return clamped_generations(
-        model, module, component, [value], prompt, max_new_tokens, eos_token_id, adapter
-    )[0]
+    pins = [(module, component, value)]
+    return pinned_generations(model, pins, prompt, max_new_tokens, eos_token_id, adapter)[0]
 
 
-def clamped_generations(
+def pinned_generations(
     model: nn.Module,
-    module: LoraModule,
-    component: int,
-    values: Sequence[float | None],
+    pins: Sequence[Pin],
     prompt: list[int],
     max_new_tokens: int = 48,
     eos_token_id: EosIds = ...,
     adapter: str = "default",
+    max_rows: int | None = None,
 ) -> list[list[int]]:
-    """clamped_generate for each value (e.g. the four clamps of CLAMPS), in one generate call.
+    """clamped_generate for each pin (module, component, value), all in one generate call (or
+    one per max_rows rows): e.g. every clamp of every pinned direction on one prompt, "none" once.
 
-    Every row of the batch is the same prompt, so no row needs padding and each row's
-    continuation is what clamped_generate gives for its value alone; a row that reaches EOS
-    first is cut there (generate pads it while the others go on)."""
-    if not 0 <= component < module.rank:
-        raise ValueError(f"{module.name} has rank {module.rank}: no component {component}")
-    if not prompt or not values:
-        raise ValueError("clamped generation needs a prompt and at least one value")
-    layer = model.get_submodule(module.name)
-    if layer.merged:  # a merged adapter never calls lora_A: there would be nothing to clamp
-        raise ValueError(f"{module.name}: the adapter is merged into the weights; unmerge it")
+    Every row of the batch is the same prompt, so no row needs padding; each pinned module's
+    hook clamps only the rows that pin it, so each row's continuation is what clamped_generate
+    gives for its pin alone. A row that reaches EOS first is cut there (generate pads it while
+    the others go on). max_rows: at most that many rows a generate call (the pins split into
+    several calls, in order), to bound the memory of a big model; None: all in one."""
+    if not prompt or not pins:
+        raise ValueError("pinned generation needs a prompt and at least one pin")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, not {max_rows}")
+    for module, component, _ in pins:
+        if not 0 <= component < module.rank:
+            raise ValueError(f"{module.name} has rank {module.rank}: no component {component}")
+        if model.get_submodule(module.name).merged:  # a merged adapter never calls lora_A
+            raise ValueError(f"{module.name}: the adapter is merged into the weights; unmerge it")
     inner = model.get_base_model()  # the transformers model whose generate runs
     eos = _eos_ids(inner.generation_config.eos_token_id if eos_token_id is ... else eos_token_id)
     config = GenerationConfig(
@@ -98,36 +103,55 @@ def clamped_generations(
         eos_token_id=eos or None,
         pad_token_id=eos[0] if eos else 0,  # only fills rows that have ended
     )
-    input_ids = torch.tensor([prompt] * len(values), device=input_device(model))  # [V, T]
-    with _clamped(layer.lora_A[adapter], component, values), _neutral_generation_config(inner):
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            generation_config=config,
-        )
-    return [_through_eos(row, eos) for row in output[:, len(prompt) :].tolist()]
+    step = max_rows or len(pins)
+    continuations = []
+    for start in range(0, len(pins), step):
+        batch = pins[start : start + step]
+        input_ids = torch.tensor([prompt] * len(batch), device=input_device(model))  # [R, T]
+        with _pinned(model, batch, adapter), _neutral_generation_config(inner):
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=config,
+            )
+        continuations += [_through_eos(row, eos) for row in output[:, len(prompt) :].tolist()]
+    return continuations
 
 
 @contextlib.contextmanager
-def _clamped(lora_a: nn.Module, component: int, values: Sequence[float | None]) -> Iterator[None]:
-    """Batch row i's activation of `component` set to values[i] (None: left as is) in every
-    forward of lora_a while the context is open, and never after, however it ends."""
-    pinned = torch.tensor([v is not None for v in values])  # [V]
-    target = torch.tensor([0.0 if v is None else v for v in values])  # [V]
+def _pinned(model: nn.Module, pins: Sequence[Pin], adapter: str) -> Iterator[None]:
+    """Batch row i's pinned activation set to its value in every forward while the context is
+    open, and never after, however it ends: one hook on each pinned module's lora_A, which
+    touches only the rows that pin one of its components (a None value pins nothing)."""
+    rows = len(pins)
+    masks: dict[str, torch.Tensor] = {}  # module name -> [R, r]: which (row, component) pinned
+    targets: dict[str, torch.Tensor] = {}  # module name -> [R, r]: the value there
+    for i, (module, component, value) in enumerate(pins):
+        if value is None:
+            continue
+        if module.name not in masks:
+            masks[module.name] = torch.zeros(rows, module.rank, dtype=torch.bool)
+            targets[module.name] = torch.zeros(rows, module.rank)
+        masks[module.name][i, component] = True
+        targets[module.name][i, component] = value
 
-    def clamp(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        # output [V, T, r]: with the KV cache, T is the prompt first, then one new token a step.
-        clamped = output.clone()
-        where = pinned.to(output.device)[:, None]  # [V, 1]
-        pins = target.to(output.device, output.dtype)[:, None]  # [V, 1]
-        clamped[..., component] = torch.where(where, pins, output[..., component])
-        return clamped
+    def clamp(mask: torch.Tensor, target: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            # output [R, T, r]: with the KV cache, T is the prompt first, then one new token a step
+            where = mask.to(output.device)[:, None]  # [R, 1, r]
+            return torch.where(where, target.to(output.device, output.dtype)[:, None], output)
 
-    handle = lora_a.register_forward_hook(clamp)
+        return hook
+
+    handles = []
     try:
+        for name, mask in masks.items():
+            lora_a = model.get_submodule(name).lora_A[adapter]
+            handles.append(lora_a.register_forward_hook(clamp(mask, targets[name])))
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backend.data import tokenize_row
 from backend.directions import LoraModule, find_lora_modules
-from backend.steering import PROMPT_TOKENS, clamped_generate, clamped_generations, steering_prompt
+from backend.steering import PROMPT_TOKENS, clamped_generate, pinned_generations, steering_prompt
 from tests.tiny import random_texts, save_adapter
 
 NEW = 16  # tokens per continuation: enough to diverge, few enough to stay fast
@@ -113,15 +113,60 @@ def test_clamp_equals_a_model_with_the_write_in_its_weights(
     assert ours != as_is  # the clamp changes what the model says: the comparison has teeth
 
 
-def test_the_four_clamps_in_one_batch_equal_one_by_one(attention_model, prompt):
-    m = direction(attention_model, 0, "o_proj")
-    values = [-7.0, 0.0, 9.0, None]
-    free = clamped_generations(attention_model, m, 1, values, prompt, NEW, eos_token_id=None)
-    assert free == [clamped_generate(attention_model, m, 1, v, prompt, NEW, None) for v in values]
-    eos = free[0][0]  # the first row ends at once, the others later or never
-    ended = clamped_generations(attention_model, m, 1, values, prompt, NEW, eos)
-    assert ended == [clamped_generate(attention_model, m, 1, v, prompt, NEW, eos) for v in values]
-    assert ended[0] == [eos] and len({len(row) for row in ended}) > 1
+def several_pins(model: PeftModel) -> list:
+    """Pins of three modules of the rank-2 Qwen2 (two components of one of them, on different
+    rows) and a row left as is."""
+    o_proj = direction(model, 0, "o_proj")
+    up_proj = direction(model, 2, "up_proj")
+    q_proj = direction(model, 1, "q_proj")
+    return [
+        (o_proj, 1, -7.0), (up_proj, 0, 6.0), (q_proj, 1, 15.0), (o_proj, 0, 9.0),
+        (up_proj, 1, None),
+    ]  # fmt: skip
+
+
+def count_generate_calls(model: PeftModel, monkeypatch) -> list[int]:
+    """The batch size of each model.generate call from now on."""
+    calls = []
+    generate = model.generate
+
+    def counted(**kwargs):
+        calls.append(len(kwargs["input_ids"]))
+        return generate(**kwargs)
+
+    monkeypatch.setattr(model, "generate", counted)
+    return calls
+
+
+def test_pins_of_several_modules_in_one_batch_equal_one_by_one(
+    attention_model, prompt, monkeypatch
+):
+    pins = several_pins(attention_model)
+    calls = count_generate_calls(attention_model, monkeypatch)
+    batched = pinned_generations(attention_model, pins, prompt, NEW, eos_token_id=None)
+    assert calls == [len(pins)]  # every row in one generate call
+    one_by_one = [clamped_generate(attention_model, *pin, prompt, NEW, None) for pin in pins]
+    assert batched == one_by_one
+    copies = [attention_model if v is None else pinned_by_weights(attention_model, m, c, v)
+              for m, c, v in pins]  # fmt: skip
+    brute = [greedy(model, prompt, NEW, []) for model in copies]
+    assert batched == brute
+    assert len({tuple(row) for row in batched}) == len(pins)  # every pin says something else
+    calls.clear()
+    split = pinned_generations(attention_model, pins, prompt, NEW, None, max_rows=2)
+    assert split == batched and calls == [2, 2, 1]
+
+
+def test_rows_that_end_at_eos_at_different_steps(attention_model, prompt):
+    pins = several_pins(attention_model)
+    free = pinned_generations(attention_model, pins, prompt, NEW, eos_token_id=None)
+    eos = [free[0][0], free[1][3]]  # two EOS ids: rows end at once, a few steps in, or never
+    ended = pinned_generations(attention_model, pins, prompt, NEW, eos)
+    assert ended == [clamped_generate(attention_model, *pin, prompt, NEW, eos) for pin in pins]
+    cut = [row[: next((t + 1 for t, id in enumerate(row) if id in eos), NEW)] for row in free]
+    assert ended == cut
+    stops = {len(row) for row in ended if row[-1] in eos}
+    assert ended[0] == eos[:1] and len(stops) >= 2 and NEW in {len(row) for row in ended}
 
 
 def test_stops_after_eos_and_at_max_new_tokens(attention_model, prompt):
@@ -156,21 +201,22 @@ def test_the_models_generation_settings_cannot_change_greedy_decoding(mlp_model,
     assert model.generation_config is settings  # the model's own settings are back
 
 
-def test_the_clamp_is_gone_after_the_call_however_it_ends(mlp_model, prompt, monkeypatch):
-    m = direction(mlp_model, 2, "gate_proj")
-    lora_a = mlp_model.get_submodule(m.name).lora_A["default"]
-    settings = mlp_model.generation_config
-    clamped_generate(mlp_model, m, 0, 4.0, prompt, 3)
-    assert not lora_a._forward_hooks
+def test_the_clamps_are_gone_after_the_call_however_it_ends(attention_model, prompt, monkeypatch):
+    pins = several_pins(attention_model)
+    lora_as = [attention_model.get_submodule(m.name).lora_A["default"] for m, _, _ in pins]
+    settings = attention_model.generation_config
+    pinned_generations(attention_model, pins, prompt, 3)
+    assert not any(lora_a._forward_hooks for lora_a in lora_as)
 
     def fail(**_):
+        assert all(lora_a._forward_hooks for lora_a in lora_as[:3])  # on while it runs
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(mlp_model, "generate", fail)
-    with pytest.raises(RuntimeError):
-        clamped_generate(mlp_model, m, 0, 4.0, prompt, 3)
-    assert not lora_a._forward_hooks
-    assert mlp_model.generation_config is settings
+    monkeypatch.setattr(attention_model, "generate", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pinned_generations(attention_model, pins, prompt, 3)
+    assert not any(lora_a._forward_hooks for lora_a in lora_as)
+    assert attention_model.generation_config is settings
 
 
 def test_bad_arguments(mlp_model, prompt):
@@ -179,6 +225,10 @@ def test_bad_arguments(mlp_model, prompt):
         clamped_generate(mlp_model, m, 1, 1.0, prompt)
     with pytest.raises(ValueError, match="needs a prompt"):
         clamped_generate(mlp_model, m, 0, 1.0, [])
+    with pytest.raises(ValueError, match="needs a prompt and at least one pin"):
+        pinned_generations(mlp_model, [], [5, 6])
+    with pytest.raises(ValueError, match="max_rows must be at least 1, not 0"):
+        pinned_generations(mlp_model, [(m, 0, 1.0)], [5, 6], max_rows=0)
 
 
 def test_chat_prompt_ends_with_the_assistant_header(tokenizer):
