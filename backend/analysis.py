@@ -343,7 +343,7 @@ def pin_directions(
     """The effects' pinned samples, on the merged state (the ranking needs every row): the
     config.steer_directions directions of largest ablation KL, each on the first
     config.steer_prompts rows of the effects, under every clamp (backend.steering)."""
-    from backend.steering import clamped_generate, steering_prompt
+    from backend.steering import pinned_generations, steering_prompt
 
     effects = state.effects
     modules = {(m.layer, m.module): m for m in find_lora_modules(model)}
@@ -364,8 +364,9 @@ def pin_directions(
         if i in wanted
     ]
 
-    def generate(module: LoraModule, component: int, value: float | None, prompt: list[int]):
-        return clamped_generate(model, module, component, value, prompt, NEW_TOKENS)
+    def generate(pins: list[tuple[LoraModule, int, float | None]], prompt: list[int]):
+        return pinned_generations(model, pins, prompt, NEW_TOKENS)
 
-    pin(effects, chosen, prompts, generate, lambda ids: tokenizer.decode(ids))
+    if chosen and prompts:
+        pin(effects, chosen, prompts, generate, lambda ids: tokenizer.decode(ids))
     state.add_tokens(token_decoder(tokenizer))

@@ -259,17 +259,31 @@ def pin(
     effects: EffectsState,
     directions: list[tuple[int, LoraModule, int, float, float]],
     prompts: list[tuple[int, list[int]]],
-    generate: Callable[[LoraModule, int, float | None, list[int]], list[int]],
+    generate: Callable[[list[tuple[LoraModule, int, float | None]], list[int]], list[list[int]]],
     decode: Callable[[list[int]], str],
 ) -> None:
     """The pinned samples: for each (direction index, module, component, min, max) and each
-    (example index, prompt ids), a continuation under every clamp."""
-    effects.prompts = prompts
-    effects.steering = []
-    for _, module, component, lo, hi in directions:
-        for p, (_, prompt) in enumerate(prompts):
+    (example index, prompt ids), a continuation under every clamp. generate(pins, prompt) gives
+    one continuation per pin (module, component, value; None: left as is) in one batch; the
+    continuation left as is is the same for every direction, so it is made once a prompt."""
+    effects.prompts, effects.steering = prompts, []
+    made = []  # per prompt: {(direction's place, clamp): continuation ids}
+    for _, prompt in prompts:
+        keys = [
+            (j, clamp, (module, component, value))
+            for j, (_, module, component, lo, hi) in enumerate(directions)
+            for clamp, value in clamp_values(lo, hi)
+            if value is not None
+        ]
+        _, module, component, _, _ = directions[0]
+        pins = [pin for _, _, pin in keys] + [(module, component, None)]
+        *clamped, plain = generate(pins, prompt)
+        found = {(j, clamp): ids for (j, clamp, _), ids in zip(keys, clamped, strict=True)}
+        made.append(found | {(j, "none"): plain for j in range(len(directions))})
+    for j, (_, module, component, lo, hi) in enumerate(directions):
+        for p, found in enumerate(made):
             for clamp, value in clamp_values(lo, hi):
-                ids = generate(module, component, value, prompt)
+                ids = found[j, clamp]
                 effects.steering.append(
                     {
                         "layer": module.layer,
