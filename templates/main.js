@@ -3,7 +3,7 @@
 // and a card's collapsed sections are built when first opened, so first paint does not grow
 // with the run. #layer's data-state is "loading" while something is being decoded or drawn,
 // "ready" once it is on screen.
-/* global Cards, Contexts, Data, Dom, Format, Heatmap, Notes, Plots, Search, Tooltip */
+/* global Cards, Contexts, Data, Dom, Effects, Format, Heatmap, Notes, Plots, Search, Tooltip */
 (async () => {
   const $ = (id) => document.getElementById(id);
   const { el } = Dom;
@@ -134,11 +134,12 @@
   main.addEventListener("pointerout", (event) => {
     if (event.pointerType === "mouse" && tokenAt(event)) tooltip.hide();
   });
-  // Touch has no hover: a tap (or click) on a token shows it, anywhere else hides it.
+  // Touch has no hover: a tap (or click) on a token shows it, anywhere else hides it (but on
+  // what shows its own tip: the effects section's data-tip elements).
   document.addEventListener("click", (event) => {
     const span = tokenAt(event);
-    if (span) showTokenTooltip(span);
-    else tooltip.hide();
+    if (span && main.contains(span)) showTokenTooltip(span);
+    else if (!event.target.closest?.("[data-tip]")) tooltip.hide();
   });
 
   // ---- overview: search -------------------------------------------------------------------
@@ -241,11 +242,20 @@
 
   // ---- start ------------------------------------------------------------------------------
 
+  // Runs with --effects: the overview can also be ordered, largest first.
+  const order = page.effects && el("span", "seg");
+  if (order) {
+    order.id = "heat-order";
+    order.setAttribute("role", "group");
+    order.setAttribute("aria-label", "Order");
+    $("heat-scale").after(order);
+  }
   const heatmap = Heatmap.create(
     $("heatmap"),
-    { metric: $("heat-metric"), scale: $("heat-scale"), legend: $("heat-legend") },
+    { metric: $("heat-metric"), scale: $("heat-scale"), legend: $("heat-legend"), order },
     OVERVIEW,
   );
+  if (page.effects) $("overview").after(Effects.section(page, store, tooltip, busy));
   if (!OVERVIEW.length) {
     main.replaceChildren(el("p", "empty", "This file has no layers."));
     prev.disabled = next.disabled = select.disabled = true;
