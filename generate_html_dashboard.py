@@ -77,8 +77,9 @@ EXAMPLE_FIELDS = (
     "activations",
     "sibling_activations",
 )
-# Attribution examples (runs with --effects) carry their attributions too, before the siblings.
-ATTRIBUTION_FIELDS = (*EXAMPLE_FIELDS[:-1], "attributions", EXAMPLE_FIELDS[-1])
+# Attribution examples (runs with --effects) carry their attributions in place of the sibling
+# activations, which the page does not show for them (their tokens show attr or activation).
+ATTRIBUTION_FIELDS = (*EXAMPLE_FIELDS[:-1], "attributions")
 EFFECT_MEASURES = ("ablation_kl", "ablation_dloss", "attribution")  # of each direction
 HEADER_FIELDS = (
     ("model", "base_model"),
@@ -404,10 +405,9 @@ def _compact_direction_effects(effects: dict, pinned: list[dict], strings: dict[
 
 def _compact_attribution_example(example: dict, strings: dict[str, int]) -> list:
     """The example as a row of ATTRIBUTION_FIELDS: the row of EXAMPLE_FIELDS with the
-    attributions inserted before the siblings."""
-    row = _compact_example(example, strings)
-    attributions = _fixed(example["attributions"], example["attribution"])
-    return [*row[: len(EXAMPLE_FIELDS) - 1], attributions, *row[len(EXAMPLE_FIELDS) - 1 :]]
+    attributions in place of the siblings."""
+    row = _compact_example(example, strings)[: len(ATTRIBUTION_FIELDS) - 1]
+    return [*row, _fixed(example["attributions"], example["attribution"])]
 
 
 def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:

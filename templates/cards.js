@@ -214,7 +214,7 @@ const Cards = (() => {
     // tokens coloured by attr, or by activation with the switch; the tooltip gives both.
     function attributionSections(direction, own, card) {
       const toExample = (row) =>
-        Contexts.exampleOf(row, page.attribution_fields, direction.siblings);
+        Contexts.exampleOf(row, page.attribution_fields);
       const top = direction.effects.top_attribution.map(toExample);
       const bottom = direction.effects.bottom_attribution.map(toExample);
       const magnitudes = [...top, ...bottom].flatMap((e) => e.attributions.filter(finite));

@@ -4,6 +4,7 @@ examples and pinned samples, the KL colouring of stored sequences)."""
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 
 import pytest
@@ -13,7 +14,7 @@ import generate_html_dashboard as dashboard
 from backend.contract import CLAMPS, direction_key, iter_directions
 from tests.browser import Rendered, card, open_sections, rendered, settled
 from tests.synthetic import make_activations, unfixed
-from tests.test_dashboard import blobs, render
+from tests.test_dashboard import blobs, embedded, render
 
 MODULES = ["gate_proj", "up_proj", "down_proj", "q_proj"]
 LAYERS = [3, 5, 9]
@@ -86,7 +87,7 @@ def test_effects_are_embedded_rounded_and_by_direction(tmp_path):
         for side in ("top_attribution", "bottom_attribution"):
             assert len(shown[side]) == len(raw[side])
             for row, example in zip(shown[side], raw[side], strict=True):
-                fields = dict(zip(index["attribution_fields"], row, strict=False))
+                fields = dict(zip(index["attribution_fields"], row, strict=True))
                 assert [strings[t] for t in fields["tokens"]] == example["tokens"]
                 for got, want in zip(unfixed(fields["attributions"]), example["attributions"],
                                      strict=True):  # fmt: skip
@@ -101,6 +102,11 @@ def test_effects_are_embedded_rounded_and_by_direction(tmp_path):
         for got, want in zip(shown["pinned"], pinned, strict=True):
             assert [strings[t] for t in got["tokens"]] == want["tokens"]
             assert got["value"] == (None if want["value"] is None else four(want["value"]))
+
+
+def test_embedded_data_with_effects_round_trips(tmp_path):
+    data = with_effects()
+    assert embedded(render(tmp_path, data)) == json.loads(json.dumps(dashboard.compact_data(data)))
 
 
 def test_a_page_without_effects_embeds_nothing_of_them(tmp_path):

@@ -55,7 +55,7 @@ test("divergence: the first token where a continuation departs from the plain on
 
 test("an attribution example row: attributions decoded, attribution at the target", () => {
   const fields = ["example_index", "token_index", "target", "tokens", "activations",
-    "attributions", "sibling_activations"];
+    "attributions"];
   const row = [2, 9, 1, [5, 6, 7], [2, 150, -275, 10], [5, 12, -340, 7]];
   const e = Contexts.exampleOf(row, fields, undefined);
   assert.deepEqual(e.attributions, [0.00012, -0.0034, 0.00007]);
