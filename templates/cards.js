@@ -23,7 +23,8 @@ const Cards = (() => {
 
   // page: {strings, metadata, example_fields, overview, and where the run has them,
   // attribution_fields and effects} of the index; settings: the page's {width, logCounts,
-  // statsOpen, sequences}, read whenever something is drawn; notes: Notes.create's.
+  // statsOpen, sequences, colourKL, kl}, read whenever something is drawn; notes:
+  // Notes.create's.
   function create(page, settings, notes) {
     const strings = page.strings;
     const klRanks = page.effects && Effects.ranks(page.overview, "ablation_kl");
@@ -93,22 +94,24 @@ const Cards = (() => {
       const context = el("div", "context");
       const sequence = settings.sequences?.[example.example_index];
       const window = page.metadata.context_window;
-      const { tokens, values, first, cut } =
-        Contexts.shownTokens(example, view.values(example), settings.width, window, sequence);
-      const also = view.also &&
+      const byKL = klView(example, sequence);
+      const shownView = byKL || view;
+      const { tokens, values, first, cut } = Contexts.shownTokens(
+        byKL ? byKL.anchor : example, shownView.values(example), settings.width, window, sequence);
+      const also = !byKL && view.also &&
         Contexts.shownTokens(example, view.also.values(example), settings.width, window, sequence);
       if (first > 0) context.append(el("span", "muted", "… "));
       tokens.forEach((id, i) => {
         const offset = first + i - example.token_index; // from the example's own token
         const span = token(id, "tok");
         if (values[i] === undefined) span.classList.add("unrecorded");
-        else paint(span, values[i], view.scale);
+        else paint(span, values[i], shownView.scale);
         if (offset === 0) span.classList.add("target");
         tokenInfo.set(span, {
           text: strings[id],
           value: values[i],
           also: also && [view.also.tip, also.values[i]],
-          view,
+          view: shownView,
           example: example.example_index,
           position: example.token_index + offset,
           offset,
@@ -118,6 +121,20 @@ const Cards = (() => {
       if (cut) context.append(el("span", "muted", " …"));
       row.append(side, context);
       return row;
+    }
+
+    // At the whole width with settings.colourKL on, a row of the effects shows KL vs base at
+    // each token of its stored sequence (value t: of the prediction made at token t), over the
+    // row's largest; `anchor` puts the KL values at their sequence positions (from 0).
+    function klView(example, sequence) {
+      const kl = settings.colourKL && sequence && settings.width === Infinity &&
+        settings.kl?.[example.example_index];
+      if (!kl) return null;
+      return {
+        tip: "KL vs base", key: null, scale: Math.max(0, ...kl) || 1, values: () => kl,
+        missing: "not measured (the last token, or past the cut)",
+        anchor: { ...example, target: example.token_index },
+      };
     }
 
     // Drawn in its card's view (or the view `viewOf()` gives) and the page's context width;
@@ -473,7 +490,8 @@ const Cards = (() => {
       const info = tokenInfo.get(span);
       if (info.rows) return { rows: info.rows, key: null, value: null };
       const offset = info.offset === 0 ? "target" : `${info.offset > 0 ? "+" : ""}${info.offset}`;
-      const value = info.value === undefined ? "not kept (outside the window)" : fmt(info.value);
+      const missing = info.view.missing ?? "not kept (outside the window)";
+      const value = info.value === undefined ? missing : fmt(info.value);
       const also = info.also ? [[info.also[0], Format.finite(info.also[1]) ? fmt(info.also[1])
         : "not kept"]] : [];
       return {

@@ -47,8 +47,9 @@ const Effects = (() => {
 
   // effects: the index's effects; overview: per layer its directions' scalars; strings: the
   // token table; store: the page's blobs; tooltip: Tooltip.create's; busy(work): marks the
-  // page loading while `work` runs. Elements with a data-tip show their tip on hover.
-  function section({ effects, overview, metadata, strings }, store, tooltip, busy) {
+  // page loading while `work` runs; inCards(): colours those rows by KL in the cards' whole
+  // sequences. Elements with a data-tip show their tip on hover.
+  function section({ effects, overview, metadata, strings }, store, tooltip, busy, inCards) {
     const tips = new WeakMap(); // element -> its tooltip rows
     const box = el("section", "effects");
     box.id = "effects";
@@ -77,7 +78,7 @@ const Effects = (() => {
       headline(effects),
       moduleLayerGrid(overview, metadata.modules, tipped),
       barCharts(effects, tipped),
-      klRows(effects, strings, store, tipped, busy),
+      klRows(effects, strings, store, tipped, busy, inCards),
     );
     return box;
   }
@@ -197,7 +198,7 @@ const Effects = (() => {
   }
 
   // The rows with per-token KL vs base: each opens its stored sequence, coloured by it.
-  function klRows(effects, strings, store, tipped, busy) {
+  function klRows(effects, strings, store, tipped, busy, inCards) {
     const box = el("div", "kl-rows");
     box.append(el("h3", "", "KL vs base by token"));
     box.append(el("p", "muted", "Where the adapter changes the prediction: a token is " +
@@ -214,7 +215,11 @@ const Effects = (() => {
       label: `#${index}`, title: `row ${index}: its stored sequence, coloured by KL vs base`,
       value: index,
     })), null, open);
-    box.append(links, view);
+    const cards = el("button", "kl-in-cards", "in the cards' whole sequences");
+    cards.type = "button";
+    cards.title = "colour these rows by KL vs base wherever the cards show them, at the whole width";
+    cards.addEventListener("click", inCards);
+    box.append(links, " ", cards, view);
     return box;
   }
 

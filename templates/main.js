@@ -22,6 +22,8 @@
     logCounts: false,
     statsOpen: false,
     sequences: null, // --store-sequences: example index -> its whole sequence, once decoded
+    colourKL: false, // --effects: the whole width colours the effects' rows by KL vs base
+    kl: null, // --effects: example index -> KL vs base at each position, once decoded
   };
   const layerOfKey = new Map(
     OVERVIEW.flatMap((layer, index) => layer.directions.map((d) => [d.key, index])));
@@ -215,6 +217,26 @@
     }));
   }
 
+  // Runs with --effects: at the whole width, the rows of the effects coloured by KL vs base.
+  // Ticking it shows the whole width.
+  function klSwitch() {
+    const label = el("label", "control");
+    const check = el("input");
+    check.type = "checkbox";
+    check.id = "colour-kl";
+    label.append(check, " whole sequences by KL vs base");
+    label.title = "the rows the effects ran on, coloured by KL(adapted ‖ base) at each token";
+    $("context-width").after(label);
+    check.addEventListener("change", () => busy(async () => {
+      settings.kl ??= await store.get("kl-tokens");
+      settings.colourKL = check.checked;
+      const whole = $("context-width").querySelector("button:last-of-type");
+      if (check.checked && settings.width !== Infinity) whole.click();
+      else cards.redrawAll();
+    }));
+    return () => check.checked || check.click();
+  }
+
   function logCountsSwitch() {
     const check = $("log-counts");
     check.addEventListener("change", () => {
@@ -255,7 +277,7 @@
     { metric: $("heat-metric"), scale: $("heat-scale"), legend: $("heat-legend"), order },
     OVERVIEW,
   );
-  if (page.effects) $("overview").after(Effects.section(page, store, tooltip, busy));
+  if (page.effects) $("overview").after(Effects.section(page, store, tooltip, busy, klSwitch()));
   if (!OVERVIEW.length) {
     main.replaceChildren(el("p", "empty", "This file has no layers."));
     prev.disabled = next.disabled = select.disabled = true;

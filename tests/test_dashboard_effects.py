@@ -259,7 +259,7 @@ def test_a_card_shows_its_effects_attribution_examples_and_pinned_samples(open_p
 
 def test_stored_sequences_coloured_by_kl_vs_base(open_page, effects_page):
     data, page = effects_page.data, open_page(effects_page.url).page
-    rows = page.locator("#effects .kl-rows button")
+    rows = page.locator("#effects .kl-rows .seg button")
     assert rows.all_text_contents() == [f"#{row}" for row in data["effects"]["kl_tokens"]]
     rows.nth(1).click()
     settled(page)
@@ -272,6 +272,31 @@ def test_stored_sequences_coloured_by_kl_vs_base(open_page, effects_page):
     assert tip(page)[1:] == [f"KL vs base {js(four(kl[t]))}", f"position example 1, token {t}"]
     assert view.locator(".tok").nth(t).evaluate("e => e.style.getPropertyValue('--a')") == "1.000"
     assert view.locator(".tok.unrecorded").count() == 1  # the last token predicts nothing
+
+    # The same colouring in the cards' whole sequences, for the rows of the effects.
+    page.locator("#effects .kl-in-cards").click()
+    settled(page)
+    assert page.locator("#colour-kl").is_checked()
+    expect(page.locator("#context-width button", has_text="whole")).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    ref = next(iter_directions(data))
+    example = ref.direction["effects"]["top_attribution"][0]
+    row = str(example["example_index"])
+    tokens, kl = data["examples"][row]["tokens"], data["effects"]["kl_tokens"][row]
+    shown = card(page, ref.key).locator(".examples").nth(2).locator(".example").first
+    assert shown.locator(".tok").all_text_contents() == tokens
+    assert shown.locator(".tok.target").count() == 1
+    t = max(range(len(kl)), key=kl.__getitem__)
+    shown.locator(".tok").nth(t).hover()
+    assert tip(page)[1] == f"KL vs base {js(four(kl[t]))}"
+    assert shown.locator(".tok").nth(t).evaluate("e => e.style.getPropertyValue('--a')") == "1.000"
+    shown.locator(".tok").last.hover()
+    assert tip(page)[1] == "KL vs base not measured (the last token, or past the cut)"
+    page.locator("#colour-kl").click()  # off: the attribution again
+    settled(page)
+    shown.locator(".tok.target").hover()
+    assert tip(page)[1] == f"attribution {js(four(example['attribution']))}"
 
 
 def test_a_page_without_effects_has_no_effects_section(open_page, tmp_path):
