@@ -11,6 +11,8 @@ const Effects = (() => {
     ablation_dloss: "ablation Δloss",
     attribution: "attribution",
   };
+  const SPEARMAN = "how far the one-backward attribution estimate orders directions as the " +
+    "measured ablation Δloss does (1: the same order)";
 
   // The reference study's figure: rows `modules`, columns the overview's layers; a cell is the
   // sum of `measure` over the module's components in that layer ({value, key: its largest
@@ -30,8 +32,9 @@ const Effects = (() => {
   function ranks(overview, measure) {
     const values = overview.flatMap((layer) => layer.directions.map((d) => [d.key, d[measure]]));
     const sorted = values.map(([, v]) => v).sort((a, b) => b - a);
-    const rank = new Map();
-    for (const [key, v] of values) rank.set(key, sorted.indexOf(v) + 1);
+    const first = new Map(); // value -> its first place in `sorted`
+    sorted.forEach((v, i) => first.has(v) || first.set(v, i));
+    const rank = new Map(values.map(([key, v]) => [key, first.get(v) + 1]));
     return { rank, total: values.length };
   }
 
@@ -87,23 +90,18 @@ const Effects = (() => {
     const list = el("dl", "meta headline");
     const spearman = effects.attribution_spearman;
     const items = [
-      ["KL(adapted ‖ base)", fmt(effects.kl_vs_base), "mean over the positions"],
-      ["rows", fmtCount(effects.num_examples), ""],
-      ["positions", fmtCount(effects.num_tokens), ""],
-      ["attribution ~ Δloss (Spearman)", spearman === null ? "—" : fmt(spearman),
-        "how far the one-backward attribution estimate orders directions as the measured " +
-        "ablation Δloss does (1: the same order)"],
+      ["KL(adapted ‖ base)", fmt(effects.kl_vs_base)],
+      ["rows", fmtCount(effects.num_examples)],
+      ["positions", fmtCount(effects.num_tokens)],
+      ["attribution ~ Δloss (Spearman)", spearman === null ? "—" : fmt(spearman)],
     ];
-    for (const [label, value, title] of items) {
+    for (const [label, value] of items) {
       const item = el("div");
-      const dd = el("dd", "", value);
-      if (title) item.title = title;
-      item.append(el("dt", "", label), dd);
+      item.append(el("dt", "", label), el("dd", "", value));
       list.append(item);
     }
-    const note = el("p", "muted", "Spearman: " + items[3][2] + ".");
     const box = el("div");
-    box.append(list, note);
+    box.append(list, el("p", "muted", `Spearman: ${SPEARMAN}.`));
     return box;
   }
 
