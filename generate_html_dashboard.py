@@ -3,14 +3,16 @@
 The page's script is the parts in JS_PARTS (templates/), joined in that order. It draws one
 layer at a time from the data embedded in one inert <script type="application/octet-stream">
 element: one gzip-compressed JSON blob (in base 85) for what the overview needs, one per layer and
-one each for the cross-layer cosines and the stored sequences, which the page decompresses
-(DecompressionStream) when it first needs them. To keep a full-size run small, the data is the
-input with its floats rounded for display (DISPLAY_DIGITS significant digits; the page shows
-values exactly as embedded), the keys the page does not use dropped, each token string stored
-once in a table that examples, token tables and logit effects index into, and examples written
-as rows of EXAMPLE_FIELDS rather than objects. Every contract fact the page shows (direction
-keys and names, module order, write scales, which direction a vector label names) is computed
-here with backend/contract.py, so the script derives none.
+one each for the cross-layer cosines, the stored sequences and (runs with --effects) the
+per-token KL vs base, which the page decompresses (DecompressionStream) when it first needs
+them. To keep a full-size run small, the data is the input with its floats rounded for display
+(DISPLAY_DIGITS significant digits; the page shows values exactly as embedded), the keys the
+page does not use dropped, each token string stored once in a table that examples, token
+tables, logit effects and pinned samples index into, and examples written as rows of
+EXAMPLE_FIELDS (attribution examples: ATTRIBUTION_FIELDS) rather than objects. Every contract
+fact the page shows (direction keys and names, module order, write scales, which direction a
+vector label names, the clamps' order) is computed here with backend/contract.py, so the script
+derives none.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from markupsafe import Markup
 from backend import UserError
 from backend.atomic import write_atomic
 from backend.contract import (
+    ATTRIBUTION_LISTS,
+    CLAMPS,
     SCHEMA_VERSION,
     ContractError,
     direction_key,
@@ -55,6 +59,7 @@ JS_PARTS = (
     "plots.js",
     "tooltip.js",
     "notes.js",
+    "effects.js",
     "cards.js",
     "heatmap.js",
     "main.js",
@@ -74,6 +79,10 @@ EXAMPLE_FIELDS = (
     "activations",
     "sibling_activations",
 )
+# Attribution examples (runs with --effects) carry their attributions in place of the sibling
+# activations, which the page does not show for them (their tokens show attr or activation).
+ATTRIBUTION_FIELDS = (*EXAMPLE_FIELDS[:-1], "attributions")
+EFFECT_MEASURES = ("ablation_kl", "ablation_dloss", "attribution")  # of each direction
 HEADER_FIELDS = (
     ("model", "base_model"),
     ("adapter", "adapter"),
@@ -201,8 +210,8 @@ def _display(value: object) -> str:
 def page_blobs(page: dict) -> list[tuple[str, str]]:
     """The page's data as (name, base 85 of gzip of JSON) blobs: "index" (everything but the
     layers' contents, with the overview: each layer's directions as scalars), "layer-<i>" for
-    the i-th layer, "cross-layer-cosine" and "sequences" where the page has them."""
-    lazy = ("layers", "cross_layer_cosine", "sequences")
+    the i-th layer, "cross-layer-cosine", "sequences" and "kl-tokens" where the page has them."""
+    lazy = ("layers", "cross_layer_cosine", "sequences", "kl_tokens")
     index = {key: value for key, value in page.items() if key not in lazy}
     index["overview"] = [_overview(layer) for layer in page["layers"]]
     if "cross_layer_cosine" in page:  # its title gives the number of vectors
@@ -214,12 +223,14 @@ def page_blobs(page: dict) -> list[tuple[str, str]]:
 
 
 def _overview(layer: dict) -> dict:
-    """What the overview heatmap shows of a layer: per direction, its scalars."""
+    """What the overview heatmap shows of a layer: per direction, its scalars (and its
+    effects' measures, in runs with --effects)."""
     return {
         "layer": layer["layer"],
         "directions": [
             {key: d[key] for key in ("key", "name", "write_norm_scale")}
             | {key: d["stats"][key] for key in ("min", "max", "std")}
+            | {key: d["effects"][key] for key in EFFECT_MEASURES if "effects" in d}
             for projection in layer["projections"].values()
             for d in projection["directions"]
         ],
@@ -244,11 +255,18 @@ def compact_data(data: dict) -> dict:
     tables, logit effects) as an index into "strings", floats rounded for display, keys the
     page does not use dropped, and each direction's key and name added."""
     strings: dict[str, int] = {}
+    pinned = _malformed_as_error("effects", _pinned_samples, data.get("effects"), strings)
     layers = [
-        _malformed_as_error(f"layers[{i}]", _compact_layer, layer, strings)
+        _malformed_as_error(f"layers[{i}]", _compact_layer, layer, strings, pinned)
         for i, layer in enumerate(data["layers"])
     ]
     page = {"metadata": data["metadata"], "example_fields": EXAMPLE_FIELDS, "layers": layers}
+    if "effects" in data:
+        page["attribution_fields"] = ATTRIBUTION_FIELDS
+        page["effects"] = _malformed_as_error("effects", _compact_effects, data["effects"], strings)
+        page["kl_tokens"] = {
+            index: _round_all(values) for index, values in data["effects"]["kl_tokens"].items()
+        }
     if "cross_layer_cosine" in data:
         page["cross_layer_cosine"] = _malformed_as_error(
             "cross_layer_cosine", _compact_cross_layer_cosine, data["cross_layer_cosine"], data
@@ -258,6 +276,47 @@ def compact_data(data: dict) -> dict:
             "examples", _compact_sequences, data["examples"], strings
         )
     return page | {"strings": list(strings)}
+
+
+def _compact_effects(effects: dict, strings: dict[str, int]) -> dict:
+    """The run's effects but for kl_tokens (a blob of its own) and the pinned samples (in
+    their directions), with the clamps in the order the page shows them."""
+    return {key: effects[key] for key in ("num_examples", "num_tokens", "max_length")} | {
+        "kl_vs_base": _round(effects["kl_vs_base"]),
+        "attribution_spearman": _round_or_none(effects["attribution_spearman"]),
+        "layers": [_round_group(g, "layer") for g in effects["layers"]],
+        "modules": [_round_group(g, "module") for g in effects["modules"]],
+        "kl_rows": list(effects["kl_tokens"]),  # the rows coloured by KL, in "kl-tokens"
+        "prompts": [
+            {
+                "example_index": p["example_index"],
+                "tokens": [_intern(t, strings) for t in p["tokens"]],
+            }
+            for p in effects["prompts"]
+        ],
+        "clamps": CLAMPS,
+    }
+
+
+def _round_group(group: dict, name: str) -> dict:
+    return {name: group[name]} | {
+        key: _round(group[key]) for key in ("ablation_kl", "ablation_dloss")
+    }
+
+
+def _pinned_samples(effects: dict | None, strings: dict[str, int]) -> dict[str, list[dict]]:
+    """effects.steering by the key of its direction, each entry without what the key says
+    and without its text (the page shows its tokens)."""
+    pinned: dict[str, list[dict]] = {}
+    for entry in effects["steering"] if effects else ():
+        key = direction_key(entry["layer"], entry["module"], entry["component"])
+        pinned.setdefault(key, []).append({
+            "prompt_index": entry["prompt_index"],
+            "clamp": entry["clamp"],
+            "value": _round_or_none(entry["value"]),
+            "tokens": [_intern(t, strings) for t in entry["tokens"]],
+        })  # fmt: skip
+    return pinned
 
 
 def _compact_sequences(examples: dict, strings: dict[str, int]) -> dict[str, list[int]]:
@@ -301,13 +360,13 @@ def _compact_cross_layer_cosine(cosine: dict, data: dict) -> dict:
     }
 
 
-def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
+def _compact_layer(layer: dict, strings: dict[str, int], pinned: dict[str, list[dict]]) -> dict:
     projections = sorted(layer["projections"].items(), key=lambda item: module_order(item[0]))
     return {
         "layer": layer["layer"],
         # Python dicts and JS objects both keep insertion order, so this order is the page's.
         "projections": {
-            module: _compact_projection(layer["layer"], module, p, strings)
+            module: _compact_projection(layer["layer"], module, p, strings, pinned)
             for module, p in projections
         },
         "cosine_similarities": [
@@ -317,21 +376,40 @@ def _compact_layer(layer: dict, strings: dict[str, int]) -> dict:
     }
 
 
-def _compact_projection(layer: int, module: str, projection: dict, strings: dict[str, int]) -> dict:
+def _compact_projection(
+    layer: int, module: str, projection: dict, strings: dict[str, int], pinned: dict[str, list]
+) -> dict:
     rank = projection["rank"]
+    directions = []
+    for d in projection["directions"]:
+        key = direction_key(layer, module, d["component"])
+        page = {"key": key, "name": direction_name(module, d["component"], rank)}
+        page |= _compact_direction(d, strings)
+        if "effects" in d:
+            page["effects"] = _compact_direction_effects(d["effects"], pinned.get(key, []), strings)
+        directions.append(page)
     return {
         "rank": rank,
         "scaling": _round(projection["scaling"]),
         "read_site": projection["read_site"],
-        "directions": [
-            {
-                "key": direction_key(layer, module, d["component"]),
-                "name": direction_name(module, d["component"], rank),
-            }
-            | _compact_direction(d, strings)
-            for d in projection["directions"]
-        ],
+        "directions": directions,
     }
+
+
+def _compact_direction_effects(effects: dict, pinned: list[dict], strings: dict[str, int]) -> dict:
+    """Its measures, its attribution examples as rows of ATTRIBUTION_FIELDS, its pinned
+    samples."""
+    page = {key: _round(effects[key]) for key in EFFECT_MEASURES}
+    for side in ATTRIBUTION_LISTS:
+        page[side] = [_compact_attribution_example(e, strings) for e in effects[side]]
+    return page | {"pinned": pinned}
+
+
+def _compact_attribution_example(example: dict, strings: dict[str, int]) -> list:
+    """The example as a row of ATTRIBUTION_FIELDS: the row of EXAMPLE_FIELDS with the
+    attributions in place of the siblings."""
+    row = _compact_example(example, strings)[: len(ATTRIBUTION_FIELDS) - 1]
+    return [*row, _fixed(example["attributions"], example["attribution"])]
 
 
 def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:
@@ -457,6 +535,10 @@ def _round_rows(matrix: list[list[float]]) -> list[list[float]]:
 def _round_all(values: list[float | None]) -> list[float | None]:
     """Rounded for display; null (a value that was NaN or Inf) stays null."""
     return [None if x is None else _round(x) for x in values]
+
+
+def _round_or_none(x: float | None) -> float | None:
+    return None if x is None else _round(x)
 
 
 def _round(x: float, digits: int = DISPLAY_DIGITS) -> float:

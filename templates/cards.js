@@ -1,6 +1,6 @@
 // A layer on screen: one card per direction (its examples, histogram and sections), and the
 // layer's statistics and cosines.
-/* global Contexts, Dom, Format, Plots */
+/* global Contexts, Dom, Effects, Format, Plots */
 /* exported Cards */
 const Cards = (() => {
   const { el, paint, scaleLegend, scroller, lazySection, choice } = Dom;
@@ -21,10 +21,13 @@ const Cards = (() => {
     }
   }
 
-  // page: {strings, metadata, example_fields} of the index; settings: the page's {width,
-  // logCounts, statsOpen, sequences}, read whenever something is drawn; notes: Notes.create's.
+  // page: {strings, metadata, example_fields, overview, and where the run has them,
+  // attribution_fields and effects} of the index; settings: the page's {width, logCounts,
+  // statsOpen, sequences, colourKL, kl}, read whenever something is drawn; notes:
+  // Notes.create's.
   function create(page, settings, notes) {
     const strings = page.strings;
+    const klRanks = page.effects && Effects.ranks(page.overview, "ablation_kl");
     const tokenInfo = new WeakMap(); // token <span> -> what its tooltip shows
     let cards = []; // the cards on screen, each with what its view and the page's settings redraw
     const marks = new Map(); // direction key -> draws a value on that direction's histogram
@@ -76,11 +79,14 @@ const Cards = (() => {
       return { label: "gate×up", tip: "gate×up", key: null, scale, values };
     }
 
+    // view: what the tokens show (cardViews'); where it has `side`, the value beside the row
+    // is that (else the activation), and `also`, a second value its tooltip gives.
     function exampleRow(example, view) {
       const row = el("li", "example");
       const side = el("div", "side");
-      const value = el("span", "value", fmt(example.activation));
-      value.classList.add(example.activation < 0 ? "neg" : "pos");
+      const shown = view.side ? view.side(example) : example.activation;
+      const value = el("span", "value", fmt(shown));
+      value.classList.add(shown < 0 ? "neg" : "pos");
       const where = el("span", "where", `#${example.example_index} t${example.token_index}`);
       where.title = `example ${example.example_index}, token ${example.token_index}`;
       side.append(value, where);
@@ -88,19 +94,24 @@ const Cards = (() => {
       const context = el("div", "context");
       const sequence = settings.sequences?.[example.example_index];
       const window = page.metadata.context_window;
-      const { tokens, values, first, cut } =
-        Contexts.shownTokens(example, view.values(example), settings.width, window, sequence);
+      const byKL = klView(example, sequence);
+      const shownView = byKL || view;
+      const { tokens, values, first, cut } = Contexts.shownTokens(
+        byKL ? byKL.anchor : example, shownView.values(example), settings.width, window, sequence);
+      const also = !byKL && view.also &&
+        Contexts.shownTokens(example, view.also.values(example), settings.width, window, sequence);
       if (first > 0) context.append(el("span", "muted", "… "));
       tokens.forEach((id, i) => {
         const offset = first + i - example.token_index; // from the example's own token
         const span = token(id, "tok");
         if (values[i] === undefined) span.classList.add("unrecorded");
-        else paint(span, values[i], view.scale);
+        else paint(span, values[i], shownView.scale);
         if (offset === 0) span.classList.add("target");
         tokenInfo.set(span, {
           text: strings[id],
           value: values[i],
-          view,
+          also: also && [view.also.tip, also.values[i]],
+          view: shownView,
           example: example.example_index,
           position: example.token_index + offset,
           offset,
@@ -112,22 +123,37 @@ const Cards = (() => {
       return row;
     }
 
-    // Drawn in its card's view and the page's context width; registered with the card, so that
-    // switching either redraws it.
-    function exampleList(examples, card) {
+    // At the whole width with settings.colourKL on, a row of the effects shows KL vs base at
+    // each token of its stored sequence (value t: of the prediction made at token t), over the
+    // row's largest; `anchor` puts the KL values at their sequence positions (from 0).
+    function klView(example, sequence) {
+      const kl = settings.colourKL && sequence && settings.width === Infinity &&
+        settings.kl?.[example.example_index];
+      if (!kl) return null;
+      return {
+        tip: "KL vs base", key: null, scale: Math.max(0, ...kl) || 1, values: () => kl,
+        missing: "not measured (the last token, or past the cut)",
+        anchor: { ...example, target: example.token_index },
+      };
+    }
+
+    // Drawn in its card's view (or the view `viewOf()` gives) and the page's context width;
+    // registered with the card, so that switching either redraws it.
+    function exampleList(examples, card, viewOf = () => card.view) {
       const list = el("ol", "example-list");
-      const draw = () => list.replaceChildren(...examples.map((e) => exampleRow(e, card.view)));
+      const draw = () => list.replaceChildren(...examples.map((e) => exampleRow(e, viewOf())));
       card.redraws.push(draw);
       draw();
       return list;
     }
 
-    const examplesOrNone = (examples, card) =>
-      examples.length ? exampleList(examples, card) : el("p", "empty", "none");
+    const examplesOrNone = (examples, card, viewOf) =>
+      examples.length ? exampleList(examples, card, viewOf) : el("p", "empty", "none");
 
-    function exampleSection(title, examples, card, sign) {
+    function exampleSection(title, examples, card, sign, viewOf) {
       const section = el("div", `examples ${sign}`);
-      section.append(el("h4", "", `${title} (${examples.length})`), examplesOrNone(examples, card));
+      section.append(
+        el("h4", "", `${title} (${examples.length})`), examplesOrNone(examples, card, viewOf));
       return section;
     }
 
@@ -178,9 +204,63 @@ const Cards = (() => {
         cardHistogram(direction, card),
         exampleSection("Top positive", positive, card, "pos"),
         exampleSection("Top negative", negative, card, "neg"),
-        ...moreSections(direction, samples, card),
       );
+      if (direction.effects) {
+        meta.after(effectsLine(direction));
+        node.append(...attributionSections(direction, views[0], card));
+      }
+      node.append(...moreSections(direction, samples, card));
       return node;
+    }
+
+    // The direction's three effects and its rank by ablation KL among all directions.
+    function effectsLine(direction) {
+      const { ablation_kl: kl, ablation_dloss: dloss, attribution } = direction.effects;
+      const rank = `#${klRanks.rank.get(direction.key)} of ${fmtCount(klRanks.total)}`;
+      const line = el("div", "card-effects");
+      line.title = "what removing this direction does, on the effects' rows; its rank by " +
+        "ablation KL among all the directions of the run";
+      line.append(
+        el("span", "", `ablation KL ${fmt(kl)}`), " ", el("span", "effect-rank", rank),
+        ` · Δloss ${fmt(dloss)} · attribution ${fmt(attribution)}`,
+      );
+      return line;
+    }
+
+    // Where the direction helps and hurts the loss most (attr = −a·∂L/∂a at the token), its
+    // tokens coloured by attr, or by activation with the switch; the tooltip gives both.
+    function attributionSections(direction, own, card) {
+      const toExample = (row) =>
+        Contexts.exampleOf(row, page.attribution_fields);
+      const top = direction.effects.top_attribution.map(toExample);
+      const bottom = direction.effects.bottom_attribution.map(toExample);
+      const magnitudes = [...top, ...bottom].flatMap((e) => e.attributions.filter(finite));
+      const byAttribution = {
+        label: "attribution", tip: "attribution", key: null,
+        scale: Math.max(0, ...magnitudes.map(Math.abs)) || 1,
+        values: (e) => e.attributions, side: (e) => e.attribution,
+        also: { tip: "activation", values: (e) => e.activations },
+      };
+      const byActivation = { ...own, label: "activation", side: byAttribution.side,
+        also: { tip: "attribution", values: (e) => e.attributions } };
+      let shown = byAttribution;
+      const viewOf = () => shown;
+      const sections = [
+        exampleSection("Top attribution", top, card, "pos", viewOf),
+        exampleSection("Bottom attribution", bottom, card, "neg", viewOf),
+      ];
+      const colour = el("div", "seg views");
+      colour.setAttribute("role", "group");
+      colour.setAttribute("aria-label", "Attribution examples coloured by");
+      colour.append(el("span", "muted", "colour"));
+      choice(colour, [byAttribution, byActivation].map((view) => ({
+        label: view.label, title: `these tokens coloured by ${view.label}`, value: view,
+      })), shown, (view) => {
+        shown = view;
+        redraw(card);
+      });
+      sections[0].querySelector("h4").after(colour);
+      return sections;
     }
 
     function viewSwitch(views, showView) {
@@ -212,6 +292,8 @@ const Cards = (() => {
       if (samples.length) add("Quantile samples", () => quantileSamples(samples, card));
       add("Top and bottom tokens", () => tokenTables(direction));
       if (direction.logit_effects) add("Logit effects", () => logitEffects(direction.logit_effects));
+      const pinned = direction.effects?.pinned ?? [];
+      if (pinned.length) add("Pinned samples", () => pinnedSamples(pinned));
       add("Position profile", () => Plots.positionProfile(direction.position_profile));
       return sections;
     }
@@ -223,6 +305,56 @@ const Cards = (() => {
         box.append(heading, examplesOrNone(examples, card));
       }
       return box;
+    }
+
+    // Per prompt, the continuations under each clamp side by side; in each, every token from the
+    // first where it departs from the plain ("none") continuation is marked.
+    function pinnedSamples(pinned) {
+      const box = el("div", "pinned");
+      box.append(el("p", "muted", "Greedy continuations with the activation held at its " +
+        "observed minimum, at 0, at its observed maximum (at every position, prompt and " +
+        "continuation alike), or left as is (none). Marked: every token from the first one " +
+        "where a continuation departs from the none one."));
+      const clamps = page.effects.clamps;
+      const prompts = [...new Set(pinned.map((s) => s.prompt_index))].sort((a, b) => a - b);
+      for (const p of prompts) {
+        const prompt = page.effects.prompts[p];
+        const heading = el("h5", "", `prompt ${p} (row #${prompt.example_index}) `);
+        const text = el("span", "context");
+        for (const id of prompt.tokens) text.append(token(id, "tok-text prompt-tok"));
+        heading.append(text);
+        const of = (clamp) => pinned.find((s) => s.prompt_index === p && s.clamp === clamp);
+        const plain = of("none");
+        const columns = el("div", "clamps");
+        for (const clamp of clamps) {
+          const sample = of(clamp);
+          if (sample) columns.append(clampColumn(sample, plain));
+        }
+        box.append(heading, columns);
+      }
+      return box;
+    }
+
+    function clampColumn(sample, plain) {
+      const column = el("div", "clamp");
+      column.dataset.clamp = sample.clamp;
+      const held = sample.value === null ? "as is" : `= ${fmt(sample.value)}`;
+      column.append(el("h6", "", `${sample.clamp} ${held}`));
+      const from = plain && sample !== plain ? Effects.divergence(sample.tokens, plain.tokens)
+        : sample.tokens.length;
+      const text = el("div", "context");
+      sample.tokens.forEach((id, i) => {
+        const span = token(id, "tok");
+        if (i >= from) span.classList.add("diverged");
+        tokenInfo.set(span, { rows: [
+          ["token", Format.escaped(strings[id])],
+          ["continuation", `${sample.clamp}, token ${i}${i >= from ? ", after it departs" : ""}`],
+        ] });
+        text.append(span);
+      });
+      if (!sample.tokens.length) text.append(el("span", "muted", "(nothing: EOS at once)"));
+      column.append(text);
+      return column;
     }
 
     function valueTable(caption, columns, rows) {
@@ -356,12 +488,17 @@ const Cards = (() => {
     // A token's tooltip rows, and the histogram to mark with its value.
     function tokenTip(span) {
       const info = tokenInfo.get(span);
+      if (info.rows) return { rows: info.rows, key: null, value: null };
       const offset = info.offset === 0 ? "target" : `${info.offset > 0 ? "+" : ""}${info.offset}`;
-      const value = info.value === undefined ? "not kept (outside the window)" : fmt(info.value);
+      const missing = info.view.missing ?? "not kept (outside the window)";
+      const value = info.value === undefined ? missing : fmt(info.value);
+      const also = info.also ? [[info.also[0], Format.finite(info.also[1]) ? fmt(info.also[1])
+        : "not kept"]] : [];
       return {
         rows: [
           ["token", Format.escaped(info.text)],
           [info.view.tip, value],
+          ...also,
           ["position", `example ${info.example}, token ${info.position} (${offset})`],
         ],
         key: info.view.key,

@@ -7,10 +7,15 @@ const Contexts = (() => {
 
   // Examples are embedded as rows of `fields` (the page's example_fields), without
   // "activation" (it is the activation at the target), their sibling activations in the order
-  // of the direction's `siblings`: objects are made only for the examples in use.
+  // of the direction's `siblings`: objects are made only for the examples in use. Attribution
+  // examples (fields: the page's attribution_fields) get their attributions and attribution.
   function exampleOf(row, fields, siblings) {
     const example = Object.fromEntries(fields.map((field, i) => [field, row[i]]));
     example.activations = Format.unfixed(example.activations);
+    if (example.attributions) {
+      example.attributions = Format.unfixed(example.attributions);
+      example.attribution = example.attributions[example.target];
+    }
     if (example.sibling_activations) {
       example.sibling_activations = Object.fromEntries(
         siblings.map((m, i) => [m, Format.unfixed(example.sibling_activations[i])]));

@@ -44,7 +44,11 @@ const Format = (() => {
   const maxAbs = (stats) => Math.max(Math.abs(stats.min), stats.max);
   const scaleOf = (stats) => maxAbs(stats) || 1;
 
+  // The module of a direction's name ("up_proj[1]" -> up_proj), whose components it groups.
+  const moduleOf = (name) => name.replace(/\[\d+\]$/, "");
+
   return {
     fmt, round4, fmt4, fmtCount, finite, glyph, isSpecial, escaped, unfixed, maxAbs, scaleOf,
+    moduleOf,
   };
 })();

@@ -3,7 +3,7 @@
 // and a card's collapsed sections are built when first opened, so first paint does not grow
 // with the run. #layer's data-state is "loading" while something is being decoded or drawn,
 // "ready" once it is on screen.
-/* global Cards, Contexts, Data, Dom, Format, Heatmap, Notes, Plots, Search, Tooltip */
+/* global Cards, Contexts, Data, Dom, Effects, Format, Heatmap, Notes, Plots, Search, Tooltip */
 (async () => {
   const $ = (id) => document.getElementById(id);
   const { el } = Dom;
@@ -22,6 +22,8 @@
     logCounts: false,
     statsOpen: false,
     sequences: null, // --store-sequences: example index -> its whole sequence, once decoded
+    colourKL: false, // --effects: the whole width colours the effects' rows by KL vs base
+    kl: null, // --effects: example index -> KL vs base at each position, once decoded
   };
   const layerOfKey = new Map(
     OVERVIEW.flatMap((layer, index) => layer.directions.map((d) => [d.key, index])));
@@ -134,11 +136,12 @@
   main.addEventListener("pointerout", (event) => {
     if (event.pointerType === "mouse" && tokenAt(event)) tooltip.hide();
   });
-  // Touch has no hover: a tap (or click) on a token shows it, anywhere else hides it.
+  // Touch has no hover: a tap (or click) on a token shows it, anywhere else hides it (but on
+  // what shows its own tip: the effects section's data-tip elements).
   document.addEventListener("click", (event) => {
     const span = tokenAt(event);
-    if (span) showTokenTooltip(span);
-    else tooltip.hide();
+    if (span && main.contains(span)) showTokenTooltip(span);
+    else if (!event.target.closest?.("[data-tip]")) tooltip.hide();
   });
 
   // ---- overview: search -------------------------------------------------------------------
@@ -214,6 +217,26 @@
     }));
   }
 
+  // Runs with --effects: at the whole width, the rows of the effects coloured by KL vs base.
+  // Ticking it shows the whole width.
+  function klSwitch() {
+    const label = el("label", "control");
+    const check = el("input");
+    check.type = "checkbox";
+    check.id = "colour-kl";
+    label.append(check, " whole sequences by KL vs base");
+    label.title = "the rows the effects ran on, coloured by KL(adapted ‖ base) at each token";
+    $("context-width").after(label);
+    check.addEventListener("change", () => busy(async () => {
+      settings.kl ??= await store.get("kl-tokens");
+      settings.colourKL = check.checked;
+      const whole = $("context-width").querySelector("button:last-of-type");
+      if (check.checked && settings.width !== Infinity) whole.click();
+      else cards.redrawAll();
+    }));
+    return () => check.checked || check.click();
+  }
+
   function logCountsSwitch() {
     const check = $("log-counts");
     check.addEventListener("change", () => {
@@ -241,11 +264,20 @@
 
   // ---- start ------------------------------------------------------------------------------
 
+  // Runs with --effects: the overview can also be ordered, largest first.
+  const order = page.effects && el("span", "seg");
+  if (order) {
+    order.id = "heat-order";
+    order.setAttribute("role", "group");
+    order.setAttribute("aria-label", "Order");
+    $("heat-scale").after(order);
+  }
   const heatmap = Heatmap.create(
     $("heatmap"),
-    { metric: $("heat-metric"), scale: $("heat-scale"), legend: $("heat-legend") },
+    { metric: $("heat-metric"), scale: $("heat-scale"), legend: $("heat-legend"), order },
     OVERVIEW,
   );
+  if (page.effects) $("overview").after(Effects.section(page, store, tooltip, busy, klSwitch()));
   if (!OVERVIEW.length) {
     main.replaceChildren(el("p", "empty", "This file has no layers."));
     prev.disabled = next.disabled = select.disabled = true;

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 from backend.contract import (
+    ATTRIBUTION_LISTS,
+    CLAMPS,
     MODULE_ORDER,
     iter_directions,
     iter_examples,
@@ -79,9 +81,13 @@ def make_activations(
     hostile_tokens: bool = False,
     layers: Sequence[int] | None = None,
     samples: int = 2,
+    effects: bool = False,
 ) -> dict:
     """Build a schema_version 1 activations dict with every field of the format, `samples`
     examples per quantile range.
+
+    With `effects`, the file also has the causal effects of --effects (`_add_effects`), drawn
+    from a generator of their own: the rest of the dict is the same as without them.
 
     `layers` gives the layer numbers (default 0..n_layers-1). With `hostile_tokens`, the
     context windows start with every entry of HOSTILE_TOKENS, so all of them appear in the
@@ -125,6 +131,8 @@ def make_activations(
         ],
     }
     _add_run_extras(rng, data, modules, rank)
+    if effects:
+        _add_effects(random.Random(f"effects-{seed}"), data, window)
     return data
 
 
@@ -265,14 +273,9 @@ def _add_direction_extras(
             "top": _logit_effects(rng, 1, shape.vocabulary),
             "bottom": _logit_effects(rng, -1, shape.vocabulary),
         }
-    component = direction["component"]
-    siblings = {m: p["directions"][component]["stats"] for m, p in projections.items() if m != name}
+    siblings = _sibling_stats(name, direction["component"], projections)
     examples = list(iter_examples(direction))
-    for example in examples:
-        example["sibling_activations"] = {
-            m: [rng.uniform(s["min"] / 2, s["max"] / 2) for _ in example["tokens"]]
-            for m, s in siblings.items()
-        }
+    _add_siblings(rng, examples, siblings)
     # A few values that were NaN/Inf: left out of the statistics, null in the contexts.
     stats["nonfinite"] = rng.choice((0, 0, 0, 7))
     stats["count"] -= stats["nonfinite"]
@@ -284,6 +287,19 @@ def _add_direction_extras(
         first["activations"][j] = None
         for values in first["sibling_activations"].values():
             values[j] = None
+
+
+def _sibling_stats(module: str, component: int, projections: dict) -> dict[str, dict]:
+    """The stats of the same component of the layer's other modules."""
+    return {m: p["directions"][component]["stats"] for m, p in projections.items() if m != module}
+
+
+def _add_siblings(rng: random.Random, examples: list[dict], siblings: dict[str, dict]) -> None:
+    for example in examples:
+        example["sibling_activations"] = {
+            m: [rng.uniform(s["min"] / 2, s["max"] / 2) for _ in example["tokens"]]
+            for m, s in siblings.items()
+        }
 
 
 def unfixed(values: list) -> list[float | None]:
@@ -385,6 +401,163 @@ def _random_cosines(rng: random.Random, n: int, dim: int = 8) -> list[list[float
         [max(-1.0, min(1.0, sum(a * b for a, b in zip(u, w, strict=True)))) for w in units]
         for u in units
     ]
+
+
+# --effects: rows the effects ran on, the directions pinned, the prompts of their samples.
+EFFECT_ROWS = 3
+EFFECTS_MAX_LENGTH = 2048
+PINNED = 3
+PROMPTS = 2
+PROMPT_LENGTH = 8
+
+
+def _add_effects(rng: random.Random, data: dict, window: int) -> None:
+    """The top-level and per-direction effects of a run with --effects: rows 0..EFFECT_ROWS-1,
+    stored in `examples`; every direction's ablation and attribution, its attribution examples
+    taken from those rows; the PINNED directions of largest ablation_kl steered on the first
+    PROMPTS rows with every clamp, some continuations diverging from the plain one."""
+    rows = [[rng.choice(WORDS) for _ in range(rng.randint(24, 40))] for _ in range(EFFECT_ROWS)]
+    data["examples"] = {str(i): {"tokens": row, "source": "synthetic:train"} for i, row in
+                        enumerate(rows)}  # fmt: skip
+    refs = list(iter_directions(data))
+    projections = {layer["layer"]: layer["projections"] for layer in data["layers"]}
+    k = data["metadata"]["top_k"]
+    for ref in refs:
+        kl = rng.lognormvariate(-6, 1.5)
+        dloss = kl * rng.uniform(-0.5, 1.5)
+        effects = {
+            "ablation_kl": kl,
+            "ablation_dloss": dloss,
+            "attribution": dloss * rng.uniform(0.6, 1.4) + rng.gauss(0, kl / 10),
+        }
+        places = sorted(
+            {(rng.randrange(EFFECT_ROWS), rng.randrange(20)) for _ in range(2 * k)},
+            key=lambda _: rng.random(),
+        )
+        stats = ref.direction["stats"]
+        examples = [_attribution_example(rng, rows, place, window, stats) for place in places]
+        effects["top_attribution"] = sorted(
+            (e for e in examples if e["attribution"] > 0), key=lambda e: -e["attribution"]
+        )[:k]
+        effects["bottom_attribution"] = sorted(
+            (e for e in examples if e["attribution"] < 0), key=lambda e: e["attribution"]
+        )[:k]
+        siblings = _sibling_stats(ref.module, ref.component, projections[ref.layer])
+        _add_siblings(rng, [e for side in ATTRIBUTION_LISTS for e in effects[side]], siblings)
+        ref.direction["effects"] = effects
+    kl_tokens = {str(i): [rng.expovariate(50.0) for _ in row[1:]] for i, row in enumerate(rows)}
+    positions = [v for values in kl_tokens.values() for v in values]
+    data["effects"] = {
+        "num_examples": EFFECT_ROWS,
+        "num_tokens": len(positions),
+        "max_length": EFFECTS_MAX_LENGTH,
+        "kl_vs_base": sum(positions) / len(positions),
+        "attribution_spearman": spearman(
+            [ref.direction["effects"]["attribution"] for ref in refs],
+            [ref.direction["effects"]["ablation_dloss"] for ref in refs],
+        ),
+        "layers": [
+            _group_effect(
+                rng, "layer", layer["layer"], [r for r in refs if r.layer == layer["layer"]]
+            )
+            for layer in data["layers"]
+        ],
+        "modules": [
+            _group_effect(rng, "module", module, [r for r in refs if r.module == module])
+            for module in data["metadata"]["modules"]
+        ],
+        "kl_tokens": kl_tokens,
+        "prompts": [
+            {"example_index": i, "tokens": rows[i][:PROMPT_LENGTH]} for i in range(PROMPTS)
+        ],
+        "steering": _steering(rng, refs),
+    }
+
+
+def _attribution_example(
+    rng: random.Random, rows: list[list[str]], place: tuple[int, int], window: int, stats: dict
+) -> dict:
+    """The window of a row around a position t < n - 1 (the last token predicts nothing), with
+    activations inside the direction's range and attributions below the target's in size."""
+    row, position = place
+    tokens = rows[row]
+    target = min(position, window)
+    context = tokens[position - target : position + window + 1]
+    attribution = rng.choice((1, -1)) * rng.uniform(1e-3, 1e-2)
+    attributions = [rng.uniform(-1, 1) * abs(attribution) / 2 for _ in context]
+    attributions[target] = attribution
+    activations = [rng.uniform(stats["min"] / 2, stats["max"] / 2) for _ in context]
+    return {
+        "activation": activations[target],
+        "example_index": row,
+        "token_index": position,
+        "tokens": context,
+        "activations": activations,
+        "target": target,
+        "occurrences": 1,
+        "attribution": attribution,
+        "attributions": attributions,
+    }
+
+
+def _group_effect(rng: random.Random, key: str, name: object, refs: list) -> dict:
+    """A group's ablation: near the sum of its directions' (they interact)."""
+    return {key: name} | {
+        measure: sum(r.direction["effects"][measure] for r in refs) * rng.uniform(0.9, 1.3)
+        for measure in ("ablation_kl", "ablation_dloss")
+    }
+
+
+def _steering(rng: random.Random, refs: list) -> list[dict]:
+    """Each pinned direction's continuation of each prompt under each clamp: the plain one
+    ("none"), and the others either equal to it or diverging from it at some token."""
+    pinned = sorted(refs, key=lambda r: -r.direction["effects"]["ablation_kl"])[:PINNED]
+    entries = []
+    for ref in pinned:
+        stats = ref.direction["stats"]
+        values = {"min": stats["min"], "zero": 0.0, "max": stats["max"], "none": None}
+        for prompt in range(PROMPTS):
+            plain = [rng.choice(WORDS) for _ in range(12)]
+            for clamp in CLAMPS:
+                diverges = rng.randint(0, len(plain)) if clamp != "none" else len(plain)
+                tokens = plain[:diverges] + [rng.choice(WORDS) for _ in plain[diverges:]]
+                entries.append({
+                    "layer": ref.layer,
+                    "module": ref.module,
+                    "component": ref.component,
+                    "prompt_index": prompt,
+                    "clamp": clamp,
+                    "value": values[clamp],
+                    "text": "".join(tokens),
+                    "tokens": tokens,
+                })  # fmt: skip
+    return entries
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's correlation with average ranks for ties; None below 3 values or where either
+    is constant."""
+    if len(x) < 3:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx and vy else None
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for m in order[i : j + 1]:
+            ranks[m] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
 
 
 def assert_consistent(data: dict) -> None:

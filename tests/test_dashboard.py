@@ -60,7 +60,7 @@ def embedded(html: str) -> dict:
     overview = page.pop("overview")
     vectors = page.pop("cross_layer_vectors", None)
     page["layers"] = [found.pop(f"layer-{i}") for i in range(len(overview))]
-    for name in ("cross_layer_cosine", "sequences"):
+    for name in ("cross_layer_cosine", "sequences", "kl_tokens"):
         if name.replace("_", "-") in found:
             page[name] = found.pop(name.replace("_", "-"))
     assert not found, f"blobs of nothing: {list(found)}"
@@ -486,14 +486,22 @@ def test_qwen_32b_shaped_run_is_under_5_mb(tmp_path):
     bins=st.integers(1, 12),
     seed=st.integers(0, 2**32),
     hostile=st.booleans(),
+    effects=st.booleans(),
 )
-def test_synthetic_data_is_contract_valid(n_layers, modules, rank, k, window, bins, seed, hostile):
+def test_synthetic_data_is_contract_valid(
+    n_layers, modules, rank, k, window, bins, seed, hostile, effects
+):
     args = (n_layers, modules, rank, k, window, bins, seed, hostile)
-    data = make_activations(*args)
+    data = make_activations(*args, effects=effects)
     validate(data)
     assert_consistent(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON, no NaN
-    assert data == make_activations(*args)
+    assert data == make_activations(*args, effects=effects)
+    if effects:  # the rest is the file without them
+        del data["effects"], data["examples"]
+        for ref in iter_directions(data):
+            del ref.direction["effects"]
+        assert data == make_activations(*args)
 
 
 def broken_top_list(direction: dict) -> None:
