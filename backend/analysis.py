@@ -318,8 +318,13 @@ def run_effects(
     config, state = analysis.config, analysis.state
     effects, (slot, slots) = state.effects, state.slot
     computer = Effects(analysis.model, analysis.modules, analysis.first, config.max_batch_tokens)
-    bar = tqdm(total=config.effects, initial=effects.rows_done, unit="row", disable=not progress)
-    bar.set_description_str("effects")
+    bar = tqdm(
+        total=config.effects,
+        initial=effects.rows_done,
+        desc="effects",
+        unit="row",
+        disable=not progress,
+    )
     rows = effects_rows(sequences, config.effects, config.effects_max_length)
     with deferred_signals() as signals, bar:
         for ordinal, sequence, ids in rows:
