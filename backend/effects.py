@@ -72,8 +72,9 @@ class FullPass:
 @dataclass
 class Reference:
     """Per position, what every ablation is compared with: the full model's distribution p,
-    kept as float32 weights w (w = p up to float32 rounding). Every KL is sum_v w (log p - log q),
-    with w's own sums, so that rounding w changes a KL by a relative 1e-7 at most."""
+    kept as float32 weights w = p (1 + e), |e| < 6e-8. Every KL is taken as
+    sum_v w (log p - log q), with w's own sums (not sum_v w = 1), which is off by at most
+    6e-8 sum_v p |log p - log q|: second order, like the KL itself, in a small change of q."""
 
     weights: torch.Tensor  # [n-1, V] float32 w
     weighted_log_p: torch.Tensor  # [n-1] float64 sum_v w log p
@@ -146,7 +147,7 @@ class Effects:
         sums = self._ablate(full.inputs, reference)
         activations, attribution = self._attribute(full, grad)
         return RowEffects(
-            kl_tokens=kl_tokens,
+            kl_tokens=kl_tokens.cpu(),
             activations=activations,
             attribution=attribution,
             **sums,
@@ -168,17 +169,17 @@ class Effects:
 
         def keep_input(layer: int) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if len(args) > 1:  # the ablations pass the rest by name
+                    raise RuntimeError(f"decoder layer {layer} got more positional arguments")
                 kwargs = dict(kwargs)
                 hidden = args[0] if args else kwargs.pop("hidden_states")
-                if len(args) > 1:
-                    raise RuntimeError(f"decoder layer {layer} takes positional arguments")
                 inputs[layer] = (hidden.detach() if layer in adapted else None, kwargs)
 
             return hook
 
         def keep_activation(name: str) -> Callable:
             def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                if not output.requires_grad:  # the first lora_A: a leaf of the graph
+                if not output.requires_grad:  # no input needs a gradient: a leaf of the graph
                     output.requires_grad_()
                 activations[name] = output  # [1, n, r]
 
