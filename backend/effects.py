@@ -11,8 +11,10 @@ then the final norm and the unembedding. Ablations that start at the same layer 
 batch: batch element i zeroes its own columns through a keep-mask on each `lora_B` input.
 
 KL and cross-entropy are float64 (logits cast before log_softmax), over the positions
-t = 0 .. n-2, each predicting token t + 1; logits are taken a chunk of positions at a time, so
-memory stays bounded whatever the vocabulary.
+t = 0 .. n-2, each predicting token t + 1. Logits are taken a chunk of positions at a time, so
+that what a batch holds stays bounded whatever the vocabulary; the full model's distribution,
+which every ablation is compared with, is kept once per row as float32 [n-1, V] (as large as
+the logits of one plain forward).
 """
 
 from __future__ import annotations
@@ -69,11 +71,15 @@ class FullPass:
 
 @dataclass
 class Reference:
-    """Per position, what every ablation is compared with."""
+    """Per position, what every ablation is compared with: the full model's distribution p,
+    kept as float32 weights w = p (1 + e), |e| < 6e-8. Every KL is taken as
+    sum_v w (log p - log q), with w's own sums (not sum_v w = 1), which is off by at most
+    6e-8 sum_v p |log p - log q|: second order, like the KL itself, in a small change of q."""
 
-    final: torch.Tensor  # [n, H] the full model's final hidden state (no graph)
+    weights: torch.Tensor  # [n-1, V] float32 w
+    weighted_log_p: torch.Tensor  # [n-1] float64 sum_v w log p
+    weight_sum: torch.Tensor  # [n-1] float64 sum_v w
     ce: torch.Tensor  # [n-1] float64 cross-entropy of the full model
-    neg_entropy: torch.Tensor  # [n-1] float64 sum_v p log p of the full model
     targets: torch.Tensor  # [n-1] the next tokens
 
 
@@ -141,7 +147,7 @@ class Effects:
         sums = self._ablate(full.inputs, reference)
         activations, attribution = self._attribute(full, grad)
         return RowEffects(
-            kl_tokens=kl_tokens,
+            kl_tokens=kl_tokens.cpu(),
             activations=activations,
             attribution=attribution,
             **sums,
@@ -163,17 +169,17 @@ class Effects:
 
         def keep_input(layer: int) -> Callable:
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                if len(args) > 1:  # the ablations pass the rest by name
+                    raise RuntimeError(f"decoder layer {layer} got more positional arguments")
                 kwargs = dict(kwargs)
                 hidden = args[0] if args else kwargs.pop("hidden_states")
-                if len(args) > 1:
-                    raise RuntimeError(f"decoder layer {layer} takes positional arguments")
                 inputs[layer] = (hidden.detach() if layer in adapted else None, kwargs)
 
             return hook
 
         def keep_activation(name: str) -> Callable:
             def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-                if not output.requires_grad:  # the first lora_A: a leaf of the graph
+                if not output.requires_grad:  # no input needs a gradient: a leaf of the graph
                     output.requires_grad_()
                 activations[name] = output  # [1, n, r]
 
@@ -200,8 +206,9 @@ class Effects:
         final = full.detach()
         targets = targets.to(device)
         positions = targets.numel()
+        weights = torch.empty(positions, self.head.weight.shape[0], device=device)
         ce = torch.empty(positions, dtype=torch.float64, device=device)
-        neg_entropy, kl = torch.empty_like(ce), torch.empty_like(ce)
+        weighted_log_p, weight_sum, kl = (torch.empty_like(ce) for _ in range(3))
         grad = torch.zeros_like(final)  # the last position predicts nothing: no gradient
         for s in self._chunks(positions, 1):
             leaf = final[s].detach().requires_grad_()
@@ -210,12 +217,17 @@ class Effects:
                 token_ce = -log_p.gather(1, targets[s, None])[:, 0]
                 (grad[s],) = torch.autograd.grad(token_ce.sum(), leaf)
             log_p = log_p.detach()
-            p = log_p.exp()
-            ce[s] = token_ce.detach()
-            neg_entropy[s] = (p * log_p).sum(-1)
+            weights[s] = log_p.exp()
+            w = weights[s].double()
+            ce[s], weighted_log_p[s], weight_sum[s] = (
+                token_ce.detach(),
+                (w * log_p).sum(-1),
+                w.sum(-1),
+            )
             log_base = F.log_softmax(self.head(base[s].to(device)).double(), -1)
-            kl[s] = neg_entropy[s] - (p * log_base).sum(-1)
-        return Reference(final, ce, neg_entropy, targets), kl, grad
+            kl[s] = weighted_log_p[s] - (w * log_base).sum(-1)
+        reference = Reference(weights, weighted_log_p, weight_sum, ce, targets)
+        return reference, kl, grad
 
     def _chunks(self, positions: int, width: int) -> Iterator[slice]:
         """Slices of positions small enough that `width` rows of float64 logits fit the budget."""
@@ -235,7 +247,7 @@ class Effects:
         }
         kl = {k: torch.zeros(size, dtype=torch.float64, device=device) for k, size in sizes.items()}
         dloss = {k: torch.zeros_like(v) for k, v in kl.items()}
-        n = reference.final.shape[0]
+        n = reference.ce.numel() + 1
         for batch in self._batches(max(1, self.max_batch_tokens // n)):
             batch_kl, batch_dloss = self._run(batch, inputs, reference)  # [A] each
             for i, ablation in enumerate(batch):
@@ -277,12 +289,12 @@ class Effects:
         kl = torch.zeros(width, dtype=torch.float64, device=device)
         dloss = torch.zeros_like(kl)
         for s in self._chunks(reference.ce.numel(), width):
-            log_p = F.log_softmax(self.head(reference.final[s].to(device)).double(), -1)  # [c, V]
-            p = log_p.exp()
+            w = reference.weights[s].double()  # [c, V]
             logits = self.head(final[:, s].to(device)).double()  # [A, c, V]
             norm = logits.logsumexp(-1)  # [A, c]
-            # sum_v p (log p - log q), with log q = logits - norm and sum_v p = 1
-            kl += (reference.neg_entropy[s] - torch.einsum("acv,cv->ac", logits, p) + norm).sum(1)
+            # sum_v w (log p - log q), with log q = logits - norm
+            cross = torch.einsum("acv,cv->ac", logits, w)
+            kl += (reference.weighted_log_p[s] - cross + norm * reference.weight_sum[s]).sum(1)
             target = logits.gather(2, reference.targets[s].expand(width, -1)[..., None])[..., 0]
             dloss += (norm - target - reference.ce[s]).sum(1)
         return kl, dloss

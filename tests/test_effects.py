@@ -111,6 +111,8 @@ def check_row(model, modules, first, found: Effects, result: RowEffects, ids: to
             per_direction[first[m.name] + c] = kl_and_dloss(
                 full, ablated(model, modules, {m.name: [c]}, ids), ids
             )
+    if n > 2:  # (at 2 tokens, position 0 attends to itself alone: k_proj cannot matter)
+        assert (per_direction[:, 0] > 0).all()  # every direction changes the prediction
     close(result.ablation_kl, per_direction[:, 0], "ablation_kl")
     close(result.ablation_dloss, per_direction[:, 1], "ablation_dloss")
 
