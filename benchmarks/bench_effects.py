@@ -35,7 +35,7 @@ from backend.data import iter_sequences, read_rows
 from backend.directions import LoraModule, find_lora_modules
 from backend.effects import Ablation, Effects, RowEffects
 from backend.loading import EMBEDDED, load_model, quiet_libraries, resolve_base_model
-from benchmarks.bench_pipeline import cpu_seconds, machine
+from benchmarks.bench_pipeline import cpu_seconds, machine, print_machine
 
 # transformers 5 warns about its own API when peft calls it: not ours to fix (as in pyproject)
 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
@@ -205,13 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     # to row); the CPU seconds this process spent do not grow while it waits for a core.
     counted = cpu if device.type == "cpu" else best
     ratio = counted["effects"] / counted["naive"]
-    print("\n" + "=" * 100)
-    print(
-        f"machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
-        f"{info['threads']} threads; device {info['device']}"
-    )
-    state = "BUSY: ratios only" if busy > 0.3 else "otherwise idle"
-    print(f"other processes used {busy:.2f} cores on average during the run ({state})")
+    print_machine(info, busy)
     for what, times in runs.items():
         print(f"  {what:<8} wall " + " ".join(f"{t:.2f}" for t in times))
     what = "process CPU time, all repeats" if device.type == "cpu" else "wall time, best run"

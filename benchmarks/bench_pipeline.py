@@ -584,6 +584,17 @@ def machine(device: str) -> dict[str, object]:
     }
 
 
+def print_machine(info: dict[str, object], others: float) -> None:
+    """The report's head: the machine, and whether other processes shared it."""
+    print("\n" + "=" * 100)
+    print(
+        f"machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
+        f"{info['threads']} threads; device {info['device']}"
+    )
+    busy = "BUSY: ratios only" if others > 0.3 else "otherwise idle"
+    print(f"other processes used {others:.2f} cores on average during the run ({busy})")
+
+
 def cpu_seconds() -> tuple[float, float]:
     """(CPU seconds the whole machine has spent busy, those of this process and its children).
 
@@ -679,13 +690,7 @@ def report(
     others: float,  # cores other processes kept busy, on average
     seconds: float,
 ) -> dict:
-    print("\n" + "=" * 100)
-    print(
-        f"machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, "
-        f"{info['threads']} threads; device {info['device']}"
-    )
-    busy = "BUSY: ratios only" if others > 0.3 else "otherwise idle"
-    print(f"other processes used {others:.2f} cores on average during the run ({busy})")
+    print_machine(info, others)
     print("timings (s): every run listed; the best one counts; peak RSS: median of the runs")
     for r in results:
         print(f"  {r.name}: {r.note}; {r.sequences} sequences; {r.seconds:.0f} s in all")
