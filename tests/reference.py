@@ -96,71 +96,55 @@ def assert_histogram(hist: dict, values: np.ndarray, rel: float = 1e-5, abs: flo
     )
 
 
-def lora_layers(model) -> dict[tuple[int, str], LoraLayer]:
-    """{(layer, module): PEFT's LoRA layer}."""
-    return {
-        (int(name.split(".layers.")[1].split(".")[0]), name.rsplit(".", 1)[1]): module
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer)
-    }
+def log_probs(model, ids: torch.Tensor) -> torch.Tensor:
+    """[n-1, V] float64 log-probabilities of the plain full forward at positions 0..n-2."""
+    return torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1].double(), -1)
 
 
-def log_probs(model, ids: list[int]) -> torch.Tensor:
-    """[n - 1, V] float64: the plain forward's next-token log-probabilities at positions 0..n-2."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
-    return torch.log_softmax(logits.double(), -1)
+def kl_and_dloss(full: torch.Tensor, other: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
+    """Summed over the positions: KL(full || other) and CE_other - CE_full."""
+    kl = (full.exp() * (full - other)).sum()
+    target = ids[1:, None]
+    dloss = (full.gather(1, target) - other.gather(1, target)).sum()
+    return float(kl), float(dloss)
 
 
-def ablated_log_probs(model, ids: list[int], ablated: list[tuple[int, str, int]]) -> torch.Tensor:
-    """log_probs with the lora_B columns of `ablated` (layer, module, component) set to zero."""
-    layers = lora_layers(model)
+@torch.no_grad()
+def ablated(model, modules, drop: dict[str, list[int]], ids: torch.Tensor) -> torch.Tensor:
+    """log_probs with those lora_B columns (module name -> components) zeroed in the weights,
+    restored after."""
     saved = {}
+    for m in modules:
+        if m.name in drop:
+            weight = model.get_submodule(m.name).lora_B["default"].weight
+            saved[m.name] = weight.clone()
+            weight[:, drop[m.name]] = 0
     try:
-        for layer, module, c in ablated:
-            weight = layers[layer, module].lora_B["default"].weight
-            saved[layer, module, c] = weight[:, c].clone()
-            weight.data[:, c] = 0
         return log_probs(model, ids)
     finally:
-        for (layer, module, c), column in saved.items():
-            layers[layer, module].lora_B["default"].weight.data[:, c] = column
+        for m in modules:
+            if m.name in saved:
+                model.get_submodule(m.name).lora_B["default"].weight.copy_(saved[m.name])
 
 
-def kl_and_dloss(full: torch.Tensor, other: torch.Tensor, ids: list[int]) -> tuple[float, float]:
-    """Summed over positions: KL(full ‖ other) and CE_other - CE_full (float64)."""
-    kl = (full.exp() * (full - other)).sum(-1)
-    target = torch.tensor(ids[1:])[:, None]
-    dloss = full.gather(1, target) - other.gather(1, target)
-    return float(kl.sum()), float(dloss.sum())
-
-
-def token_attributions(model, ids: list[int]) -> dict[tuple[int, str, int], np.ndarray]:
-    """-a_t * dL/da_t at every token, L the summed next-token CE, by autograd at lora_A's
-    output (PEFT's own forward; the model's weights need no gradient)."""
-    outputs = {}
-    handles = []
-    for key, layer in lora_layers(model).items():
-
-        def keep(module, args, out, key=key):
-            out.retain_grad()
-            outputs[key] = out
-
-        handles.append(layer.lora_A["default"].register_forward_hook(keep))
+def brute_attribution(model, modules, first, ids: torch.Tensor) -> np.ndarray:
+    """[D, n], row first[m.name] + c: -dL/ds at s = 1 for a scale s multiplying each lora_A
+    output at each position, which is -a * dL/da (L: the summed next-token CE)."""
+    n = ids.numel()
+    scales = {m.name: torch.ones(1, n, m.rank, requires_grad=True) for m in modules}
+    handles = [
+        model.get_submodule(m.name)
+        .lora_A["default"]
+        .register_forward_hook(lambda mod, args, out, s=scales[m.name]: out * s)
+        for m in modules
+    ]
     try:
-        with torch.enable_grad():
-            for p in model.parameters():
-                p.requires_grad_(False)
-            embeds = model.get_input_embeddings()(torch.tensor([ids])).requires_grad_(True)
-            logits = model(inputs_embeds=embeds).logits[0, :-1]
-            loss = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum")
-            loss.backward()
+        log_p = log_probs(model, ids)
+        (-log_p.gather(1, ids[1:, None]).sum()).backward()
     finally:
         for h in handles:
             h.remove()
-    found = {}
-    for (layer, module), out in outputs.items():
-        attr = -(out * out.grad)[0]  # [n, r]
-        for c in range(attr.shape[1]):
-            found[layer, module, c] = attr[:, c].detach().numpy()
-    return found
+    attr = np.zeros((sum(m.rank for m in modules), n))
+    for m in modules:
+        attr[first[m.name] : first[m.name] + m.rank] = -scales[m.name].grad[0].T.numpy()
+    return attr

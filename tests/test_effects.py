@@ -7,12 +7,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from backend import effects
 from backend.directions import find_lora_modules
 from backend.effects import Effects, RowEffects
-from tests.reference import lora_a_activations
+from tests.reference import (
+    ablated,
+    brute_attribution,
+    kl_and_dloss,
+    log_probs,
+    lora_a_activations,
+)
 from tests.runs import load
 from tests.tiny import random_texts, save_adapter
 
@@ -34,59 +39,6 @@ def rows(tokenizer, count: int, seed: int = 0) -> list[torch.Tensor]:
     return [ids for ids in found if ids.numel() >= 2]
 
 
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """[n-1, V] float64 log-probabilities of the plain full forward."""
-    return F.log_softmax(model(input_ids=ids[None]).logits[0, :-1].double(), -1)
-
-
-def kl_and_dloss(full: torch.Tensor, other: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
-    """Summed KL(full || other) and CE_other - CE_full over the positions."""
-    kl = (full.exp() * (full - other)).sum()
-    target = ids[1:, None]
-    dloss = (full.gather(1, target) - other.gather(1, target)).sum()
-    return float(kl), float(dloss)
-
-
-@torch.no_grad()
-def ablated(model, modules, drop: dict[str, list[int]], ids: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities with those lora_B columns zeroed in the weights, restored after."""
-    saved = {}
-    for m in modules:
-        if m.name in drop:
-            weight = model.get_submodule(m.name).lora_B["default"].weight
-            saved[m.name] = weight.clone()
-            weight[:, drop[m.name]] = 0
-    try:
-        return logits(model, ids)
-    finally:
-        for m in modules:
-            if m.name in saved:
-                model.get_submodule(m.name).lora_B["default"].weight.copy_(saved[m.name])
-
-
-def brute_attribution(model, modules, first, ids: torch.Tensor) -> np.ndarray:
-    """[D, n]: -dL/ds at s = 1 for a scale s multiplying each lora_A output at each position,
-    which is -a * dL/da."""
-    n = ids.numel()
-    scales = {m.name: torch.ones(1, n, m.rank, requires_grad=True) for m in modules}
-    handles = [
-        model.get_submodule(m.name)
-        .lora_A["default"]
-        .register_forward_hook(lambda mod, args, out, s=scales[m.name]: out * s)
-        for m in modules
-    ]
-    try:
-        log_p = logits(model, ids)
-        (-log_p.gather(1, ids[1:, None]).sum()).backward()
-    finally:
-        for h in handles:
-            h.remove()
-    attr = np.zeros((sum(m.rank for m in modules), n))
-    for m in modules:
-        attr[first[m.name] : first[m.name] + m.rank] = -scales[m.name].grad[0].T.numpy()
-    return attr
-
-
 def close(ours: torch.Tensor, brute, what: str) -> None:
     """To RTOL relative; a value near 0 (a sign change, a direction with almost no effect)
     gets an absolute floor of 1e-6 of the largest value compared."""
@@ -98,9 +50,9 @@ def close(ours: torch.Tensor, brute, what: str) -> None:
 def check_row(model, modules, first, found: Effects, result: RowEffects, ids: torch.Tensor):
     n, d = ids.numel(), sum(m.rank for m in modules)
     with torch.no_grad():
-        full = logits(model, ids)
+        full = log_probs(model, ids)
         with model.disable_adapter():
-            base = logits(model, ids)
+            base = log_probs(model, ids)
     token_kl = (full.exp() * (full - base)).sum(-1)
     close(result.kl_tokens, token_kl, "kl_tokens")
     assert result.kl_tokens.shape == (n - 1,) and result.kl_tokens.dtype == torch.float64

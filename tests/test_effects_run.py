@@ -11,15 +11,17 @@ from unittest.mock import ANY
 
 import numpy as np
 import pytest
+import torch
 
 from backend.config import RunConfig
 from backend.contract import CLAMPS, iter_directions, validate
 from backend.data import iter_sequences, read_rows
+from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.output import build_document
 from backend.pipeline import analyze
 from backend.state import load_state
-from tests.reference import ablated_log_probs, kl_and_dloss, log_probs, token_attributions
+from tests.reference import ablated, brute_attribution, kl_and_dloss, log_probs
 from tests.runs import K, W, load, run_cli
 from tests.test_scale import SCRIPT, subprocess_env
 from tests.tiny import save_adapter
@@ -38,32 +40,43 @@ def rank2_attention(qwen2_base, tmp_path_factory):
     return save_adapter(qwen2_base, path, rank=2, targets=targets, layers=[1, 2])
 
 
-def effects_rows(base, adapter, data) -> tuple[list, list[list[int]]]:
+def effects_rows(base, adapter, data):
+    """The model, its LoRA modules, and the effects' rows: example indices and token ids."""
     model, tokenizer = load(base, adapter)
     sequences = iter_sequences(
         read_rows(data), tokenizer, text_field=None, max_length=None, num_examples=None
     )
     rows = [s for s in sequences if len(s.input_ids) >= 2][:ROWS]
-    return model, [s.example_index for s in rows], [s.input_ids[:CUT] for s in rows]
+    ids = [torch.tensor(s.input_ids[:CUT]) for s in rows]
+    return model, find_lora_modules(model), [s.example_index for s in rows], ids
 
 
-def brute_force(model, rows: list[list[int]], directions: list[tuple[int, str, int]]):
-    """Per direction, layer and module: (mean KL, mean dloss); and the mean KL vs the base."""
+def keys(modules) -> list[tuple[int, str, int]]:
+    """Every direction as (layer, module, component), in `modules` order."""
+    return [(m.layer, m.module, c) for m in modules for c in range(m.rank)]
+
+
+def brute_force(model, modules, rows: list[torch.Tensor]):
+    """Per direction, layer and module: (mean KL, mean dloss); and the KL vs the base."""
     positions = sum(len(ids) - 1 for ids in rows)
-    groups = {("direction", d): [d] for d in directions}
-    groups |= {("layer", L): [d for d in directions if d[0] == L] for L, _, _ in directions}
-    groups |= {("module", m): [d for d in directions if d[1] == m] for _, m, _ in directions}
+    groups = {
+        ("direction", (m.layer, m.module, c)): {m.name: [c]} for m in modules for c in range(m.rank)
+    }
+    for kind, key in (("layer", lambda m: m.layer), ("module", lambda m: m.module)):
+        for m in modules:
+            groups.setdefault((kind, key(m)), {})[m.name] = list(range(m.rank))
     sums = dict.fromkeys(groups, (0.0, 0.0))
     kl_base = []
     for ids in rows:
-        full = log_probs(model, ids)
-        with model.disable_adapter():
-            base = log_probs(model, ids)
+        with torch.no_grad():
+            full = log_probs(model, ids)
+            with model.disable_adapter():
+                base = log_probs(model, ids)
         kl_base.append((full.exp() * (full - base)).sum(-1).numpy())
-        for key, ablated in groups.items():
-            kl, dloss = kl_and_dloss(full, ablated_log_probs(model, ids, ablated), ids)
-            sums[key] = (sums[key][0] + kl, sums[key][1] + dloss)
-    means = {key: (kl / positions, dloss / positions) for key, (kl, dloss) in sums.items()}
+        for group, drop in groups.items():
+            kl, dloss = kl_and_dloss(full, ablated(model, modules, drop, ids), ids)
+            sums[group] = (sums[group][0] + kl, sums[group][1] + dloss)
+    means = {group: (kl / positions, dloss / positions) for group, (kl, dloss) in sums.items()}
     return means, kl_base
 
 
@@ -78,9 +91,10 @@ def test_effects_equal_a_brute_force_through_peft(
     adapter = request.getfixturevalue(adapter)
     doc = run_cli(tmp_path, qwen2_base, adapter, text_file, *EFFECTS, *PINNED)
     validate(doc)
-    model, examples, rows = effects_rows(qwen2_base, adapter, text_file)
+    model, modules, examples, rows = effects_rows(qwen2_base, adapter, text_file)
     directions = by_key(doc)
-    means, kl_base = brute_force(model, rows, list(directions))
+    assert sorted(directions) == sorted(keys(modules))
+    means, kl_base = brute_force(model, modules, rows)
     effects = doc["effects"]
     assert effects["num_examples"] == ROWS
     assert effects["num_tokens"] == sum(len(ids) - 1 for ids in rows)
@@ -105,8 +119,12 @@ def test_attribution_equals_autograd_and_keeps_distinct_windows(
     tmp_path, qwen2_base, rank1_adapter, text_file
 ):
     doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, *EFFECTS, *PINNED)
-    model, examples, rows = effects_rows(qwen2_base, rank1_adapter, text_file)
-    attrs = [token_attributions(model, ids) for ids in rows]
+    model, modules, examples, rows = effects_rows(qwen2_base, rank1_adapter, text_file)
+    first = {m.name: i for i, m in enumerate(modules)}  # rank 1: a row per module
+    attrs = [
+        dict(zip(keys(modules), brute_attribution(model, modules, first, ids), strict=True))
+        for ids in rows
+    ]
     positions = sum(len(ids) - 1 for ids in rows)
     for key, direction in by_key(doc).items():
         got = direction["effects"]
