@@ -21,14 +21,16 @@ from tqdm import tqdm
 
 from backend import UserError, warn
 from backend.capture import ActivationCapture, read_sites
-from backend.causal import NEW_TOKENS, EffectsState, effects_rows, group_order, pin
+from backend.causal import NEW_TOKENS, EffectsState, effects_rows, pin
 from backend.config import RunConfig
 from backend.contexts import context_keys, window_keys
 from backend.data import Batch, Position, Row, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
+from backend.effects import Effects, group_order
 from backend.loading import input_device
 from backend.output import layer_layout
 from backend.state import RunState, differing_options
+from backend.steering import pinned_generations, steering_prompt
 from backend.tracking import Tracker
 
 
@@ -313,8 +315,6 @@ def run_effects(
     """This slot's rows of the effects (backend.causal) into the state, after the pass: each
     row exactly (backend.effects), checkpointed like the pass; a resumed run goes on from the
     row it had reached. Each row's sequence is kept: the document shows it, coloured by KL."""
-    from backend.effects import Effects  # the full model's forward: only where effects run
-
     config, state = analysis.config, analysis.state
     effects, (slot, slots) = state.effects, state.slot
     computer = Effects(analysis.model, analysis.modules, analysis.first, config.max_batch_tokens)
@@ -348,8 +348,6 @@ def pin_directions(
     """The effects' pinned samples, on the merged state (the ranking needs every row): the
     config.steer_directions directions of largest ablation KL, each on the first
     config.steer_prompts rows of the effects, under every clamp (backend.steering)."""
-    from backend.steering import pinned_generations, steering_prompt
-
     effects = state.effects
     modules = {(m.layer, m.module): m for m in find_lora_modules(model)}
     where = {

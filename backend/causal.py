@@ -12,6 +12,7 @@ ranking over all rows, so they come last, on the process that holds the merged s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from backend import UserError
 from backend.contexts import BatchTokens, Example
-from backend.contract import CLAMPS, module_order
+from backend.contract import CLAMPS
 from backend.data import Sequence
 from backend.directions import LoraModule
 from backend.output import finite_or_none
@@ -68,15 +69,14 @@ class EffectsState:
     ) -> None:
         """top: the tracker's shape, whose top_k and window the attribution lists take."""
         d = num_directions
-        sizes = {"ablation": d, "layer": len(layers), "module": len(modules)}
+        sizes = {"ablation": d, "attribution": d, "layer": len(layers), "module": len(modules)}
         self.layers, self.modules = layers, modules
+        # float64 sums over the positions: SUMS, and "attribution" (Σ attr per direction)
         self.sums = {
-            name: torch.zeros(sizes[name.split("_")[0]], dtype=torch.float64) for name in SUMS
+            name: torch.zeros(sizes[name.split("_")[0]], dtype=torch.float64)
+            for name in (*SUMS, "attribution")
         }
-        self.attribution = torch.zeros(d, dtype=torch.float64)  # Σ attr over positions
-        self.kl_vs_base = torch.zeros((), dtype=torch.float64)  # Σ KL(adapted ‖ base)
-        self.kl_tokens: dict[int, list[float]] = {}  # example index -> KL per position
-        self.num_tokens = 0  # positions: a row of n tokens has n - 1
+        self.kl_tokens: dict[int, list[float]] = {}  # example index -> KL vs base per position
         self.rows_done = 0  # rows of the effects passed, this slot's and others': for resume
         self.prompts: list[tuple[int, list[int]]] = []  # (example index, ids), once pinned
         self.steering: list[dict[str, Any]] = []  # pinned samples, continuation ids in "ids"
@@ -91,13 +91,10 @@ class EffectsState:
         (their window would reach past the cut, and a shown window is one of the data)."""
         for name in SUMS:
             self.sums[name] += getattr(row, name).cpu()
-        attr, acts = row.attribution.cpu().float(), row.activations.cpu().float()  # [D, n]
-        self.attribution += attr.double().sum(1)
-        kl = row.kl_tokens.cpu().double()
-        self.kl_vs_base += kl.sum()
-        self.kl_tokens[example] = kl.tolist()
+        attr, acts = row.attribution.cpu(), row.activations.cpu()  # [D, n] float32
+        self.sums["attribution"] += attr.double().sum(1)
+        self.kl_tokens[example] = row.kl_tokens.tolist()
         n, window = len(ids), self.top.shape.window
-        self.num_tokens += n - 1
         candidates = n if whole else n - window
         if candidates > 0:
             batch = BatchTokens(
@@ -112,12 +109,9 @@ class EffectsState:
             self.top.update(batch)
 
     def merge(self, other: EffectsState) -> None:
-        for name in SUMS:
-            self.sums[name] += other.sums[name]
-        self.attribution += other.attribution
-        self.kl_vs_base += other.kl_vs_base
+        for name, total in other.sums.items():
+            self.sums[name] += total
         self.kl_tokens.update(other.kl_tokens)
-        self.num_tokens += other.num_tokens
         self.top.merge(other.top)
 
     def state_dict(self) -> dict[str, Any]:
@@ -125,10 +119,7 @@ class EffectsState:
             "layers": self.layers,
             "modules": self.modules,
             "sums": self.sums,
-            "attribution": self.attribution,
-            "kl_vs_base": self.kl_vs_base,
             "kl_tokens": self.kl_tokens,
-            "num_tokens": self.num_tokens,
             "rows_done": self.rows_done,
             "prompts": self.prompts,
             "steering": self.steering,
@@ -138,13 +129,9 @@ class EffectsState:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], top: Shape) -> EffectsState:
         """A copy of a state_dict's effects (it may still be read or merged into)."""
-        found = cls(len(state["attribution"]), state["layers"], state["modules"], top)
+        found = cls(len(state["sums"]["attribution"]), state["layers"], state["modules"], top)
         found.sums = {name: total.clone() for name, total in state["sums"].items()}
-        found.attribution, found.kl_vs_base = (
-            state["attribution"].clone(),
-            state["kl_vs_base"].clone(),
-        )
-        found.kl_tokens, found.num_tokens = dict(state["kl_tokens"]), state["num_tokens"]
+        found.kl_tokens = dict(state["kl_tokens"])
         found.rows_done, found.prompts = state["rows_done"], list(state["prompts"])
         found.steering = list(state["steering"])
         found.top.load(state["top"])
@@ -152,10 +139,14 @@ class EffectsState:
 
     # ---- the document ---------------------------------------------------------------------
 
+    @property
+    def num_tokens(self) -> int:
+        """The positions of every row: a row of n tokens has n - 1."""
+        return sum(map(len, self.kl_tokens.values()))
+
     def means(self, name: str) -> torch.Tensor:
         """A sum per position: mean over every position of every row."""
-        total = self.attribution if name == "attribution" else self.sums[name]
-        return total / max(self.num_tokens, 1)
+        return self.sums[name] / max(self.num_tokens, 1)
 
     def ranking(self) -> list[int]:
         """Direction indices by ablation_kl, largest first (ties: lower index first)."""
@@ -182,23 +173,25 @@ class EffectsState:
     def document(self, tokens: dict[int, str], max_length: int) -> dict[str, Any]:
         """The top-level `effects` entry; tokens: id -> string."""
 
-        def groups(key: str, names: list, prefix: str) -> list[dict[str, Any]]:
-            kl, dloss = self.means(f"{prefix}_kl"), self.means(f"{prefix}_dloss")
+        def groups(key: str, names: list) -> list[dict[str, Any]]:
+            kl, dloss = self.means(f"{key}_kl"), self.means(f"{key}_dloss")
             return [
                 {key: name, "ablation_kl": float(kl[i]), "ablation_dloss": float(dloss[i])}
                 for i, name in enumerate(names)
             ]
 
+        # summed in row order: the same however the rows were split
+        kl_sum = math.fsum(v for i in sorted(self.kl_tokens) for v in self.kl_tokens[i])
         return {
             "num_examples": len(self.kl_tokens),
             "num_tokens": self.num_tokens,
             "max_length": max_length,
-            "kl_vs_base": float(self.kl_vs_base) / max(self.num_tokens, 1),
+            "kl_vs_base": kl_sum / max(self.num_tokens, 1),
             "attribution_spearman": spearman(
                 self.means("attribution"), self.means("ablation_dloss")
             ),
-            "layers": groups("layer", self.layers, "layer"),
-            "modules": groups("module", self.modules, "module"),
+            "layers": groups("layer", self.layers),
+            "modules": groups("module", self.modules),
             "kl_tokens": {str(i): self.kl_tokens[i] for i in sorted(self.kl_tokens)},
             "prompts": [
                 {"example_index": i, "tokens": [tokens[t] for t in ids]} for i, ids in self.prompts
@@ -240,13 +233,6 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
     _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
     last = counts.cumsum(0).double()  # rank of each distinct value's last occurrence
     return (last - (counts.double() - 1) / 2)[inverse]
-
-
-def group_order(modules: list[LoraModule]) -> tuple[list[int], list[str]]:
-    """The effects' groups: the adapted layers ascending, and module names in module order."""
-    layers = sorted({m.layer for m in modules})
-    names = sorted({m.module for m in modules}, key=module_order)
-    return layers, names
 
 
 def clamp_values(lo: float, hi: float) -> list[tuple[str, float | None]]:

@@ -83,6 +83,14 @@ class Reference:
     targets: torch.Tensor  # [n-1] the next tokens
 
 
+def group_order(modules: list[LoraModule]) -> tuple[list[int], list[str]]:
+    """The groups ablated at once: the adapted layers ascending, and the module names in
+    module order (the order of RowEffects' layer and module fields)."""
+    layers = sorted({m.layer for m in modules})
+    names = sorted({m.module for m in modules}, key=module_order)
+    return layers, names
+
+
 class Effects:
     """Causal effects of every direction of `modules`, one row at a time (`row`)."""
 
@@ -106,8 +114,7 @@ class Effects:
         self.num_directions = sum(m.rank for m in modules)
         self.lora_a = {m.name: model.get_submodule(m.name).lora_A[adapter] for m in modules}
         self.lora_b = {m.name: model.get_submodule(m.name).lora_B[adapter] for m in modules}
-        self._layers = sorted({m.layer for m in modules})
-        self._modules = sorted({m.module for m in modules}, key=module_order)
+        self._layers, self._modules = group_order(modules)
         self.ablations = sorted(self._plan(), key=lambda a: a.start)  # stable: kinds stay in order
 
     @property

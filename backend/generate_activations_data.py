@@ -17,7 +17,7 @@ import functools
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from backend.loading import (
     resolve_dtype,
 )
 from backend.output import build_document, write_json_atomic
-from backend.pipeline import analyze, finish, tokenize
+from backend.pipeline import analyze, finish, rows_read, tokenize
 from backend.processes import gather_states, init_processes
 from backend.state import RunState, check_shards, load_state, merge_states
 
@@ -161,11 +161,10 @@ def run(config: RunConfig) -> int:
 def check_effects(config: RunConfig, rows: Iterable[Row]) -> None:
     """--effects N beyond the rows there are fails now, not after the pass (rows without 2
     tokens are found only once the effects read them)."""
-    sizes = (config.num_examples, len(rows) if isinstance(rows, Sized) else None)
-    known = [n for n in sizes if n is not None]
-    if known and config.effects > min(known):
+    read = rows_read(rows, config)
+    if read is not None and config.effects > read:
         raise UserError(
-            f"--effects {config.effects}: the run reads only {min(known)} rows "
+            f"--effects {config.effects}: the run reads only {read} rows "
             "(the data's rows, within --num-examples)"
         )
 

@@ -67,8 +67,7 @@ def analyze(
             sequences, config.max_batch_tokens, config.sort_window, state.position, slot
         )
         # The bar counts this slot's examples: known in advance only when it takes every batch.
-        known = [n for n in (config.num_examples, size(rows)) if n is not None]
-        total = min(known) if known and slot[1] == 1 else None
+        total = rows_read(rows, config) if slot[1] == 1 else None
         state = run_analysis(analysis, batches, decode, every, total=total, progress=progress)
     if state.effects is not None:
         run_effects(analysis, tokenize(rows, tokenizer, config), decode, every, progress)
@@ -108,5 +107,9 @@ def counted(rows: Iterable[Row], counters: dict[str, int]) -> Iterator[Row]:
         yield row
 
 
-def size(rows: Iterable[Row]) -> int | None:
-    return len(rows) if isinstance(rows, Sized) else None
+def rows_read(rows: Iterable[Row], config: RunConfig) -> int | None:
+    """How many rows the run reads, where it is known in advance: --num-examples, or the
+    length of rows that have one."""
+    sized = len(rows) if isinstance(rows, Sized) else None
+    known = [n for n in (config.num_examples, sized) if n is not None]
+    return min(known) if known else None

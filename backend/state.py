@@ -132,7 +132,8 @@ def load_state(path: Path, device: torch.device = CPU) -> RunState:
 def merge_states(states: list[RunState], names: list[str]) -> RunState:
     """One state holding all of `states`: finished passes of one run over disjoint batches.
 
-    Its windows' occurrences are still to be counted (backend.analysis.count_windows)."""
+    What needs the whole run (the windows' occurrences, the effects' pinned samples) is still
+    to be done: backend.pipeline.finish."""
     first = states[0]
     for state, name in zip(states, names, strict=True):
         if not state.finished:

@@ -24,7 +24,6 @@ from backend.data import row_content, tokenize_row
 from backend.directions import LoraModule
 from backend.loading import input_device
 
-CLAMPS = ("min", "zero", "max", "none")
 PROMPT_TOKENS = 64  # a row that is not a chat: its first tokens are the prompt
 
 EosIds = int | list[int] | None | EllipsisType  # ...: the model's generation_config's
