@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend.causal import spearman
 from backend.config import RunConfig
 from backend.contract import CLAMPS, iter_directions, validate
 from backend.data import iter_sequences, read_rows
@@ -315,3 +316,27 @@ def test_two_processes_give_the_effects_of_one(tmp_path, qwen2_base, rank1_adapt
     doc = json.loads(out.read_text())
     assert doc["metadata"]["num_processes"] == 2
     assert_same_effects(whole, doc)
+
+
+def brute_spearman(a: list[float], b: list[float]) -> float:
+    """Pearson's correlation of the ranks, each rank by its definition: 1 + the values below it
+    + half the others equal to it."""
+
+    def ranks(x: list[float]) -> np.ndarray:
+        return np.array([1 + sum(y < v for y in x) + (sum(y == v for y in x) - 1) / 2 for v in x])
+
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def test_attribution_spearman_is_the_rank_correlation(tmp_path, qwen2_base, text_file, request):
+    adapter = request.getfixturevalue("rank2_attention")
+    doc = run_cli(tmp_path, qwen2_base, adapter, text_file, *EFFECTS, "--steer-directions", "0")
+    found = [r.direction["effects"] for r in iter_directions(doc)]
+    want = brute_spearman([e["attribution"] for e in found], [e["ablation_dloss"] for e in found])
+    assert doc["effects"]["attribution_spearman"] == pytest.approx(want, rel=1e-12)
+    assert doc["effects"]["steering"] == [] and doc["effects"]["prompts"] == []
+    # ties share the mean of their ranks; fewer than 3 directions, or a constant side: null
+    a, b = [1.0, 1.0, 2.0, 3.0, 3.0], [0.5, 2.0, 1.0, 4.0, 4.0]
+    assert spearman(torch.tensor(a), torch.tensor(b)) == pytest.approx(brute_spearman(a, b))
+    assert spearman(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])) is None
+    assert spearman(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0])) is None
