@@ -97,8 +97,8 @@ def render(tokens: list[str], marked: set[int], shown: range) -> str:
 
 def scaled(activation: float | None, sign: int, extreme: float) -> int:
     """An activation as an integer 0-10 of the feature's extreme: round(10 * sign * a /
-    extreme), clipped to [0, 10]. Null, or a feature with no extreme (no tokens of its sign),
-    counts as 0."""
+    extreme) (Python's round: halves to even), clipped to [0, 10]. Null, or a feature with no
+    extreme (no tokens of its sign), counts as 0."""
     if activation is None or extreme <= 0:
         return 0
     return min(10, max(0, round(10 * sign * activation / extreme)))
