@@ -187,10 +187,10 @@ class LocalChat(MeteredChat):
         prompts = [self.prompt_ids(c) for c in conversations]
         order = sorted(range(len(prompts)), key=lambda i: prompts[i])  # shared prefixes adjacent
         yes, no = (torch.tensor(ids) for ids in self.answer_ids)
-        for rows in budget_batches(order, prompts, 0, self.batch_tokens):
+        for rows in budget_batches(order, prompts, 0, self.batch_tokens, self.reuse_prefix):
             start = time.perf_counter()
             batch = [prompts[i] for i in rows]
-            shared = common_prefix(batch) if self.reuse_prefix and len(batch) > 1 else 0
+            shared = shared_prefix(batch) if self.reuse_prefix else 0
             probs = self._last_logits(batch, shared).double().softmax(-1).cpu()  # [n, V]
             p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)  # [n], [n]
             share = (time.perf_counter() - start) / len(rows)
@@ -274,27 +274,65 @@ def base_model(model: nn.Module) -> Iterator[None]:
 
 
 def budget_batches(
-    order: list[int], prompts: list[list[int]], extra: int, budget: int
+    order: list[int], prompts: list[list[int]], extra: int, budget: int, share: bool = False
 ) -> Iterator[list[int]]:
     """Consecutive runs of `order` whose padded size, rows × (longest prompt + extra), fits the
-    budget; a prompt that alone exceeds it is a batch of its own."""
+    budget; a prompt that alone exceeds it is a batch of its own.
+
+    share (judgements, `order` sorted so that shared prefixes are adjacent): a prompt that
+    would shorten the batch's shared prefix also starts a new batch where it and the prompts
+    after it compute fewer tokens apart (computed_tokens): a batch then ends where the next
+    explanation's prompts begin, not only where the budget does."""
     batch: list[int] = []
-    longest = 0
-    for i in order:
-        if batch and (len(batch) + 1) * (max(longest, len(prompts[i])) + extra) > budget:
+    for n, i in enumerate(order):
+        rows = [*batch, i]
+        full = padded_tokens(rows, prompts, extra) > budget
+        if batch and (full or (share and apart(batch, order[n:], prompts, budget))):
             yield batch
-            batch, longest = [], 0
-        batch.append(i)
-        longest = max(longest, len(prompts[i]))
+            rows = [i]
+        batch = rows
     if batch:
         yield batch
 
 
-def common_prefix(prompts: list[list[int]]) -> int:
-    """How many leading tokens all prompts share, leaving every prompt at least one token."""
-    shortest = min(len(p) for p in prompts)
+def padded_tokens(rows: list[int], prompts: list[list[int]], extra: int) -> int:
+    return len(rows) * (max(len(prompts[i]) for i in rows) + extra)
+
+
+def apart(batch: list[int], rest: list[int], prompts: list[list[int]], budget: int) -> bool:
+    """Whether the next prompts (rest[:k], for some k up to what one batch could hold) compute
+    fewer tokens as a batch of their own than within `batch`."""
+    rows = [prompts[j] for j in batch]
+    if shared_prefix([*rows, prompts[rest[0]]]) == shared_prefix(rows):
+        return False  # rest[0] takes nothing from the batch's prefix
+    cost = computed_tokens(batch, prompts)
+    room = rest[: max(1, budget // len(prompts[rest[0]]))]
+    return any(
+        cost + computed_tokens(room[:k], prompts) < computed_tokens(batch + room[:k], prompts)
+        for k in range(1, len(room) + 1)
+    )
+
+
+def computed_tokens(rows: list[int], prompts: list[list[int]]) -> int:
+    """The tokens a judgement batch runs through the model: the shared prefix once, then each
+    row's rest at the width of the longest."""
+    batch = [prompts[i] for i in rows]
+    shared = shared_prefix(batch)
+    return shared + len(batch) * (max(len(p) for p in batch) - shared)
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens lexicographically sorted prompts all share (as many as the first
+    and the last do), leaving every prompt at least one token; 0 for one prompt."""
+    if len(prompts) < 2:
+        return 0
+    return min(common_length(prompts[0], prompts[-1]), min(len(p) for p in prompts) - 1)
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
     n = 0
-    while n < shortest - 1 and all(p[n] == prompts[0][n] for p in prompts):
+    while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
 

@@ -3,6 +3,7 @@ endpoint (against a real HTTP server on 127.0.0.1) and the on-disk cache."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from backend.chat import (
     LocalChat,
     MeteredChat,
     Usage,
+    budget_batches,
 )
 from backend.endpoint import EndpointChat, parse_answer
 from backend.loading import BaseModel, load_base
@@ -362,14 +364,13 @@ def test_local_judge_against_a_forward_per_conversation(peft_model):
 
 
 def test_local_judge_computes_a_shared_prefix_once(peft_model):
-    """The prefix path really runs: a one-row forward of the shared prefix, then short rows."""
+    """The prefix path really runs: per explanation, a one-row forward of what its prompts
+    share (instruction and explanation), then only their short rests."""
     model, tokenizer = peft_model
     conversations = scoring_conversations()
     shapes: list[tuple[int, int]] = []
     embed = model.get_input_embeddings()
-    handle = embed.register_forward_hook(
-        lambda _m, inputs, _o: shapes.append(tuple(inputs[0].shape))
-    )
+    handle = embed.register_forward_hook(lambda _m, args, _o: shapes.append(tuple(args[0].shape)))
     try:
         plain = LocalChat(model, tokenizer, "tiny", 4096, reuse_prefix=False).judge(conversations)
         plain_shapes, shapes[:] = list(shapes), []
@@ -378,10 +379,33 @@ def test_local_judge_computes_a_shared_prefix_once(peft_model):
         handle.remove()
     longest = max(len(prompt_of(tokenizer, c)) for c in conversations)
     assert plain_shapes == [(len(conversations), longest)]
-    (one, prefix), (rows, suffix) = shapes
-    assert (one, rows) == (1, len(conversations))
-    assert prefix > 40 and suffix < longest - prefix + 1  # the instruction ran once
+    expected = []
+    for group in (conversations[:4], conversations[4:]):  # one explanation each
+        prompts = [prompt_of(tokenizer, c) for c in group]
+        prefix = next(n for n in itertools.count() if len({tuple(p[: n + 1]) for p in prompts}) > 1)
+        expected += [(1, prefix), (4, max(len(p) for p in prompts) - prefix)]
+    assert sorted(shapes) == sorted(expected)
     assert [j.p_yes for j in shared] == pytest.approx([j.p_yes for j in plain], abs=1e-5)
+
+
+def test_judgement_batches_end_where_the_next_explanation_begins():
+    instruction = list(range(100, 140))
+    prompts = [
+        [*instruction, *[explanation] * 20, context, 7]
+        for explanation in (1, 2)
+        for context in (3, 4, 5, 6)
+    ]
+    order = sorted(range(8), key=lambda i: prompts[i])
+    assert list(budget_batches(order, prompts, 0, 10_000, share=True)) == [order[:4], order[4:]]
+    assert list(budget_batches(order, prompts, 0, 10_000)) == [order]
+    small = list(budget_batches(order, prompts, 0, 3 * 62, share=True))  # 3 rows of 62 tokens
+    # the last prompt of the first explanation, alone, is cheaper with the instruction shared
+    assert small == [order[:3], order[3:6], order[6:]]
+    unrelated = [[i, 50, 51] for i in range(6)]  # nothing to share: only the budget splits
+    assert list(budget_batches(list(range(6)), unrelated, 0, 12, share=True)) == [
+        [0, 1, 2, 3],
+        [4, 5],
+    ]
 
 
 def test_local_chat_disables_the_adapter(peft_model, qwen2_base):
