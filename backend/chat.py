@@ -74,7 +74,9 @@ class MeteredChat(ABC):
     collect them (timing the whole call), and the cache stores each batch as it arrives."""
 
     name: str
-    judge_params: dict[str, Any]  # what decides a judgement besides the messages (cache key)
+    # what decides its results besides the model's name, the messages and max_new_tokens
+    # (greedy decoding, the dtype, how a judgement is read): part of every cache key
+    decoding: dict[str, Any]
 
     def __init__(self) -> None:
         self._prompts = 0
@@ -115,11 +117,6 @@ class MeteredChat(ABC):
         return results
 
 
-def generate_params(max_new_tokens: int) -> dict[str, Any]:
-    """The decoding parameters of a reply (the cache key's)."""
-    return {"max_new_tokens": max_new_tokens, "temperature": 0}
-
-
 class LocalChat(MeteredChat):
     """A loaded model answers with its chat template, greedily, batched by a token budget (the
     padded tokens of a batch, prompt and new tokens). A PEFT model answers with its adapter
@@ -152,7 +149,12 @@ class LocalChat(MeteredChat):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.batch_tokens, self.reuse_prefix = batch_tokens, reuse_prefix
         self.answer_ids = answer_token_ids(tokenizer)
-        self.judge_params = {"read": "p(first token) at the generation prompt", "answers": ANSWERS}
+        self.decoding = {
+            "temperature": 0,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "judge": "p(yes) vs p(no) at the generation prompt",
+            "answers": ANSWERS,
+        }
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # transformers 5 renamed forward's past_key_values (and its output's) to cache
         forward = inspect.signature(transformers_model(model).forward).parameters
@@ -349,7 +351,8 @@ def left_padded(
 
 class Cache(MeteredChat):
     """Any MeteredChat behind an on-disk cache: a JSON line per result, keyed by the sha256 of
-    the canonical JSON of (model name, kind of call, decoding parameters, the full messages).
+    the canonical JSON of (model name, kind of call, decoding parameters and max_new_tokens,
+    the full messages).
     Each batch is appended (and flushed) as it arrives, so a killed run loses at most the batch
     in flight; a torn last line (a kill mid-write) is dropped on load. An entry keeps the
     result's usage, so a rerun from the cache reports the same prompts and tokens; its seconds
@@ -359,14 +362,14 @@ class Cache(MeteredChat):
     def __init__(self, chat: MeteredChat, path: Path) -> None:
         super().__init__()
         self.chat, self.path = chat, Path(path)
-        self.name, self.judge_params = chat.name, chat.judge_params
+        self.name, self.decoding = chat.name, chat.decoding
         self.entries = load_cache(self.path)
         self._cached = 0
 
     def generate_batches(
         self, conversations: list[Conversation], max_new_tokens: int
     ) -> Iterator[Batch[str]]:
-        keys = [self.key("generate", generate_params(max_new_tokens), c) for c in conversations]
+        keys = [self.key("generate", max_new_tokens, c) for c in conversations]
 
         def compute(todo: list[Conversation]) -> Iterator[Batch[str]]:
             return self.chat.generate_batches(todo, max_new_tokens)
@@ -374,7 +377,7 @@ class Cache(MeteredChat):
         return self._through(keys, conversations, compute, str, str)
 
     def judge_batches(self, conversations: list[Conversation]) -> Iterator[Batch[Judgement]]:
-        keys = [self.key("judge", self.judge_params, c) for c in conversations]
+        keys = [self.key("judge", None, c) for c in conversations]
         return self._through(
             keys, conversations, self.chat.judge_batches, asdict, lambda d: Judgement(**d)
         )
@@ -382,8 +385,8 @@ class Cache(MeteredChat):
     def usage(self) -> dict[str, Any]:
         return {**super().usage(), "num_cached": self._cached}
 
-    def key(self, kind: str, params: dict[str, Any], conversation: Conversation) -> str:
-        what = [self.name, kind, params, conversation]
+    def key(self, kind: str, max_new_tokens: int | None, conversation: Conversation) -> str:
+        what = [self.name, kind, self.decoding, max_new_tokens, conversation]
         text = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
 

@@ -64,7 +64,7 @@ class EndpointChat(MeteredChat):
                     f"the environment variable {key_env} (the endpoint's key) is not set"
                 )
             self.headers["Authorization"] = f"Bearer {key}"
-        self.judge_params = {"max_tokens": JUDGE_TOKENS, "temperature": 0}
+        self.decoding = {"temperature": 0, "judge_max_tokens": JUDGE_TOKENS}
 
     def check(self) -> None:
         """One cheap request (one token), one try: an endpoint that cannot answer is one clear

@@ -450,10 +450,12 @@ class Scripted(MeteredChat):
     """A deterministic chat without a model, in batches of `batch`, counting the conversations
     it is asked; `fail_after` batches it raises (a run killed mid-call)."""
 
-    def __init__(self, name: str = "scripted", batch: int = 2, fail_after: int | None = None):
+    def __init__(
+        self, name: str = "scripted", batch: int = 2, fail_after: int | None = None, dtype="f32"
+    ):
         super().__init__()
         self.name, self.batch, self.fail_after = name, batch, fail_after
-        self.judge_params = {"scripted": True}
+        self.decoding = {"temperature": 0, "dtype": dtype}
         self.asked = 0
 
     def _batches(self, conversations: list[Conversation], result) -> Iterator[Batch]:
@@ -503,6 +505,9 @@ def test_different_decoding_parameters_or_models_miss(tmp_path):
     other = Cache(Scripted(name="another"), path)
     other.generate(CONVERSATIONS, 8)
     assert other.chat.asked == 7
+    wider = Cache(Scripted(dtype="f64"), path)  # other decoding parameters
+    wider.generate(CONVERSATIONS, 8)
+    assert wider.chat.asked == 7
     judge = Cache(Scripted(), path)  # a judgement is not a reply
     judge.judge(CONVERSATIONS)
     assert judge.chat.asked == 7
