@@ -193,12 +193,13 @@ class LocalChat(MeteredChat):
             start = time.perf_counter()
             batch = [prompts[i] for i in rows]
             shared = shared_prefix(batch) if self.reuse_prefix else 0
-            probs = self._last_logits(batch, shared).double().softmax(-1).cpu()  # [n, V]
-            p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)  # [n], [n]
+            logits = self._last_logits(batch, shared).double().cpu()  # [n, V]
+            # log p(yes) - log p(no): p_yes = sigmoid of it, with no 0/0 where both are tiny
+            margin = logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)  # [n]
             share = (time.perf_counter() - start) / len(rows)
             yield [
-                (i, Judgement(bool(y > n), float(y / (y + n))), Usage(len(prompts[i]), 0, share))
-                for i, y, n in zip(rows, p_yes, p_no, strict=True)
+                (i, Judgement(bool(m > 0), float(m.sigmoid())), Usage(len(prompts[i]), 0, share))
+                for i, m in zip(rows, margin, strict=True)
             ]
 
     def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
