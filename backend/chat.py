@@ -353,12 +353,11 @@ def left_padded(
 class Cache(MeteredChat):
     """Any MeteredChat behind an on-disk cache: a JSON line per result, keyed by the sha256 of
     the canonical JSON of (model name, kind of call, decoding parameters and max_new_tokens,
-    the full messages).
-    Each batch is appended (and flushed) as it arrives, so a killed run loses at most the batch
-    in flight; a torn last line (a kill mid-write) is dropped on load. An entry keeps the
-    result's usage, so a rerun from the cache reports the same prompts and tokens; its seconds
-    are the time really spent (near zero for cached results), and `usage()` adds how many
-    results came from the cache (`num_cached`)."""
+    the full messages). Each batch is appended (and flushed) as it arrives, so a killed run
+    loses at most the batch in flight; a torn last line (a kill mid-write) is dropped on load.
+    An entry keeps the result's usage, so a rerun from the cache reports the same prompts and
+    tokens; its seconds are the time really spent (near zero for cached results), and `usage()`
+    adds how many results came from the cache (`num_cached`)."""
 
     def __init__(self, chat: MeteredChat, path: Path) -> None:
         super().__init__()
@@ -404,10 +403,7 @@ class Cache(MeteredChat):
         hits = [(i, k) for i, k in enumerate(keys) if k in self.entries]
         if hits:
             self._cached += len(hits)
-            yield [
-                (i, decode(self.entries[k]["result"]), entry_usage(self.entries[k]))
-                for i, k in hits
-            ]
+            yield [(i, decode(self.entries[k][0]), self.entries[k][1]) for i, k in hits]
         todo: dict[str, list[int]] = {}  # key -> the indices that ask for it
         for i, k in enumerate(keys):
             if k not in self.entries:
@@ -418,19 +414,16 @@ class Cache(MeteredChat):
             lines, done = [], []
             for j, result, usage in batch:
                 entry = {"key": missing[j], "result": encode(result), "usage": asdict(usage)}
-                self.entries[missing[j]] = entry
+                self.entries[missing[j]] = (entry["result"], usage)
                 lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
                 done += [(i, result, usage) for i in todo[missing[j]]]
             append_text(self.path, "".join(lines))
             yield done
 
 
-def entry_usage(entry: dict[str, Any]) -> Usage:
-    return Usage(**entry["usage"])
-
-
-def load_cache(path: Path) -> dict[str, dict[str, Any]]:
-    """The entries of a cache file by key ({} if there is none). A torn last line (no newline:
+def load_cache(path: Path) -> dict[str, tuple[Any, Usage]]:
+    """The (result as stored, usage) of each entry of a cache file by key ({} if there is no
+    file). A torn last line (no newline:
     a write cut short) is dropped and cut off the file, so that appends start on a fresh line."""
     try:
         data = path.read_bytes() if path.exists() else b""
@@ -444,7 +437,7 @@ def load_cache(path: Path) -> dict[str, dict[str, Any]]:
     for n, line in enumerate(whole.splitlines(), 1):
         try:
             entry = json.loads(line.decode())
-            entries[entry["key"]] = entry
+            entries[entry["key"]] = (entry["result"], Usage(**entry["usage"]))
         except (ValueError, KeyError, TypeError):
             raise UserError(
                 f"{path}: line {n} is not a cache entry (delete the file to start afresh)"
