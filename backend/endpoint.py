@@ -10,6 +10,7 @@ other 4xx fails at once with the server's message. Every failure the user can ac
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
 import os
 import re
@@ -23,7 +24,6 @@ from backend import UserError
 from backend.chat import ANSWERS, Batch, Conversation, Judgement, MeteredChat, Usage
 
 JUDGE_TOKENS = 3  # room for "Yes." and little else: the answer is its first word
-RETRY_STATUS = (429, 500, 502, 503, 504)  # worth another try; any other error status is final
 
 
 class Retryable(Exception):
@@ -106,7 +106,7 @@ class EndpointChat(MeteredChat):
 
     def _with_retries(self, messages: Conversation, max_tokens: int) -> tuple[str, Usage]:
         start = time.perf_counter()
-        for attempt in range(self.retries + 1):
+        for attempt in itertools.count():
             try:
                 text, prompt, completion = self._request(messages, max_tokens)
                 return text, Usage(prompt, completion, time.perf_counter() - start)
@@ -116,7 +116,6 @@ class EndpointChat(MeteredChat):
                         f"the chat endpoint {self.url} failed {attempt + 1} times: {e}"
                     ) from None
                 time.sleep(e.wait_s if e.wait_s is not None else self.backoff * 2**attempt)
-        raise AssertionError("unreachable")  # the loop returns or raises
 
     def _request(self, messages: Conversation, max_tokens: int) -> tuple[str, int, int]:
         """(reply, prompt tokens, completion tokens) of one request; Retryable or UserError."""
@@ -134,7 +133,7 @@ class EndpointChat(MeteredChat):
                 answer = response.read()
         except urllib.error.HTTPError as e:
             message = f"HTTP {e.code}: {server_message(e.read())}"
-            if e.code in RETRY_STATUS:
+            if e.code == 429 or e.code >= 500:  # busy or failing: worth another try
                 raise Retryable(message, retry_after(e.headers.get("Retry-After"))) from None
             raise UserError(f"the chat endpoint {self.url} refused a request ({message})") from None
         except urllib.error.URLError as e:  # refused, unknown host...: the reason says which
