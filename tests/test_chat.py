@@ -29,6 +29,7 @@ from backend.chat import (
 from backend.endpoint import EndpointChat, parse_answer
 from backend.loading import BaseModel, load_base
 from tests.runs import load
+from tests.tiny import save_adapter
 
 # ---------------------------------------------------------------- an OpenAI chat server
 
@@ -349,8 +350,19 @@ def test_local_generate_is_greedy_and_batching_changes_nothing(peft_model):
     assert prompts * 2 < usage["num_tokens"] <= 2 * (prompts + 3 * 6)  # prompt + at most 6 new
 
 
-def test_local_judge_against_a_forward_per_conversation(peft_model):
-    model, tokenizer = peft_model
+@pytest.fixture(scope="module")
+def llama_model(llama_base, tmp_path_factory):
+    """Llama, with attention adapted too: another architecture under the prefix path."""
+    targets = ("q_proj", "v_proj", "gate_proj", "down_proj")
+    adapter = save_adapter(llama_base, tmp_path_factory.mktemp("llama_adapter"), 2, targets)
+    return load(llama_base, adapter)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_local_judge_against_a_forward_per_conversation(arch, request):
+    model, tokenizer = request.getfixturevalue(
+        {"qwen2": "peft_model", "llama": "llama_model"}[arch]
+    )
     conversations = scoring_conversations()
     brute = [brute_p_yes(model, tokenizer, c) for c in conversations]
     for reuse in (True, False):
