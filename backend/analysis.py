@@ -28,7 +28,7 @@ from backend.data import Batch, Position, Row, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.effects import Effects, group_order
 from backend.loading import input_device
-from backend.neurons import neuron_layout, neuron_sites
+from backend.neurons import neuron_sites
 from backend.output import layer_layout
 from backend.state import RunState, differing_options
 from backend.steering import pinned_generations, steering_prompt
@@ -97,7 +97,7 @@ class Analysis:
             tracker,
             cross_layer_cosine(self.modules),
             slot=slot,
-            neurons=neuron_layout(neurons, capture.num_lora),
+            neurons=capture.neuron_layout(),
         )
         if config.effects:  # of the LoRA directions only: the neurons are never ablated
             groups = group_order(self.modules)

@@ -106,6 +106,14 @@ class ActivationCapture:
         self.buffer = torch.empty(0)
         self._fired = 0
 
+    def neuron_layout(self) -> list[dict[str, int]]:
+        """Each baseline neuron's layer, coordinate and row, in (layer, neuron) order."""
+        return [
+            {"layer": site.layer, "neuron": neuron, "index": site.neuron_rows.start + j}
+            for site in self.sites
+            for j, neuron in enumerate(site.neurons)
+        ]
+
     def _hook(self, index: int):
         site, weight, neurons = self.sites[index], self.weights[index], self.neurons[index]
 

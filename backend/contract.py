@@ -604,14 +604,14 @@ def _agreements(document: dict[str, Any]) -> None:
 def _neurons_agree(neurons: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """The baseline neurons: of the adapted layers, in (layer, neuron) order, each once, and
     each against the metadata as a direction is."""
-    places = [(n["layer"], n["neuron"]) for n in neurons]
-    if places != sorted(set(places)):
-        _fail("baseline_neurons", "expected distinct neurons in (layer, neuron) order")
     for i, neuron in enumerate(neurons):
         path = f"baseline_neurons[{i}]"
         if neuron["layer"] not in meta["lora_layers"]:
             _fail(f"{path}.layer", f"expected one of metadata.lora_layers, got {neuron['layer']}")
         _summaries_agree(neuron, path, meta, set())
+    places = [(n["layer"], n["neuron"]) for n in neurons]
+    if places != sorted(set(places)):
+        _fail("baseline_neurons", "expected distinct neurons in (layer, neuron) order")
 
 
 def _effects_agree(effects: dict[str, Any], document: dict[str, Any]) -> None:

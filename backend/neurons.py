@@ -55,9 +55,3 @@ def neuron_sites(model: nn.Module, modules: list[LoraModule], n: int) -> list[Ne
             )
         sites.append(NeuronSite(layer, path, choose(hidden, n, layer)))
     return sites
-
-
-def neuron_layout(sites: list[NeuronSite], first: int) -> list[dict[str, int]]:
-    """Each neuron's layer, coordinate and tracker index (from `first` on, in site order)."""
-    found = [{"layer": s.layer, "neuron": neuron} for s in sites for neuron in s.neurons]
-    return [{**entry, "index": first + i} for i, entry in enumerate(found)]
