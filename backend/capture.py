@@ -118,13 +118,16 @@ class ActivationCapture:
         site, weight, neurons = self.sites[index], self.weights[index], self.neurons[index]
 
         def compute(x: torch.Tensor) -> None:
+            nonlocal neurons
             x = x.reshape(-1, x.shape[-1])  # [B*L, in]
             if weight is not None:
                 # Cast as PEFT does before lora_A, so the values equal lora_A's output.
                 acts = torch.mm(weight, x.to(weight.dtype).T)  # [d_site, B*L]
                 self.buffer[site.rows] = acts.to(self.device, torch.float32)
             if len(neurons):  # A = a unit vector: the coordinate itself, exactly
-                picked = x.index_select(1, neurons.to(x.device)).T  # [n_site, B*L]
+                if neurons.device != x.device:  # once: the device of the site's module
+                    neurons = neurons.to(x.device)
+                picked = x.index_select(1, neurons).T  # [n_site, B*L]
                 self.buffer[site.neuron_rows] = picked.to(self.device, torch.float32)
             self._fired += 1
             if self._fired == len(self.sites):
