@@ -15,6 +15,11 @@ class UserError(Exception):
     """A problem with the user's input: reported as one line, never a traceback."""
 
 
+class OptionError(UserError):
+    """An option's value that only the loaded model shows to be impossible: exit status 2, as
+    for the options argparse refuses."""
+
+
 def warn(message: str) -> None:
     """One `warning: ...` line on stderr that does not break a progress bar."""
     from tqdm import tqdm

@@ -28,16 +28,20 @@ from backend.data import Batch, Position, Row, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.effects import Effects, group_order
 from backend.loading import input_device
+from backend.neurons import neuron_sites
 from backend.output import layer_layout
 from backend.state import RunState, differing_options
 from backend.steering import pinned_generations, steering_prompt
 from backend.tracking import Tracker
 
 
-def sibling_table(modules: list[LoraModule], first: dict[str, int]) -> torch.Tensor:
+def sibling_table(
+    modules: list[LoraModule], first: dict[str, int], num_directions: int
+) -> torch.Tensor:
     """[D, S]: for each direction, the other modules' directions of its layer and component
-    (-1 where it has fewer than S), whose activations its kept contexts carry too."""
-    rows: dict[int, list[int]] = {}  # direction index -> its siblings
+    (-1 where it has fewer than S), whose activations its kept contexts carry too; the rows
+    past the modules' (baseline neurons) have none."""
+    rows: dict[int, list[int]] = {d: [] for d in range(num_directions)}  # index -> siblings
     for m in modules:
         for c in range(m.rank):
             rows[first[m.name] + c] = [
@@ -66,7 +70,10 @@ class Analysis:
         self.config = config
         self.device = device = input_device(model)
         self.modules = find_lora_modules(model)
-        self.capture = ActivationCapture(model, read_sites(model, self.modules), device)
+        neurons = neuron_sites(model, self.modules, config.baseline_neurons)
+        self.capture = capture = ActivationCapture(
+            model, read_sites(model, self.modules, neurons), device
+        )
         first, labels = {}, {}
         for site in self.capture.sites:
             start = site.rows.start
@@ -74,12 +81,12 @@ class Analysis:
                 first[m.name], labels[m.name] = start, site.label
                 start += m.rank
         tracker = Tracker(
-            self.capture.num_directions,
+            capture.num_directions,
             config.top_k,
             config.context_window,
             config.histogram_bins,
             device,
-            siblings=sibling_table(self.modules, first),
+            siblings=sibling_table(self.modules, first, capture.num_directions),
             vocab_size=model.get_input_embeddings().weight.shape[0],
         )
         self.model, self.first = model, first
@@ -90,10 +97,11 @@ class Analysis:
             tracker,
             cross_layer_cosine(self.modules),
             slot=slot,
+            neurons=capture.neuron_layout(),
         )
-        if config.effects:
+        if config.effects:  # of the LoRA directions only: the neurons are never ablated
             groups = group_order(self.modules)
-            self.state.effects = EffectsState(tracker.shape.num_directions, *groups, tracker.shape)
+            self.state.effects = EffectsState(capture.num_lora, *groups, tracker.shape)
         self._split_before = False  # warn about the first out-of-memory split only
 
     def resume(self, saved: RunState, name: str) -> None:
@@ -103,7 +111,7 @@ class Analysis:
             if saved.slot != self.state.slot:
                 differs.append("shard or process count")
             raise UserError(f"{name} is a checkpoint of another run ({', '.join(differs)} differ)")
-        if saved.layers != self.state.layers:
+        if saved.layers != self.state.layers or saved.neurons != self.state.neurons:
             raise UserError(f"{name} is a checkpoint of another adapter")
         if saved.finished:
             raise UserError(f"{name} is a finished run: nothing to resume")

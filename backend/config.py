@@ -202,6 +202,17 @@ class RunConfig:
         metavar="P",
         identity=True,
     )
+    baseline_neurons: int = option(
+        "baseline",
+        "also track N seeded neurons (coordinates of the MLP hidden space, read at the "
+        "down_proj input) of every adapted layer through the same summaries: a baseline to "
+        "compare the directions with; never ablated",
+        0,
+        parse=non_negative_int,
+        metavar="N",
+        shown="0, off",
+        identity=True,
+    )
     dtype: str | None = option(
         "runtime",
         "model dtype",

@@ -106,6 +106,14 @@ def iter_directions(document: dict[str, Any]) -> Iterator[DirectionRef]:
                 yield DirectionRef(layer["layer"], module, projection, direction)
 
 
+def example_holders(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Everything of the document that carries Examples (what iter_examples reads): every
+    direction (iter_directions' order), then every baseline neuron (--baseline-neurons)."""
+    for ref in iter_directions(document):
+        yield ref.direction
+    yield from document.get("baseline_neurons", ())
+
+
 def iter_examples(direction: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Every Example a direction carries: its top lists, its quantile samples, then its
     attribution lists (runs with --effects)."""
@@ -467,6 +475,18 @@ DIRECTION = Obj(
     },
     rules=(_counts_sum_to_count,),
 )
+# A baseline neuron (--baseline-neurons): a direction's summaries, with A a unit vector and no
+# write vector, so without its norms, logit effects and effects.
+NEURON_FIELDS = ("stats", "histogram", *EXAMPLE_LISTS, "quantile_samples", "position_profile")
+BASELINE_NEURON = Obj(
+    {
+        "layer": COUNT,
+        "neuron": COUNT,  # its coordinate of the MLP hidden space (the down_proj input)
+        **{key: DIRECTION.fields[key] for key in NEURON_FIELDS},
+    },
+    optional={key: DIRECTION.optional[key] for key in ("top_tokens", "bottom_tokens")},
+    rules=DIRECTION.rules,
+)
 PROJECTION = Obj(
     {
         "rank": POSITIVE,
@@ -547,6 +567,7 @@ DOCUMENT = Obj(
     optional={
         "examples": map_of(SEQUENCE, key=EXAMPLE_INDEX),
         "effects": EFFECTS,  # runs with --effects
+        "baseline_neurons": list_of(BASELINE_NEURON),  # runs with --baseline-neurons
     },
 )
 
@@ -576,6 +597,21 @@ def _agreements(document: dict[str, Any]) -> None:
                     _fail(f"{path}.effects", "expected exactly where the document has effects")
     if "effects" in document:
         _effects_agree(document["effects"], document)
+    if "baseline_neurons" in document:
+        _neurons_agree(document["baseline_neurons"], meta)
+
+
+def _neurons_agree(neurons: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """The baseline neurons: of the adapted layers, in (layer, neuron) order, each once, and
+    each against the metadata as a direction is."""
+    for i, neuron in enumerate(neurons):
+        path = f"baseline_neurons[{i}]"
+        if neuron["layer"] not in meta["lora_layers"]:
+            _fail(f"{path}.layer", f"expected one of metadata.lora_layers, got {neuron['layer']}")
+        _summaries_agree(neuron, path, meta, set())
+    places = [(n["layer"], n["neuron"]) for n in neurons]
+    if places != sorted(set(places)):
+        _fail("baseline_neurons", "expected distinct neurons in (layer, neuron) order")
 
 
 def _effects_agree(effects: dict[str, Any], document: dict[str, Any]) -> None:
@@ -612,11 +648,19 @@ def _direction_agrees(
     direction: dict[str, Any], path: str, module: str, modules: set[str], meta: dict[str, Any]
 ) -> None:
     """A direction against the metadata, and its examples' siblings against its layer."""
+    if "logit_effects" in direction and not writes_residual(module):
+        _fail(f"{path}.logit_effects", f"unexpected: {module} does not write the residual stream")
+    _summaries_agree(direction, path, meta, modules - {module})
+
+
+def _summaries_agree(
+    direction: dict[str, Any], path: str, meta: dict[str, Any], siblings: set[str]
+) -> None:
+    """A direction's or a neuron's summaries against the metadata; its examples may carry the
+    activations of the modules `siblings` only."""
     bins = meta["histogram_bins"]
     if len(direction["histogram"]["counts"]) != bins:
         _fail(f"{path}.histogram.counts", f"expected {bins} entries (metadata.histogram_bins)")
-    if "logit_effects" in direction and not writes_residual(module):
-        _fail(f"{path}.logit_effects", f"unexpected: {module} does not write the residual stream")
     lists = [(side, direction[side]) for side in EXAMPLE_LISTS]
     if "effects" in direction:
         lists += [(f"effects.{side}", direction["effects"][side]) for side in ATTRIBUTION_LISTS]
@@ -627,7 +671,7 @@ def _direction_agrees(
     for where, example in examples_at(direction, path):
         if len(example["tokens"]) > longest:
             _fail(f"{where}.tokens", f"expected at most {longest} entries (2 context_window + 1)")
-        strangers = set(example.get("sibling_activations", {})) - (modules - {module})
+        strangers = set(example.get("sibling_activations", {})) - siblings
         if strangers:
             _fail(
                 f"{where}.sibling_activations",

@@ -24,7 +24,7 @@ from pathlib import Path
 if not __package__:  # run as a script: import `backend` from the repo root, not backend/ itself
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from backend import UserError
+from backend import OptionError, UserError
 from backend.analysis import Interrupted, count_windows
 from backend.atomic import check_writable
 from backend.config import RunConfig, add_arguments
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, OptionError) else 1
 
 
 class FileRows:
@@ -179,10 +179,11 @@ def summary(state: RunState, output: Path, seconds: float) -> None:
     directions = sum(
         len(p["directions"]) for layer in state.layers for p in layer["projections"].values()
     )
+    neurons = f" + {len(state.neurons)} baseline neurons" if state.neurons else ""
     print(
         f"{counters['num_examples']} examples, {counters['num_tokens']} tokens "
         f"({counters['num_truncated']} cut at --max-length, {counters['num_skipped_rows']} "
-        f"malformed rows skipped), {directions} directions in "
+        f"malformed rows skipped), {directions} directions{neurons} in "
         f"{len(state.layers)} layers, {state.num_processes} process(es), {seconds:.1f} s "
         f"-> {output} ({output.stat().st_size / 1e6:.1f} MB)"
     )

@@ -13,7 +13,13 @@ import torch
 
 from backend.atomic import write_atomic
 from backend.contexts import Example, context_keys
-from backend.contract import SCHEMA_VERSION, ContractError, iter_examples, validate
+from backend.contract import (
+    SCHEMA_VERSION,
+    ContractError,
+    example_holders,
+    iter_examples,
+    validate,
+)
 from backend.directions import LoraModule, layer_cosines
 from backend.tracking import Tracker
 
@@ -156,6 +162,14 @@ class Document:
             found.update(self.effects.fields(layout["index"], self))
         return found
 
+    def neuron(self, neuron: dict[str, int]) -> dict:
+        """A baseline neuron's entry: its layer and coordinate, then every summary's fields."""
+        return {
+            "layer": neuron["layer"],
+            "neuron": neuron["neuron"],
+            **self.tracker.fields(neuron["index"], self),
+        }
+
 
 # The run's options that the metadata records under their own names.
 METADATA_OPTIONS = (
@@ -187,9 +201,11 @@ def build_document(state: RunState) -> dict[str, Any]:
         "layers": entries(layers, document),
         "cross_layer_cosine": state.cross_layer_cosine,
     }
+    if state.neurons:
+        found["baseline_neurons"] = [document.neuron(n) for n in state.neurons]
     document.count(state.occurrences)
     # The examples shown (where their sequences were stored) and the effects' rows.
-    stored = examples_shown(found["layers"]) & state.sequences.keys()
+    stored = examples_shown(found) & state.sequences.keys()
     if state.effects is not None:
         found["effects"] = state.effects.document(tokens, run["effects_max_length"])
         stored |= state.effects.kl_tokens.keys()
@@ -218,15 +234,9 @@ def entries(layers: list[dict[str, Any]], document: Document) -> list[dict[str, 
     ]
 
 
-def examples_shown(layers: list[dict[str, Any]]) -> set[int]:
-    """The example indices of every Example in the document's layers."""
-    return {
-        e["example_index"]
-        for layer in layers
-        for projection in layer["projections"].values()
-        for d in projection["directions"]
-        for e in iter_examples(d)
-    }
+def examples_shown(document: dict[str, Any]) -> set[int]:
+    """The example indices of every Example of the document's directions and neurons."""
+    return {e["example_index"] for d in example_holders(document) for e in iter_examples(d)}
 
 
 def write_json_atomic(document: dict[str, Any], path: Path) -> None:

@@ -24,7 +24,7 @@ from backend.tracking import Tracker
 
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
-VERSION = 5  # 5: the effects (--effects); 4: top-k windows keep their keys and occurrences
+VERSION = 6  # 6: baseline neurons; 5: the effects (--effects); 4: top-k windows keep their keys
 COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
 # Every process and shard reads all the rows, so each counts all skipped ones: these are not
 # summed when states merge.
@@ -47,6 +47,8 @@ class RunState:
     slot: tuple[int, int] = (0, 1)  # this state's batches: number % slots == slot
     num_processes: int = 1  # processes whose results it holds
     effects: EffectsState | None = None  # --effects: run after the pass (backend.causal)
+    # --baseline-neurons: each neuron's layer, coordinate and tracker index (backend.neurons)
+    neurons: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -82,6 +84,7 @@ class RunState:
             "slot": list(self.slot),
             "num_processes": self.num_processes,
             "effects": None if self.effects is None else self.effects.state_dict(),
+            "neurons": self.neurons,
         }
 
     @classmethod
@@ -103,6 +106,7 @@ class RunState:
             effects=None
             if effects is None
             else EffectsState.from_state_dict(effects, tracker.shape),
+            neurons=state["neurons"],
         )
 
     def save(self, path: Path) -> None:
@@ -138,7 +142,7 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
     for state, name in zip(states, names, strict=True):
         if not state.finished:
             raise UserError(f"{name} is an unfinished run: finish it with --resume first")
-        if state.run != first.run or state.layers != first.layers:
+        if state.run != first.run or (state.layers, state.neurons) != (first.layers, first.neurons):
             differs = differing_options(state.run, first.run)
             what = ", ".join(differs) if differs else "the adapter's directions"
             raise UserError(f"{name} is not from the same run as {names[0]} ({what} differ)")
@@ -153,6 +157,7 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
         dict(first.sequences),
     )
     merged.position, merged.num_processes = None, first.num_processes
+    merged.neurons = first.neurons
     if first.effects is not None:
         merged.effects = EffectsState.from_state_dict(first.effects.state_dict(), tracker.shape)
     for state in states[1:]:

@@ -1,14 +1,20 @@
 """Brute force: every direction's activation at every token, read from PEFT's own lora_A.
 
-One example at a time, full forward, a hook on each lora_A module: nothing shared with the code
-under test but the model loading path.
+One example at a time, full forward, a hook on each lora_A module (or each down_proj, for the
+baseline neurons): nothing shared with the code under test but the model loading path.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterator
+
 import numpy as np
+import pytest
 import torch
 from peft.tuners.lora import LoraLayer
+
+from backend.contract import iter_examples
 
 
 def lora_a_activations(model, sequences) -> dict[tuple[int, str, int], list[np.ndarray]]:
@@ -16,25 +22,61 @@ def lora_a_activations(model, sequences) -> dict[tuple[int, str, int], list[np.n
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            layer = int(name.split(".layers.")[1].split(".")[0])
-            found[(layer, name.rsplit(".", 1)[1])] = module.lora_A["default"]
+            found[(layer_of(name), name.rsplit(".", 1)[1])] = module.lora_A["default"]
     values: dict[tuple[int, str, int], list[np.ndarray]] = {}
+    for captured in hooked(model, sequences, found, inputs=False):
+        for (layer, module), out in captured.items():
+            for c in range(out.shape[-1]):
+                values.setdefault((layer, module, c), []).append(out[0, :, c].numpy())
+    return values
+
+
+def down_proj_inputs(
+    model, sequences, neurons: dict[int, list[int]]
+) -> dict[tuple[int, int], list[np.ndarray]]:
+    """{(layer, neuron): [its coordinate of the down_proj input, one per token, of example i]}
+    for the neurons of each layer, read at the MLP's down_proj of the model as given."""
+    found = {
+        layer_of(name): module
+        for name, module in model.named_modules()
+        if name.endswith(".mlp.down_proj") and layer_of(name) in neurons
+    }
+    values: dict[tuple[int, int], list[np.ndarray]] = {}
+    for captured in hooked(model, sequences, found, inputs=True):
+        for layer, x in captured.items():
+            for neuron in neurons[layer]:
+                values.setdefault((layer, neuron), []).append(x[0, :, neuron].numpy())
+    return values
+
+
+def layer_of(name: str) -> int:
+    return int(name.split(".layers.")[1].split(".")[0])
+
+
+def hooked(model, sequences, modules: dict, inputs: bool) -> Iterator[dict]:
+    """For each sequence, one at a time through the full forward: {key: what each module of
+    `modules` (key -> module) took in (inputs) or gave out}."""
     captured = {}
+
+    def keep(key):
+        if inputs:
+            return lambda module, args: captured.__setitem__(key, args[0])
+        return lambda module, args, out: captured.__setitem__(key, out)
+
     handles = [
-        lora_a.register_forward_hook(lambda m, a, out, key=key: captured.__setitem__(key, out))
-        for key, lora_a in found.items()
+        module.register_forward_pre_hook(keep(key))
+        if inputs
+        else module.register_forward_hook(keep(key))
+        for key, module in modules.items()
     ]
     try:
         with torch.no_grad():
             for ids in sequences:
                 model(input_ids=torch.tensor([ids]))
-                for (layer, module), out in captured.items():
-                    for c in range(out.shape[-1]):
-                        values.setdefault((layer, module, c), []).append(out[0, :, c].numpy())
+                yield captured
     finally:
         for h in handles:
             h.remove()
-    return values
 
 
 def window_of(ids: list[int], token: int, window: int) -> tuple[tuple[int, ...], int]:
@@ -94,6 +136,56 @@ def assert_histogram(hist: dict, values: np.ndarray, rel: float = 1e-5, abs: flo
         f"{below[bad].tolist()} below, expected {surely_below[bad].tolist()} to "
         f"{maybe_below[bad].tolist()}"
     )
+
+
+def check_summaries(direction, per_example, seqs, tokenizer, k: int, window: int) -> None:
+    """A direction's (or a baseline neuron's) stats, histogram, top lists and every Example's
+    occurrences against its brute-force activations `per_example` (one array per sequence of
+    `seqs`, in order)."""
+    everything = np.concatenate(per_example).astype(np.float64)
+    stats = direction["stats"]
+    assert stats["count"] == everything.size
+    assert stats["min"] == pytest.approx(everything.min(), rel=1e-5, abs=1e-6)
+    assert stats["max"] == pytest.approx(everything.max(), rel=1e-5, abs=1e-6)
+    assert stats["mean"] == pytest.approx(everything.mean(), rel=1e-4, abs=1e-6)
+    assert stats["std"] == pytest.approx(everything.std(), rel=1e-4, abs=1e-6)
+    hist = direction["histogram"]
+    assert len(hist["counts"]) == len(hist["edges"]) - 1
+    assert hist["edges"][0] <= stats["min"] and stats["max"] < hist["edges"][-1]
+    assert_histogram(hist, everything)
+    position_of = {s.example_index: i for i, s in enumerate(seqs)}
+    ids = [s.input_ids for s in seqs]
+    for negative, field in ((False, "top_positive"), (True, "top_negative")):
+        expected = top_windows(per_example, ids, k, window, negative)
+        got = direction[field]
+        # One slot per distinct window, each showing the brute force's occurrence (the
+        # earliest of those equal to its extreme up to rounding).
+        assert [(seqs[w["shown"][0]].example_index, w["shown"][1]) for w in expected] == [
+            (e["example_index"], e["token_index"]) for e in got
+        ]
+        assert [e["activation"] for e in got] == pytest.approx(
+            [w["activation"] for w in expected], rel=1e-5, abs=1e-6
+        )
+        windows = [
+            window_of(ids[position_of[e["example_index"]]], e["token_index"], window) for e in got
+        ]
+        assert len(set(windows)) == len(got)
+        assert [e["occurrences"] for e in got] == [w["occurrences"] for w in expected]
+        for example in got:  # each shown with its context, as the brute force read it
+            position, token = position_of[example["example_index"]], example["token_index"]
+            acts = per_example[position]
+            assert example["activation"] == pytest.approx(acts[token], rel=1e-5, abs=1e-6)
+            lo, hi = max(0, token - window), min(len(ids[position]), token + window + 1)
+            assert example["tokens"] == [tokenizer.decode([i]) for i in ids[position][lo:hi]]
+            assert example["activations"] == pytest.approx(acts[lo:hi].tolist(), rel=1e-5, abs=1e-6)
+            assert example["target"] == token - lo
+    # every Example (quantile samples too) counts its window's tokens in the whole data
+    occurrences = Counter(window_of(s, t, window) for s in ids for t in range(len(s)))
+    for example in iter_examples(direction):
+        shown = window_of(
+            ids[position_of[example["example_index"]]], example["token_index"], window
+        )
+        assert example["occurrences"] == occurrences[shown]
 
 
 def log_probs(model, ids: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,8 @@ def reference(base, adapter, data, text_field=None):
 def results(doc: dict) -> dict:
     """What a run found, without when it ran or how many processes it used."""
     meta = {k: v for k, v in doc["metadata"].items() if k not in ("created_at", "num_processes")}
-    return {"metadata": meta, "layers": doc["layers"], "cosine": doc["cross_layer_cosine"]}
+    found = {"metadata": meta, "layers": doc["layers"], "cosine": doc["cross_layer_cosine"]}
+    return found | {"neurons": doc.get("baseline_neurons")}
 
 
 def shown(examples: list[dict]) -> list[tuple[int, int, int]]:
@@ -71,29 +72,38 @@ def assert_same(a: dict, b: dict, exact: bool, rel: float = 1e-12) -> None:
         assert la["cosine_similarities"] == lb["cosine_similarities"]
         for name, pa in la["projections"].items():
             for da, db in zip(pa["directions"], lb["projections"][name]["directions"], strict=True):
-                assert da["histogram"] == db["histogram"]
-                sa, sb = da["stats"], db["stats"]
-                assert (sa["count"], sa["min"], sa["max"]) == (sb["count"], sb["min"], sb["max"])
-                assert sa["mean"] == pytest.approx(sb["mean"], rel=rel, abs=1e-15)
-                assert sa["std"] == pytest.approx(sb["std"], rel=rel)
-                for side in ("top_positive", "top_negative"):
-                    assert shown(da[side]) == shown(db[side])
-                    assert [e["activation"] for e in da[side]] == pytest.approx(
-                        [e["activation"] for e in db[side]], rel=rel
-                    )
-                # a seeded sample: the same tokens, whatever the batches
-                sample_a, sample_b = (
-                    [(r["quantile_range"], shown(r["examples"])) for r in d["quantile_samples"]]
-                    for d in (da, db)
-                )
-                assert sample_a == sample_b
-                for side in ("top_tokens", "bottom_tokens"):
-                    assert [(t["token"], t["count"]) for t in da[side]] == [
-                        (t["token"], t["count"]) for t in db[side]
-                    ]
-                    assert [t["mean"] for t in da[side]] == pytest.approx(
-                        [t["mean"] for t in db[side]], rel=rel
-                    )
-                pa, pb = da["position_profile"], db["position_profile"]
-                assert (pa["edges"], pa["count"]) == (pb["edges"], pb["count"])
-                assert pa["mean"] == pytest.approx(pb["mean"], rel=rel, abs=1e-15)
+                assert_same_summaries(da, db, rel)
+    assert ("baseline_neurons" in a) == ("baseline_neurons" in b)
+    for na, nb in zip(a.get("baseline_neurons", []), b.get("baseline_neurons", []), strict=True):
+        assert (na["layer"], na["neuron"]) == (nb["layer"], nb["neuron"])
+        assert_same_summaries(na, nb, rel)
+
+
+def assert_same_summaries(da: dict, db: dict, rel: float) -> None:
+    """Two directions' (or neurons') summaries equal up to float rounding (see assert_same)."""
+    assert da["histogram"] == db["histogram"]
+    sa, sb = da["stats"], db["stats"]
+    assert (sa["count"], sa["min"], sa["max"]) == (sb["count"], sb["min"], sb["max"])
+    assert sa["mean"] == pytest.approx(sb["mean"], rel=rel, abs=1e-15)
+    assert sa["std"] == pytest.approx(sb["std"], rel=rel)
+    for side in ("top_positive", "top_negative"):
+        assert shown(da[side]) == shown(db[side])
+        assert [e["activation"] for e in da[side]] == pytest.approx(
+            [e["activation"] for e in db[side]], rel=rel
+        )
+    # a seeded sample: the same tokens, whatever the batches
+    sample_a, sample_b = (
+        [(r["quantile_range"], shown(r["examples"])) for r in d["quantile_samples"]]
+        for d in (da, db)
+    )
+    assert sample_a == sample_b
+    for side in ("top_tokens", "bottom_tokens"):
+        assert [(t["token"], t["count"]) for t in da[side]] == [
+            (t["token"], t["count"]) for t in db[side]
+        ]
+        assert [t["mean"] for t in da[side]] == pytest.approx(
+            [t["mean"] for t in db[side]], rel=rel
+        )
+    pa, pb = da["position_profile"], db["position_profile"]
+    assert (pa["edges"], pa["count"]) == (pb["edges"], pb["count"])
+    assert pa["mean"] == pytest.approx(pb["mean"], rel=rel, abs=1e-15)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,14 +12,14 @@ import torch
 from backend import UserError
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
-from backend.contract import iter_examples, validate
+from backend.contract import validate
 from backend.data import read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.loading import BaseModel, load_model
 from backend.pipeline import analyze
 from backend.tracking import Tracker
-from tests.reference import assert_histogram, lora_a_activations, top_windows, window_of
+from tests.reference import assert_histogram, check_summaries, lora_a_activations
 from tests.runs import K, W, load, reference, run_cli
 from tests.synthetic import assert_consistent
 from tests.tiny import random_texts, save_adapter
@@ -34,55 +33,8 @@ def check_against_reference(doc, values, seqs, tokenizer):
         for d in proj["directions"]
     }
     assert set(by_dir) == set(values)
-    occurrences = Counter(
-        window_of(s.input_ids, t, W) for s in seqs for t in range(len(s.input_ids))
-    )
     for key, direction in by_dir.items():
-        per_example = values[key]
-        everything = np.concatenate(per_example).astype(np.float64)
-        stats = direction["stats"]
-        assert stats["count"] == everything.size
-        assert stats["min"] == pytest.approx(everything.min(), rel=1e-5, abs=1e-6)
-        assert stats["max"] == pytest.approx(everything.max(), rel=1e-5, abs=1e-6)
-        assert stats["mean"] == pytest.approx(everything.mean(), rel=1e-4, abs=1e-6)
-        assert stats["std"] == pytest.approx(everything.std(), rel=1e-4, abs=1e-6)
-        hist = direction["histogram"]
-        assert len(hist["counts"]) == len(hist["edges"]) - 1
-        assert hist["edges"][0] <= stats["min"] and stats["max"] < hist["edges"][-1]
-        assert_histogram(hist, everything)
-        position_of = {s.example_index: i for i, s in enumerate(seqs)}
-        for negative, field in ((False, "top_positive"), (True, "top_negative")):
-            ids = [s.input_ids for s in seqs]
-            expected = top_windows(per_example, ids, K, W, negative)
-            got = direction[field]
-            # One slot per distinct window, each showing the brute force's occurrence (the
-            # earliest of those equal to its extreme up to rounding).
-            assert [(seqs[w["shown"][0]].example_index, w["shown"][1]) for w in expected] == [
-                (e["example_index"], e["token_index"]) for e in got
-            ]
-            assert [e["activation"] for e in got] == pytest.approx(
-                [w["activation"] for w in expected], rel=1e-5, abs=1e-6
-            )
-            windows = [
-                window_of(ids[position_of[e["example_index"]]], e["token_index"], W) for e in got
-            ]
-            assert len(set(windows)) == len(got)
-            assert [e["occurrences"] for e in got] == [w["occurrences"] for w in expected]
-        # every Example (quantile samples too) counts its window's tokens in the whole data
-        for example in iter_examples(direction):
-            ids = seqs[position_of[example["example_index"]]].input_ids
-            window = window_of(ids, example["token_index"], W)
-            assert example["occurrences"] == occurrences[window]
-            for example in got:
-                position, token = position_of[example["example_index"]], example["token_index"]
-                ids, acts = seqs[position].input_ids, per_example[position]
-                assert example["activation"] == pytest.approx(acts[token], rel=1e-5, abs=1e-6)
-                lo, hi = max(0, token - W), min(len(ids), token + W + 1)
-                assert example["tokens"] == [tokenizer.decode([i]) for i in ids[lo:hi]]
-                assert example["activations"] == pytest.approx(
-                    acts[lo:hi].tolist(), rel=1e-5, abs=1e-6
-                )
-                assert example["target"] == token - lo
+        check_summaries(direction, values[key], seqs, tokenizer, K, W)
 
 
 def test_cli_matches_brute_force_qwen2_rank1(tmp_path, qwen2_base, rank1_adapter, text_file):

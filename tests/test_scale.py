@@ -1,4 +1,5 @@
-"""Processes, shards and resume give the result of one unbroken run (tiny real model, CPU)."""
+"""Processes, shards and resume give the result of one unbroken run (tiny real model, CPU), for
+the directions and the baseline neurons alike."""
 
 from __future__ import annotations
 
@@ -30,10 +31,14 @@ def many_texts(tmp_path_factory) -> Path:
     return path
 
 
+NEURONS = 4  # baseline neurons per layer: every split below must give theirs exactly too
+
+
 def args(base, adapter, data, out, *extra) -> list[str]:
     return ["--base-model", str(base), "--lora-path", str(adapter), "--data-file", str(data),
             "--num-examples", "all", "--top-k", "6", "--context-window", "2",
-            "--max-batch-tokens", "96", "--output", str(out), "--quiet", *extra]  # fmt: skip
+            "--max-batch-tokens", "96", "--baseline-neurons", str(NEURONS), "--output", str(out),
+            "--quiet", *extra]  # fmt: skip
 
 
 def subprocess_env() -> dict[str, str]:
@@ -48,6 +53,7 @@ def unbroken(tmp_path_factory, qwen2_base, rank1_adapter, many_texts) -> dict:
     doc = json.loads(out.read_text())
     counts = [e["occurrences"] for d in iter_directions(doc) for e in iter_examples(d.direction)]
     assert min(counts) >= 3 and max(counts) >= 120  # each row thrice; the prefix in all 120
+    assert len(doc["baseline_neurons"]) == NEURONS * len(doc["layers"])
     return doc
 
 
