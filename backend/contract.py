@@ -68,6 +68,12 @@ def direction_name(module: str, component: int, rank: int) -> str:
     return f"{module}[{component}]" if rank > 1 else module
 
 
+def neuron_key(layer: int, neuron: int) -> str:
+    """A baseline neuron's name, as a direction's key names a direction: "L12.neuron[4096]"
+    (coordinate 4096 of layer 12's MLP hidden space)."""
+    return f"L{layer}.neuron[{neuron}]"
+
+
 def vector_label(module: str, side: str, component: int, layer: int | None = None) -> str:
     """A read (side "A") or write ("B") vector: "gate_proj.A[0]", or "L3.gate_proj.A[0]"
     across layers."""
@@ -304,6 +310,42 @@ def _range_of(key: str, low: float = -math.inf, high: float = math.inf) -> Rule:
     return rule
 
 
+def _within(key: str, low: float, high: float) -> Rule:
+    """Rule: `key`, where it is present and not null, lies in [low, high]."""
+
+    def rule(value: dict, path: str) -> None:
+        x = value.get(key)
+        if x is not None and not low <= x <= high:
+            _fail(_field(path, key), f"expected a value inside [{low:g}, {high:g}], got {_show(x)}")
+
+    return rule
+
+
+def _interval_around(key: str, low: float, high: float) -> Rule:
+    """Rule: `ci` is null where `key` is, else null or a range [lo, hi] inside [low, high]
+    with lo <= value <= hi."""
+
+    def rule(value: dict, path: str) -> None:
+        x, pair = value[key], value["ci"]
+        if pair is None:
+            return
+        if x is None:
+            _fail(_field(path, "ci"), f"expected null where {key} is null, got {_show(pair)}")
+        if not low <= pair[0] <= x <= pair[1] <= high:
+            _fail(
+                _field(path, "ci"),
+                f"expected a range [lo, hi] inside [{low:g}, {high:g}] with lo <= {key} <= hi, "
+                f"got {_show(pair)}",
+            )
+
+    return rule
+
+
+def _differences_with_neurons(summary: dict, path: str) -> None:
+    if ("lora_minus_neurons" in summary) != ("neurons" in summary):
+        _fail(_field(path, "lora_minus_neurons"), "expected exactly where neurons is")
+
+
 def _example_target(example: dict, path: str) -> None:
     target, n = example["target"], len(example["tokens"])
     if not target < n:
@@ -446,6 +488,57 @@ POSITION_PROFILE = Obj(
     {"edges": list_of(COUNT), "mean": list_of(NUMBER_OR_NULL), "count": list_of(COUNT)},
     rules=(_same_length("edges", "mean", more=1), _same_length("count", "mean")),
 )
+# ---- explanations (runs with --explain) ----------------------------------------------------
+INTERVAL_OR_NULL = Scalar(
+    "a pair of finite numbers or null",
+    lambda v: v is None or (type(v) is list and len(v) == 2 and all(map(_is_number, v))),
+)
+SCORE = Obj(
+    {"score": NUMBER_OR_NULL, "ci": INTERVAL_OR_NULL, "n": COUNT},
+    rules=(_within("score", 0.0, 1.0), _interval_around("score", 0.0, 1.0)),
+)
+DETECTION_SCORE = Obj(  # a local scorer's p(yes) also ranks the contexts: their AUROC
+    SCORE.fields, optional={"auroc": NUMBER_OR_NULL}, rules=(*SCORE.rules, _within("auroc", 0, 1))
+)
+SCORES = {"detection": DETECTION_SCORE, "fuzzing": SCORE}
+EXPLANATION = Obj({"text": STRING, **SCORES, "shuffled": Obj(SCORES)})
+SIGNS = ("positive", "negative")
+SIGN_EXPLANATIONS = Obj({}, optional=dict.fromkeys(SIGNS, EXPLANATION))
+GROUP_SCORE = Obj(
+    {"mean": NUMBER_OR_NULL, "ci": INTERVAL_OR_NULL, "n": COUNT},
+    rules=(_within("mean", 0.0, 1.0), _interval_around("mean", 0.0, 1.0)),
+)
+GROUP = Obj(dict.fromkeys(SCORES, GROUP_SCORE))
+DIFFERENCE = Obj(
+    {"mean": NUMBER_OR_NULL, "ci": INTERVAL_OR_NULL},
+    rules=(_within("mean", -1.0, 1.0), _interval_around("mean", -1.0, 1.0)),
+)
+EXPLANATION_SUMMARY = Obj(
+    {"lora": GROUP, "shuffled": GROUP},
+    optional={"neurons": GROUP, "lora_minus_neurons": Obj(dict.fromkeys(SCORES, DIFFERENCE))},
+    rules=(_differences_with_neurons,),
+)
+EXPLANATION_SETTINGS = Obj(
+    {},
+    optional={
+        "contexts_per_class": POSITIVE,
+        "context_tokens": COUNT,
+        "bootstrap_resamples": POSITIVE,
+        "seed": COUNT,
+    },
+)
+NON_NEGATIVE = Scalar("a non-negative number", lambda v: _is_number(v) and v >= 0)
+EXPLANATIONS = Obj(
+    {
+        "explainer": STRING,
+        "scorer": STRING,
+        "num_prompts": COUNT,
+        "num_tokens": COUNT,
+        "seconds": NON_NEGATIVE,
+        "summary": EXPLANATION_SUMMARY,
+    },
+    optional={"settings": EXPLANATION_SETTINGS},
+)
 DIRECTION = Obj(
     {
         "component": COUNT,
@@ -464,8 +557,26 @@ DIRECTION = Obj(
         "bottom_tokens": list_of(TOKEN_ROW),
         "logit_effects": LOGIT_EFFECTS,
         "effects": DIRECTION_EFFECTS,  # runs with --effects
+        "explanations": SIGN_EXPLANATIONS,  # runs with --explain: per sign with examples
     },
     rules=(_counts_sum_to_count,),
+)
+# A coordinate of an adapted layer's MLP hidden space, summarised as a direction whose A is a
+# unit vector: the summaries of DIRECTION, none of its vectors.
+NEURON_SUMMARIES = (
+    "stats",
+    "histogram",
+    "top_positive",
+    "top_negative",
+    "quantile_samples",
+    "position_profile",
+)
+BASELINE_NEURON = Obj(
+    {"layer": COUNT, "neuron": COUNT, **{key: DIRECTION.fields[key] for key in NEURON_SUMMARIES}},
+    optional={
+        key: DIRECTION.optional[key] for key in ("top_tokens", "bottom_tokens", "explanations")
+    },
+    rules=DIRECTION.rules,
 )
 PROJECTION = Obj(
     {
@@ -547,6 +658,8 @@ DOCUMENT = Obj(
     optional={
         "examples": map_of(SEQUENCE, key=EXAMPLE_INDEX),
         "effects": EFFECTS,  # runs with --effects
+        "explanations": EXPLANATIONS,  # runs with --explain
+        "baseline_neurons": list_of(BASELINE_NEURON),  # runs with --baseline-neurons
     },
 )
 
@@ -574,8 +687,25 @@ def _agreements(document: dict[str, Any]) -> None:
                 _direction_agrees(direction, path, module, set(layer["projections"]), meta)
                 if ("effects" in direction) != ("effects" in document):
                     _fail(f"{path}.effects", "expected exactly where the document has effects")
+                _explained_in(document, direction, path)
     if "effects" in document:
         _effects_agree(document["effects"], document)
+    for i, neuron in enumerate(document.get("baseline_neurons", ())):
+        path = f"baseline_neurons[{i}]"
+        if neuron["layer"] not in meta["lora_layers"]:
+            _fail(f"{path}.layer", f"expected an adapted layer {_show(meta['lora_layers'])}")
+        _summaries_agree(neuron, path, meta)
+        _explained_in(document, neuron, path)
+    summary = document.get("explanations", {}).get("summary", {})
+    if "neurons" in summary and "baseline_neurons" not in document:
+        _fail("explanations.summary.neurons", "unexpected: the document has no baseline_neurons")
+
+
+def _explained_in(document: dict[str, Any], direction: dict[str, Any], path: str) -> None:
+    """A direction's or neuron's explanations come from the run's explaining, which the
+    top-level explanations describe."""
+    if "explanations" in direction and "explanations" not in document:
+        _fail(f"{path}.explanations", "unexpected: the document has no top-level explanations")
 
 
 def _effects_agree(effects: dict[str, Any], document: dict[str, Any]) -> None:
@@ -612,11 +742,24 @@ def _direction_agrees(
     direction: dict[str, Any], path: str, module: str, modules: set[str], meta: dict[str, Any]
 ) -> None:
     """A direction against the metadata, and its examples' siblings against its layer."""
+    if "logit_effects" in direction and not writes_residual(module):
+        _fail(f"{path}.logit_effects", f"unexpected: {module} does not write the residual stream")
+    _summaries_agree(direction, path, meta)
+    for where, example in examples_at(direction, path):
+        strangers = set(example.get("sibling_activations", {})) - (modules - {module})
+        if strangers:
+            _fail(
+                f"{where}.sibling_activations",
+                f"expected other modules of its layer, got {_show(sorted(strangers))}",
+            )
+
+
+def _summaries_agree(direction: dict[str, Any], path: str, meta: dict[str, Any]) -> None:
+    """A direction's (or baseline neuron's) histogram, top lists and contexts against the
+    metadata's sizes."""
     bins = meta["histogram_bins"]
     if len(direction["histogram"]["counts"]) != bins:
         _fail(f"{path}.histogram.counts", f"expected {bins} entries (metadata.histogram_bins)")
-    if "logit_effects" in direction and not writes_residual(module):
-        _fail(f"{path}.logit_effects", f"unexpected: {module} does not write the residual stream")
     lists = [(side, direction[side]) for side in EXAMPLE_LISTS]
     if "effects" in direction:
         lists += [(f"effects.{side}", direction["effects"][side]) for side in ATTRIBUTION_LISTS]
@@ -627,9 +770,3 @@ def _direction_agrees(
     for where, example in examples_at(direction, path):
         if len(example["tokens"]) > longest:
             _fail(f"{where}.tokens", f"expected at most {longest} entries (2 context_window + 1)")
-        strangers = set(example.get("sibling_activations", {})) - (modules - {module})
-        if strangers:
-            _fail(
-                f"{where}.sibling_activations",
-                f"expected other modules of its layer, got {_show(sorted(strangers))}",
-            )

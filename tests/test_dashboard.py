@@ -487,21 +487,26 @@ def test_qwen_32b_shaped_run_is_under_5_mb(tmp_path):
     seed=st.integers(0, 2**32),
     hostile=st.booleans(),
     effects=st.booleans(),
+    explanations=st.booleans(),
+    neurons=st.integers(0, 2),
 )
 def test_synthetic_data_is_contract_valid(
-    n_layers, modules, rank, k, window, bins, seed, hostile, effects
+    n_layers, modules, rank, k, window, bins, seed, hostile, effects, explanations, neurons
 ):
     args = (n_layers, modules, rank, k, window, bins, seed, hostile)
-    data = make_activations(*args, effects=effects)
+    extras = {"effects": effects, "explanations": explanations, "baseline_neurons": neurons}
+    data = make_activations(*args, **extras)
     validate(data)
     assert_consistent(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON, no NaN
-    assert data == make_activations(*args, effects=effects)
-    if effects:  # the rest is the file without them
-        del data["effects"], data["examples"]
-        for ref in iter_directions(data):
-            del ref.direction["effects"]
-        assert data == make_activations(*args)
+    assert data == make_activations(*args, **extras)
+    # The rest is the file without them.
+    for key in ("effects", "examples", "explanations", "baseline_neurons"):
+        data.pop(key, None)
+    for ref in iter_directions(data):
+        for key in ("effects", "explanations"):
+            ref.direction.pop(key, None)
+    assert data == make_activations(*args)
 
 
 def broken_top_list(direction: dict) -> None:
