@@ -15,7 +15,7 @@ import generate_html_dashboard as dashboard
 from backend.contract import SIGNS, iter_directions, neuron_key
 from tests.browser import Rendered, card, open_sections, rendered, searched, settled
 from tests.synthetic import HOSTILE_EXPLANATION, make_activations
-from tests.test_dashboard import blobs, embedded, page_examples, render
+from tests.test_dashboard import QWEN_32B_SHAPE, blobs, embedded, page_examples, render
 from tests.test_dashboard_effects import js
 
 MODULES = ["gate_proj", "up_proj", "down_proj"]
@@ -141,6 +141,17 @@ def test_a_page_without_explanations_or_neurons_embeds_nothing_of_them(tmp_path)
     plain = make_activations(modules=MODULES, rank=2, layers=LAYERS)
     with_neurons = make_activations(modules=MODULES, rank=2, layers=LAYERS, baseline_neurons=1)
     assert dashboard.compact_data(plain)["layers"] == dashboard.compact_data(with_neurons)["layers"]
+
+
+def test_a_qwen_32b_shaped_page_with_explanations_and_neurons_stays_small(tmp_path):
+    """Every feature's explanation adds little to the page (in the index, once); 8 neurons per
+    layer add about what their 512 cards' examples take, decoded only when their section is
+    opened. (The same shape without either: test_qwen_32b_shaped_run_is_under_5_mb.)"""
+    data = make_activations(**QWEN_32B_SHAPE, seed=7, explanations=True, baseline_neurons=8)
+    assert len(render(tmp_path, data).encode()) < 6_000_000
+    explanations = dashboard.compact_data(data)["explanations"]
+    assert len(explanations["features"]) == 2 * (64 * 3 + 64 * 8)
+    assert len(dashboard.page_blobs({"layers": [], "explanations": explanations})[0][1]) < 100_000
 
 
 # ---- in the browser -----------------------------------------------------------------------
