@@ -209,7 +209,8 @@
       list.append(item);
     }
     const more = explained.length > SHOWN_DIRECTIONS ? `; the first ${SHOWN_DIRECTIONS}:` : ":";
-    return [el("p", "muted", `in ${Format.fmtCount(explained.length)} explanations${more}`), list];
+    const count = `${Format.fmtCount(explained.length)} explanation${explained.length > 1 ? "s" : ""}`;
+    return [el("p", "muted", `in ${count}${more}`), list];
   }
 
   // ---- page-wide controls -----------------------------------------------------------------

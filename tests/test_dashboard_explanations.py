@@ -271,10 +271,19 @@ def test_explanation_text_is_shown_as_text_and_found_by_search(open_page, explai
     listed = page.locator("#search-results .explained li")
     assert listed.count() == 1
     assert listed.first.text_content() == f"{name} {sign}: {explanation['text']}"
-    assert "in 1 explanations:" in page.locator("#search-results").text_content()
+    assert "in 1 explanation:" in page.locator("#search-results").text_content()
     listed.first.locator("a").click()
     settled(page)
     assert page.locator(".card.opened").get_attribute("data-key") == key
+
+    # A word of many: every one listed, in page order.
+    having = [f for f in everything if "after" in f[3]["text"].lower()]
+    assert 1 < len(having) < len(everything)
+    searched(page, " after")
+    results = page.locator("#search-results").text_content()
+    assert f"in {len(having)} explanations:" in results
+    links = page.locator("#search-results .explained li a")
+    assert links.evaluate_all("as => as.map(a => a.dataset.open)") == [f[0] for f in having]
 
 
 def test_the_neuron_section_draws_neurons_with_the_cards_code(open_page, explained_page):
