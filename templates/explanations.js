@@ -127,7 +127,9 @@ const Explanations = (() => {
       headline(explanations.summary),
       groupTable(explanations.summary),
       comparison(explanations),
-      featureTable(explanations.features),
+      // Built when first opened: a full-size run's table has thousands of rows.
+      Dom.lazySection("panel features", `Every feature (${fmtCount(explanations.features.length)})` +
+        ": sortable by score; a row opens its card", () => featureTable(explanations.features)),
     );
     return box;
   }
@@ -231,8 +233,7 @@ const Explanations = (() => {
   function featureTable(features) {
     const table = el("table", "value-table feature-table");
     table.id = "feature-table";
-    table.createCaption().textContent = `every feature (${fmtCount(features.length)}): a row ` +
-      "opens its card; the shuffled baseline's score in small";
+    table.createCaption().textContent = "the shuffled baseline's score in small";
     const head = table.createTHead().insertRow();
     const body = table.createTBody();
     const rows = new Map(features.map((f) => [f, featureRow(f)]));

@@ -163,6 +163,11 @@ def explained_page(tmp_path_factory) -> Rendered:
     return rendered(tmp_path_factory.mktemp("explanations"), data)
 
 
+def open_table(page: Page) -> None:
+    """Open the section of the feature table (built when first opened)."""
+    open_sections(page.locator("#explanations details.features"))
+
+
 def table_keys(page: Page) -> list[tuple[str, str]]:
     """The feature table's rows as (key, sign), top to bottom."""
     rows = page.locator("#feature-table tbody tr")
@@ -212,6 +217,10 @@ def test_the_headline_group_means_and_comparison_plot(open_page, explained_page)
 def test_the_table_sorts_by_score_and_a_row_opens_its_card(open_page, explained_page):
     data, page = explained_page.data, open_page(explained_page.url).page
     everything = features(data)
+    assert page.locator("#feature-table").count() == 0
+    summary = page.locator("#explanations details.features summary").text_content()
+    assert summary.startswith(f"Every feature ({len(everything)})")
+    open_table(page)
     assert table_keys(page) == [(key, sign) for key, _, sign, _ in everything]
     page.locator("#feature-table thead button", has_text="detection").click()
     expect(page.locator("#feature-table")).to_have_attribute("data-sort", "detection desc")
@@ -323,6 +332,7 @@ def test_the_neuron_section_draws_neurons_with_the_cards_code(open_page, explain
     # A neuron's row in the table opens its card (here, after another layer was shown).
     page.locator("#next-layer").click()
     settled(page)
+    open_table(page)
     first = neurons[0]
     first_key = neuron_key(first["layer"], first["neuron"])
     page.locator(f'#feature-table tr[data-open="{first_key}"] a').first.click()
