@@ -221,12 +221,20 @@ def page_blobs(page: dict) -> list[tuple[str, str]]:
     index["overview"] = [_overview(layer) for layer in page["layers"]]
     if "cross_layer_cosine" in page:  # its title gives the number of vectors
         index["cross_layer_vectors"] = len(page["cross_layer_cosine"]["labels"])
-    if "baseline_neurons" in page:  # the neuron section's title, and which keys it opens
-        index["baseline_neuron_keys"] = [neuron["key"] for neuron in page["baseline_neurons"]]
+    if "baseline_neurons" in page:  # the neuron section's groups, and which keys they open
+        index["baseline_neuron_layers"] = _neuron_layers(page["baseline_neurons"])
     blobs = [("index", index)]
     blobs += [(f"layer-{i}", layer) for i, layer in enumerate(page["layers"])]
     blobs += [(key.replace("_", "-"), page[key]) for key in lazy[1:] if key in page]
     return [(name, _compressed(value)) for name, value in blobs]
+
+
+def _neuron_layers(neurons: list[dict]) -> list[dict]:
+    """The baseline neurons' layers, in order, each with its neurons' keys."""
+    layers: dict[int, list[str]] = {}
+    for neuron in neurons:
+        layers.setdefault(neuron["layer"], []).append(neuron["key"])
+    return [{"layer": layer, "keys": keys} for layer, keys in layers.items()]
 
 
 def _overview(layer: dict) -> dict:

@@ -33,7 +33,7 @@ const Cards = (() => {
     // The cards on screen (the layer's and the neurons'), each with its key and what its view
     // and the page's settings redraw.
     let cards = [];
-    let neuronCards = [];
+    const neuronCards = [];
     const marks = new Map(); // direction key -> draws a value on that direction's histogram
 
     const redraw = (card) => card.redraws.forEach((draw) => draw());
@@ -510,10 +510,8 @@ const Cards = (() => {
       return [el("h2", "layer-title", `Layer ${layer.layer}`), grid, statsSection(layer)];
     }
 
-    // The baseline neurons' cards; these replace any drawn before.
+    // Cards of baseline neurons, drawn once each (the neuron section draws a layer's once).
     function neuronView(neurons) {
-      for (const card of neuronCards) marks.delete(card.key);
-      neuronCards = [];
       const grid = el("div", "modules");
       for (const neuron of neurons) grid.append(neuronCard(neuron));
       return grid;

@@ -29,8 +29,10 @@
   const layerOfKey = new Map(
     OVERVIEW.flatMap((layer, index) => layer.directions.map((d) => [d.key, index])));
   const layerData = (index) => store.get(`layer-${index}`);
-  const neuronKeys = new Set(page.baseline_neuron_keys ?? []); // --baseline-neurons
-  const neuronBox = el("section", "neurons"); // their cards, drawn when first opened
+  // --baseline-neurons: per layer, its neurons' keys; key -> the index of its layer's group.
+  const neuronLayers = page.baseline_neuron_layers ?? [];
+  const neuronKeys = new Map(neuronLayers.flatMap(({ keys }, i) => keys.map((key) => [key, i])));
+  const neuronBox = el("section", "neurons"); // their cards, a layer's drawn when first opened
 
   let pending = 0;
   // Runs `work` (async) with #layer marked "loading" until it is done.
@@ -108,7 +110,7 @@
   // Shows the layer of a direction key (or the neuron section, for a neuron's key) and brings
   // its card into view, outlined.
   async function openDirection(key) {
-    if (neuronKeys.has(key)) await openNeurons();
+    if (neuronKeys.has(key)) await openNeurons[neuronKeys.get(key)]();
     else if (layerOfKey.has(key)) await go(layerOfKey.get(key));
     else return;
     for (const card of document.querySelectorAll(".card")) {
@@ -286,26 +288,36 @@
     $("overview").append(section);
   }
 
-  // Runs with --baseline-neurons: their cards, in a section of their own below the layer's.
-  let neuronsDrawn = null;
-  const neuronDetails = el("details", "panel");
+  // Runs with --baseline-neurons: their cards, in a section of their own below the layer's,
+  // one collapsed group per layer; openNeurons[i]() opens the i-th, drawn the first time.
+  const openNeurons = [];
   function neuronSection() {
     neuronBox.id = "neurons";
     neuronBox.setAttribute("aria-label", "Baseline neurons");
-    neuronDetails.append(el("summary", "", `Baseline neurons (${neuronKeys.size}): the base ` +
-      "model's own MLP neurons, summarised and explained as the directions are"));
-    neuronDetails.addEventListener("toggle", () => neuronDetails.open && openNeurons());
-    neuronBox.append(neuronDetails);
+    neuronBox.append(
+      el("h2", "", `Baseline neurons (${Format.fmtCount(neuronKeys.size)})`),
+      el("p", "muted", "The base model's own MLP neurons (coordinates of the hidden space, " +
+        "read at down_proj's input), summarised and explained as the directions are: the " +
+        "control of the explanations' scores."),
+    );
+    for (const { layer, keys } of neuronLayers) {
+      const details = el("details", "panel");
+      details.append(el("summary", "", `layer ${layer} (${keys.length} neurons)`));
+      const wanted = new Set(keys);
+      let drawn = null;
+      const open = () => {
+        details.open = true;
+        drawn ??= busy(async () => {
+          const neurons = await store.get("baseline-neurons");
+          details.append(cards.neuronView(neurons.filter((n) => wanted.has(n.key))));
+        });
+        return drawn;
+      };
+      details.addEventListener("toggle", () => details.open && open());
+      openNeurons.push(open);
+      neuronBox.append(details);
+    }
     main.after(neuronBox);
-  }
-
-  // Opens the neuron section, its cards drawn the first time.
-  function openNeurons() {
-    neuronDetails.open = true;
-    neuronsDrawn ??= busy(async () => {
-      neuronDetails.append(cards.neuronView(await store.get("baseline-neurons")));
-    });
-    return neuronsDrawn;
   }
 
   // ---- start ------------------------------------------------------------------------------

@@ -59,14 +59,16 @@ def embedded(html: str) -> dict:
     page = found.pop("index")
     overview = page.pop("overview")
     vectors = page.pop("cross_layer_vectors", None)
-    neuron_keys = page.pop("baseline_neuron_keys", None)
+    neuron_layers = page.pop("baseline_neuron_layers", None)
     page["layers"] = [found.pop(f"layer-{i}") for i in range(len(overview))]
     for name in ("cross_layer_cosine", "sequences", "kl_tokens", "baseline_neurons"):
         if name.replace("_", "-") in found:
             page[name] = found.pop(name.replace("_", "-"))
     assert not found, f"blobs of nothing: {list(found)}"
     assert vectors == (len(page["cross_layer_cosine"]["labels"]) if vectors else None)
-    assert neuron_keys == ([n["key"] for n in page["baseline_neurons"]] if neuron_keys else None)
+    if neuron_layers:  # by layer, in order
+        keys = [key for group in neuron_layers for key in group["keys"]]
+        assert keys == [n["key"] for n in page["baseline_neurons"]]
     return page
 
 

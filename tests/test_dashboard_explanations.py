@@ -114,7 +114,11 @@ def test_baseline_neurons_are_embedded_as_directions_are(tmp_path):
     found = blobs(render(tmp_path, data))
     index, neurons = found["index"], found["baseline-neurons"]
     keys = [neuron_key(n["layer"], n["neuron"]) for n in data["baseline_neurons"]]
-    assert index["baseline_neuron_keys"] == keys == [n["key"] for n in neurons]
+    assert [n["key"] for n in neurons] == keys
+    assert index["baseline_neuron_layers"] == [
+        {"layer": layer, "keys": [k for k in keys if k.startswith(f"L{layer}.")]}
+        for layer in LAYERS
+    ]
     for shown, neuron in zip(neurons, data["baseline_neurons"], strict=True):
         assert shown["name"] == f"layer {neuron['layer']} neuron {neuron['neuron']}"
         assert shown["layer"] in LAYERS and shown["neuron"] == neuron["neuron"]
@@ -137,21 +141,10 @@ def test_embedded_data_with_explanations_round_trips(tmp_path):
 def test_a_page_without_explanations_or_neurons_embeds_nothing_of_them(tmp_path):
     found = blobs(render(tmp_path, make_activations(modules=MODULES, rank=2, layers=LAYERS)))
     assert "baseline-neurons" not in found
-    assert not {"explanations", "baseline_neuron_keys"} & set(found["index"])
+    assert not {"explanations", "baseline_neuron_layers"} & set(found["index"])
     plain = make_activations(modules=MODULES, rank=2, layers=LAYERS)
     with_neurons = make_activations(modules=MODULES, rank=2, layers=LAYERS, baseline_neurons=1)
     assert dashboard.compact_data(plain)["layers"] == dashboard.compact_data(with_neurons)["layers"]
-
-
-def test_a_qwen_32b_shaped_page_with_explanations_and_neurons_stays_small(tmp_path):
-    """Every feature's explanation adds little to the page (in the index, once); 8 neurons per
-    layer add about what their 512 cards' examples take, decoded only when their section is
-    opened. (The same shape without either: test_qwen_32b_shaped_run_is_under_5_mb.)"""
-    data = make_activations(**QWEN_32B_SHAPE, seed=7, explanations=True, baseline_neurons=8)
-    assert len(render(tmp_path, data).encode()) < 6_000_000
-    explanations = dashboard.compact_data(data)["explanations"]
-    assert len(explanations["features"]) == 2 * (64 * 3 + 64 * 8)
-    assert len(dashboard.page_blobs({"layers": [], "explanations": explanations})[0][1]) < 100_000
 
 
 # ---- in the browser -----------------------------------------------------------------------
@@ -161,6 +154,48 @@ def test_a_qwen_32b_shaped_page_with_explanations_and_neurons_stays_small(tmp_pa
 def explained_page(tmp_path_factory) -> Rendered:
     data = explained(baseline_neurons=NEURONS, hostile_tokens=True)
     return rendered(tmp_path_factory.mktemp("explanations"), data)
+
+
+@pytest.fixture(scope="session")
+def qwen_explained(tmp_path_factory) -> Rendered:
+    """The Qwen-32B shape with every feature explained and 8 neurons per layer: 1,408 features,
+    512 neuron cards."""
+    data = make_activations(**QWEN_32B_SHAPE, seed=7, explanations=True, baseline_neurons=8)
+    return rendered(tmp_path_factory.mktemp("qwen-explained"), data)
+
+
+def test_a_full_size_page_with_explanations_and_neurons_stays_small_and_quick(
+    open_page, qwen_explained
+):
+    """The explanations add little (in the index, once), the neurons about what their cards'
+    examples take (decoded when their section is opened); the table is built when opened.
+    (The same shape without either: test_qwen_32b_shaped_run_is_under_5_mb.)"""
+    assert qwen_explained.path.stat().st_size < 6_000_000
+    explanations = dashboard.compact_data(qwen_explained.data)["explanations"]
+    assert len(explanations["features"]) == 2 * (64 * 3 + 64 * 8)
+    assert len(dashboard.page_blobs({"layers": [], "explanations": explanations})[0][1]) < 100_000
+    page = open_page(qwen_explained.url).page
+    ready = page.evaluate("performance.getEntriesByName('dashboard-ready')[0].startTime")
+    assert ready < 1000, f"the first layer was drawn after {ready:.0f} ms"
+    assert page.locator(".card").count() == 3  # one layer in the DOM
+    open_table(page)
+    assert page.locator("#feature-table tbody tr").count() == len(explanations["features"])
+    groups = page.locator("#neurons details.panel")
+    assert groups.count() == 64
+    open_sections(groups.last)  # a layer's 8 cards
+    assert page.locator("#neurons .card").count() == 8
+    last = qwen_explained.data["baseline_neurons"][-1]
+    assert page.locator("#neurons .card").last.get_attribute("data-key") == neuron_key(
+        last["layer"], last["neuron"]
+    )
+    # A neuron's row opens its layer's group, drawn then, and its card.
+    first = qwen_explained.data["baseline_neurons"][0]
+    key = neuron_key(first["layer"], first["neuron"])
+    page.locator(f'#feature-table tr[data-open="{key}"] a').first.click()
+    settled(page)
+    assert page.locator(".card.opened").get_attribute("data-key") == key
+    assert groups.first.get_attribute("open") is not None
+    assert page.locator("#neurons .card").count() == 16
 
 
 def open_table(page: Page) -> None:
@@ -299,9 +334,13 @@ def test_the_neuron_section_draws_neurons_with_the_cards_code(open_page, explain
     data, page = explained_page.data, open_page(explained_page.url).page
     section = page.locator("#neurons")
     neurons = data["baseline_neurons"]
-    assert f"Baseline neurons ({len(neurons)})" in section.locator("summary").text_content()
-    assert section.locator(".card").count() == 0  # drawn when first opened
-    open_sections(section.locator("details.panel"))
+    assert section.locator("h2").text_content() == f"Baseline neurons ({len(neurons)})"
+    groups = section.locator("details.panel summary").all_text_contents()
+    assert groups == [f"layer {layer} ({NEURONS} neurons)" for layer in LAYERS]
+    assert section.locator(".card").count() == 0  # a layer's drawn when first opened
+    open_sections(section.locator("details.panel").first)
+    assert section.locator(".card").count() == NEURONS
+    open_sections(section.locator("details.panel").last)
     cards = section.locator(".card")
     assert cards.count() == len(neurons)
     neuron = neurons[-1]
