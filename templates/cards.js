@@ -177,8 +177,8 @@ const Cards = (() => {
 
     // A baseline neuron: a direction whose A is a unit vector, without B, siblings or effects.
     function neuronCard(neuron) {
-      const meta = el("div", "card-meta", `layer ${neuron.layer} · coordinate ${neuron.neuron} ` +
-        "of the MLP hidden space, read at down_proj's input");
+      const meta = el("div", "card-meta",
+        `coordinate ${neuron.neuron} of the MLP hidden space, read at down_proj's input`);
       const viewsOf = () => [ownView(neuron, "neuron")];
       return featureCard(neuron, meta, viewsOf, { list: neuronCards, notes: false });
     }
