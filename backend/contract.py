@@ -690,10 +690,14 @@ def _agreements(document: dict[str, Any]) -> None:
                 _explained_in(document, direction, path)
     if "effects" in document:
         _effects_agree(document["effects"], document)
-    for i, neuron in enumerate(document.get("baseline_neurons", ())):
+    neurons = document.get("baseline_neurons", [])
+    for i, neuron in enumerate(neurons):
         path = f"baseline_neurons[{i}]"
         if neuron["layer"] not in meta["lora_layers"]:
             _fail(f"{path}.layer", f"expected an adapted layer {_show(meta['lora_layers'])}")
+        before = neurons[i - 1] if i else None
+        if before and (before["layer"], before["neuron"]) >= (neuron["layer"], neuron["neuron"]):
+            _fail(path, "expected after the neuron before it, by layer, then neuron, each once")
         _summaries_agree(neuron, path, meta)
         _explained_in(document, neuron, path)
     summary = document.get("explanations", {}).get("summary", {})

@@ -554,6 +554,16 @@ EXPLANATION_MUTATIONS = [
     ),
     ("neuron index", set_in(neuron, "neuron", "7"), "baseline_neurons[1].neuron: expected a"),
     (
+        "neuron twice",
+        lambda d: d["baseline_neurons"].insert(1, copy.deepcopy(neuron(d))),
+        "baseline_neurons[2]: expected after the neuron before it, by layer, then neuron",
+    ),
+    (
+        "neurons out of order",
+        lambda d: d["baseline_neurons"].reverse(),
+        "baseline_neurons[1]: expected after the neuron before it",
+    ),
+    (
         "neuron layer",
         set_in(neuron, "layer", 5),
         "baseline_neurons[1].layer: expected an adapted layer [0, 1]",
