@@ -3,8 +3,9 @@
 The page's script is the parts in JS_PARTS (templates/), joined in that order. It draws one
 layer at a time from the data embedded in one inert <script type="application/octet-stream">
 element: one gzip-compressed JSON blob (in base 85) for what the overview needs, one per layer and
-one each for the cross-layer cosines, the stored sequences and (runs with --effects) the
-per-token KL vs base, which the page decompresses (DecompressionStream) when it first needs
+one each for the cross-layer cosines, the stored sequences, (runs with --effects) the
+per-token KL vs base and (runs with --baseline-neurons) the baseline neurons, which the page
+decompresses (DecompressionStream) when it first needs
 them. To keep a full-size run small, the data is the input with its floats rounded for display
 (DISPLAY_DIGITS significant digits; the page shows values exactly as embedded), the keys the
 page does not use dropped, each token string stored once in a table that examples, token
@@ -38,12 +39,14 @@ from backend.contract import (
     ATTRIBUTION_LISTS,
     CLAMPS,
     SCHEMA_VERSION,
+    SIGNS,
     ContractError,
     direction_key,
     direction_name,
     iter_directions,
     iter_examples,
     module_order,
+    neuron_key,
     validate,
     vector_label,
 )
@@ -60,6 +63,7 @@ JS_PARTS = (
     "tooltip.js",
     "notes.js",
     "effects.js",
+    "explanations.js",
     "cards.js",
     "heatmap.js",
     "main.js",
@@ -210,16 +214,27 @@ def _display(value: object) -> str:
 def page_blobs(page: dict) -> list[tuple[str, str]]:
     """The page's data as (name, base 85 of gzip of JSON) blobs: "index" (everything but the
     layers' contents, with the overview: each layer's directions as scalars), "layer-<i>" for
-    the i-th layer, "cross-layer-cosine", "sequences" and "kl-tokens" where the page has them."""
-    lazy = ("layers", "cross_layer_cosine", "sequences", "kl_tokens")
+    the i-th layer, "cross-layer-cosine", "sequences", "kl-tokens" and "baseline-neurons" where
+    the page has them."""
+    lazy = ("layers", "cross_layer_cosine", "sequences", "kl_tokens", "baseline_neurons")
     index = {key: value for key, value in page.items() if key not in lazy}
     index["overview"] = [_overview(layer) for layer in page["layers"]]
     if "cross_layer_cosine" in page:  # its title gives the number of vectors
         index["cross_layer_vectors"] = len(page["cross_layer_cosine"]["labels"])
+    if "baseline_neurons" in page:  # the neuron section's groups, and which keys they open
+        index["baseline_neuron_layers"] = _neuron_layers(page["baseline_neurons"])
     blobs = [("index", index)]
     blobs += [(f"layer-{i}", layer) for i, layer in enumerate(page["layers"])]
     blobs += [(key.replace("_", "-"), page[key]) for key in lazy[1:] if key in page]
     return [(name, _compressed(value)) for name, value in blobs]
+
+
+def _neuron_layers(neurons: list[dict]) -> list[dict]:
+    """The baseline neurons' layers, in order, each with its neurons' keys."""
+    layers: dict[int, list[str]] = {}
+    for neuron in neurons:
+        layers.setdefault(neuron["layer"], []).append(neuron["key"])
+    return [{"layer": layer, "keys": keys} for layer, keys in layers.items()]
 
 
 def _overview(layer: dict) -> dict:
@@ -275,7 +290,73 @@ def compact_data(data: dict) -> dict:
         page["sequences"] = _malformed_as_error(
             "examples", _compact_sequences, data["examples"], strings
         )
+    neurons = data.get("baseline_neurons", [])
+    if neurons:
+        page["baseline_neurons"] = [
+            _malformed_as_error(f"baseline_neurons[{i}]", _compact_neuron, neuron, strings)
+            for i, neuron in enumerate(neurons)
+        ]
+    if "explanations" in data:
+        page["explanations"] = _malformed_as_error(
+            "explanations", _compact_explanations, data["explanations"], data
+        )
     return page | {"strings": list(strings)}
+
+
+def _compact_neuron(neuron: dict, strings: dict[str, int]) -> dict:
+    """A baseline neuron as the cards draw a direction: its key and name, its summaries."""
+    key, name = _neuron_key_and_name(neuron)
+    return {"key": key, "name": name, "layer": neuron["layer"], "neuron": neuron["neuron"]} | (
+        _compact_summaries(neuron, strings)
+    )
+
+
+def _neuron_key_and_name(neuron: dict) -> tuple[str, str]:
+    layer, index = neuron["layer"], neuron["neuron"]
+    return neuron_key(layer, index), f"layer {layer} neuron {index}"
+
+
+def _compact_explanations(explanations: dict, data: dict) -> dict:
+    """The run's explaining, rounded, and every feature (direction or neuron, and sign) with
+    its explanation, in the page's order: directions by layer and module, then neurons. The
+    cards, the table and the search all read them from here, in the index."""
+    run = {key: explanations[key] for key in ("explainer", "scorer", "num_prompts", "num_tokens")}
+    explained = [(ref.key, f"layer {ref.layer} {ref.name}", "lora", ref.direction)
+                 for ref in iter_directions(data)]  # fmt: skip
+    explained += [
+        (*_neuron_key_and_name(neuron), "neurons", neuron)
+        for neuron in data.get("baseline_neurons", [])
+    ]
+    features = [
+        _feature(key, name, group, sign, direction["explanations"][sign])
+        for key, name, group, direction in explained
+        for sign in SIGNS
+        if sign in direction.get("explanations", {})
+    ]
+    return run | {
+        "seconds": _round(explanations["seconds"]),
+        "settings": explanations.get("settings", {}),
+        "summary": _rounded(explanations["summary"]),
+        "features": features,
+    }
+
+
+def _feature(key: str, name: str, group: str, sign: str, explanation: dict) -> dict:
+    scores = {key: _rounded(explanation[key]) for key in ("detection", "fuzzing", "shuffled")}
+    return {"key": key, "name": name, "group": group, "sign": sign, "text": explanation["text"]} | (
+        scores
+    )
+
+
+def _rounded(value: object) -> object:
+    """Every float inside `value` rounded for display."""
+    if isinstance(value, float):
+        return _round(value)
+    if isinstance(value, dict):
+        return {key: _rounded(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _compact_effects(effects: dict, strings: dict[str, int]) -> dict:
@@ -413,13 +494,25 @@ def _compact_attribution_example(example: dict, strings: dict[str, int]) -> list
 
 
 def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:
-    stats, hist = direction["stats"], direction["histogram"]
     page = {
         "component": direction["component"],
         "a_norm": _round(direction["a_norm"]),
         "b_norm": _round(direction["b_norm"]),
         # scaling·‖B‖: |what the direction adds| per unit activation
         "write_norm_scale": _round(direction["write_norm_scale"]),
+    } | _compact_summaries(direction, strings)
+    siblings = _sibling_modules(direction)
+    if siblings is not None:
+        page["siblings"] = siblings
+    if "logit_effects" in direction:  # modules that write into the residual stream
+        page["logit_effects"] = _compact_logit_effects(direction["logit_effects"], strings)
+    return page
+
+
+def _compact_summaries(direction: dict, strings: dict[str, int]) -> dict:
+    """What a direction and a baseline neuron both carry: statistics, examples, profiles."""
+    stats, hist = direction["stats"], direction["histogram"]
+    return {
         "stats": {key: _round(stats[key]) for key in ("min", "max", "mean", "std")}
         | {key: stats[key] for key in ("count", "nonfinite")},
         "histogram": {
@@ -429,16 +522,10 @@ def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:
         "top_positive": _compact_examples(direction["top_positive"], strings),
         "top_negative": _compact_examples(direction["top_negative"], strings),
         "quantile_samples": _compact_quantile_samples(direction["quantile_samples"], strings),
-        "top_tokens": _compact_token_table(direction["top_tokens"], strings),
-        "bottom_tokens": _compact_token_table(direction["bottom_tokens"], strings),
+        "top_tokens": _compact_token_table(direction.get("top_tokens", []), strings),
+        "bottom_tokens": _compact_token_table(direction.get("bottom_tokens", []), strings),
         "position_profile": _compact_position_profile(direction["position_profile"]),
     }
-    siblings = _sibling_modules(direction)
-    if siblings is not None:
-        page["siblings"] = siblings
-    if "logit_effects" in direction:  # modules that write into the residual stream
-        page["logit_effects"] = _compact_logit_effects(direction["logit_effects"], strings)
-    return page
 
 
 def _compact_examples(examples: list[dict], strings: dict[str, int]) -> list[list]:

@@ -40,6 +40,8 @@ ATTRIBUTION_LISTS = ("top_attribution", "bottom_attribution")
 # What a pinned direction's activation is clamped to in effects.steering: its observed minimum,
 # zero, its observed maximum, or nothing (the plain continuation, to compare against).
 CLAMPS = ("min", "zero", "max", "none")
+# The nominal quantiles of |activation| at which a sign's quantile ranges start (QuantileRange.cut).
+QUANTILE_CUTS = (0.0, 0.5, 0.9, 0.99, 0.999)
 
 
 def module_order(module: str) -> tuple[int, str]:
@@ -66,6 +68,12 @@ def direction_key(layer: int, module: str, component: int) -> str:
 def direction_name(module: str, component: int, rank: int) -> str:
     """A direction's name within its layer: "gate_proj", or "gate_proj[1]" where rank > 1."""
     return f"{module}[{component}]" if rank > 1 else module
+
+
+def neuron_key(layer: int, neuron: int) -> str:
+    """A baseline neuron's name, as a direction's key names a direction: "L12.neuron[4096]"
+    (coordinate 4096 of layer 12's MLP hidden space)."""
+    return f"L{layer}.neuron[{neuron}]"
 
 
 def vector_label(module: str, side: str, component: int, layer: int | None = None) -> str:
@@ -312,6 +320,42 @@ def _range_of(key: str, low: float = -math.inf, high: float = math.inf) -> Rule:
     return rule
 
 
+def _within(key: str, low: float, high: float) -> Rule:
+    """Rule: `key`, where it is present and not null, lies in [low, high]."""
+
+    def rule(value: dict, path: str) -> None:
+        x = value.get(key)
+        if x is not None and not low <= x <= high:
+            _fail(_field(path, key), f"expected a value inside [{low:g}, {high:g}], got {_show(x)}")
+
+    return rule
+
+
+def _interval_around(key: str, low: float, high: float) -> Rule:
+    """Rule: `ci` is null where `key` is, else null or a range [lo, hi] inside [low, high]. (A
+    percentile bootstrap interval usually holds the value, but of a skewed statistic on a few
+    contexts need not, so that is not a rule.)"""
+
+    def rule(value: dict, path: str) -> None:
+        x, pair = value[key], value["ci"]
+        if pair is None:
+            return
+        if x is None:
+            _fail(_field(path, "ci"), f"expected null where {key} is null, got {_show(pair)}")
+        if not low <= pair[0] <= pair[1] <= high:
+            _fail(
+                _field(path, "ci"),
+                f"expected a range [lo, hi] inside [{low:g}, {high:g}], got {_show(pair)}",
+            )
+
+    return rule
+
+
+def _differences_with_neurons(summary: dict, path: str) -> None:
+    if ("lora_minus_neurons" in summary) != ("neurons" in summary):
+        _fail(_field(path, "lora_minus_neurons"), "expected exactly where neurons is")
+
+
 def _example_target(example: dict, path: str) -> None:
     target, n = example["target"], len(example["tokens"])
     if not target < n:
@@ -444,6 +488,8 @@ HISTOGRAM = Obj(
 )
 QUANTILE_RANGE = Obj(
     {
+        "sign": Scalar("1 or -1", lambda v: type(v) is int and v in (1, -1)),
+        "cut": Scalar(f"one of {QUANTILE_CUTS}", lambda v: v in QUANTILE_CUTS),
         "quantile_range": list_of(NUMBER),
         "value_range": list_of(NUMBER),
         "examples": list_of(EXAMPLE),
@@ -453,6 +499,60 @@ QUANTILE_RANGE = Obj(
 POSITION_PROFILE = Obj(
     {"edges": list_of(COUNT), "mean": list_of(NUMBER_OR_NULL), "count": list_of(COUNT)},
     rules=(_same_length("edges", "mean", more=1), _same_length("count", "mean")),
+)
+# ---- explanations (runs with --explain) ----------------------------------------------------
+INTERVAL_OR_NULL = Scalar(
+    "a pair of finite numbers or null",
+    lambda v: v is None or (type(v) is list and len(v) == 2 and all(map(_is_number, v))),
+)
+SCORE = Obj(
+    {"score": NUMBER_OR_NULL, "ci": INTERVAL_OR_NULL, "n": COUNT},
+    rules=(_within("score", 0.0, 1.0), _interval_around("score", 0.0, 1.0)),
+)
+DETECTION_SCORE = Obj(  # a local scorer's p(yes) also ranks the contexts: their AUROC
+    SCORE.fields, optional={"auroc": NUMBER_OR_NULL}, rules=(*SCORE.rules, _within("auroc", 0, 1))
+)
+SCORES = {"detection": DETECTION_SCORE, "fuzzing": SCORE}
+EXPLANATION = Obj(
+    {"text": STRING, **SCORES},
+    optional={"shuffled": Obj(SCORES)},  # a direction's: neurons have no shuffled baseline
+)
+SIGNS = ("positive", "negative")
+SIGN_EXPLANATIONS = Obj({}, optional=dict.fromkeys(SIGNS, EXPLANATION))
+GROUP_SCORE = Obj(
+    {"mean": NUMBER_OR_NULL, "ci": INTERVAL_OR_NULL, "n": COUNT},
+    rules=(_within("mean", 0.0, 1.0), _interval_around("mean", 0.0, 1.0)),
+)
+GROUP = Obj(dict.fromkeys(SCORES, GROUP_SCORE))
+DIFFERENCE = Obj(
+    {"mean": NUMBER_OR_NULL, "ci": INTERVAL_OR_NULL},
+    rules=(_within("mean", -1.0, 1.0), _interval_around("mean", -1.0, 1.0)),
+)
+EXPLANATION_SUMMARY = Obj(
+    {"lora": GROUP, "shuffled": GROUP},
+    optional={"neurons": GROUP, "lora_minus_neurons": Obj(dict.fromkeys(SCORES, DIFFERENCE))},
+    rules=(_differences_with_neurons,),
+)
+EXPLANATION_SETTINGS = Obj(
+    {},
+    optional={
+        "contexts_per_class": POSITIVE,
+        "context_tokens": COUNT,
+        "bootstrap_resamples": POSITIVE,
+        "seed": COUNT,
+    },
+)
+NON_NEGATIVE = Scalar("a non-negative number", lambda v: _is_number(v) and v >= 0)
+EXPLANATIONS = Obj(
+    {
+        "explainer": STRING,
+        "scorer": STRING,
+        "num_prompts": COUNT,
+        "num_tokens": COUNT,
+        "seconds": NON_NEGATIVE,
+        "summary": EXPLANATION_SUMMARY,
+    },
+    optional={"settings": EXPLANATION_SETTINGS},
 )
 DIRECTION = Obj(
     {
@@ -472,19 +572,22 @@ DIRECTION = Obj(
         "bottom_tokens": list_of(TOKEN_ROW),
         "logit_effects": LOGIT_EFFECTS,
         "effects": DIRECTION_EFFECTS,  # runs with --effects
+        "explanations": SIGN_EXPLANATIONS,  # runs with --explain: per sign with examples
     },
     rules=(_counts_sum_to_count,),
 )
-# A baseline neuron (--baseline-neurons): a direction's summaries, with A a unit vector and no
-# write vector, so without its norms, logit effects and effects.
-NEURON_FIELDS = ("stats", "histogram", *EXAMPLE_LISTS, "quantile_samples", "position_profile")
+# A coordinate of an adapted layer's MLP hidden space (--baseline-neurons), summarised as a
+# direction whose A is a unit vector: the summaries of DIRECTION, none of its vectors.
+NEURON_SUMMARIES = ("stats", "histogram", *EXAMPLE_LISTS, "quantile_samples", "position_profile")
 BASELINE_NEURON = Obj(
     {
         "layer": COUNT,
         "neuron": COUNT,  # its coordinate of the MLP hidden space (the down_proj input)
-        **{key: DIRECTION.fields[key] for key in NEURON_FIELDS},
+        **{key: DIRECTION.fields[key] for key in NEURON_SUMMARIES},
     },
-    optional={key: DIRECTION.optional[key] for key in ("top_tokens", "bottom_tokens")},
+    optional={
+        key: DIRECTION.optional[key] for key in ("top_tokens", "bottom_tokens", "explanations")
+    },
     rules=DIRECTION.rules,
 )
 PROJECTION = Obj(
@@ -567,6 +670,7 @@ DOCUMENT = Obj(
     optional={
         "examples": map_of(SEQUENCE, key=EXAMPLE_INDEX),
         "effects": EFFECTS,  # runs with --effects
+        "explanations": EXPLANATIONS,  # runs with --explain
         "baseline_neurons": list_of(BASELINE_NEURON),  # runs with --baseline-neurons
     },
 )
@@ -595,23 +699,36 @@ def _agreements(document: dict[str, Any]) -> None:
                 _direction_agrees(direction, path, module, set(layer["projections"]), meta)
                 if ("effects" in direction) != ("effects" in document):
                     _fail(f"{path}.effects", "expected exactly where the document has effects")
+                _explained_in(document, direction, path)
     if "effects" in document:
         _effects_agree(document["effects"], document)
     if "baseline_neurons" in document:
-        _neurons_agree(document["baseline_neurons"], meta)
+        _neurons_agree(document)
+    summary = document.get("explanations", {}).get("summary", {})
+    if "neurons" in summary and "baseline_neurons" not in document:
+        _fail("explanations.summary.neurons", "unexpected: the document has no baseline_neurons")
 
 
-def _neurons_agree(neurons: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+def _neurons_agree(document: dict[str, Any]) -> None:
     """The baseline neurons: of the adapted layers, in (layer, neuron) order, each once, and
     each against the metadata as a direction is."""
+    meta, neurons = document["metadata"], document["baseline_neurons"]
     for i, neuron in enumerate(neurons):
         path = f"baseline_neurons[{i}]"
         if neuron["layer"] not in meta["lora_layers"]:
-            _fail(f"{path}.layer", f"expected one of metadata.lora_layers, got {neuron['layer']}")
+            _fail(f"{path}.layer", f"expected an adapted layer {_show(meta['lora_layers'])}")
+        before = neurons[i - 1] if i else None
+        if before and (before["layer"], before["neuron"]) >= (neuron["layer"], neuron["neuron"]):
+            _fail(path, "expected after the neuron before it, by layer, then neuron, each once")
         _summaries_agree(neuron, path, meta, set())
-    places = [(n["layer"], n["neuron"]) for n in neurons]
-    if places != sorted(set(places)):
-        _fail("baseline_neurons", "expected distinct neurons in (layer, neuron) order")
+        _explained_in(document, neuron, path)
+
+
+def _explained_in(document: dict[str, Any], direction: dict[str, Any], path: str) -> None:
+    """A direction's or neuron's explanations come from the run's explaining, which the
+    top-level explanations describe."""
+    if "explanations" in direction and "explanations" not in document:
+        _fail(f"{path}.explanations", "unexpected: the document has no top-level explanations")
 
 
 def _effects_agree(effects: dict[str, Any], document: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 // A layer on screen: one card per direction (its examples, histogram and sections), and the
-// layer's statistics and cosines.
-/* global Contexts, Dom, Effects, Format, Plots */
+// layer's statistics and cosines; the baseline neurons' cards, drawn by the same code.
+/* global Contexts, Dom, Effects, Explanations, Format, Plots */
 /* exported Cards */
 const Cards = (() => {
   const { el, paint, scaleLegend, scroller, lazySection, choice } = Dom;
@@ -22,14 +22,18 @@ const Cards = (() => {
   }
 
   // page: {strings, metadata, example_fields, overview, and where the run has them,
-  // attribution_fields and effects} of the index; settings: the page's {width, logCounts,
-  // statsOpen, sequences, colourKL, kl}, read whenever something is drawn; notes:
+  // attribution_fields, effects and explanations} of the index; settings: the page's {width,
+  // logCounts, statsOpen, sequences, colourKL, kl}, read whenever something is drawn; notes:
   // Notes.create's.
   function create(page, settings, notes) {
     const strings = page.strings;
     const klRanks = page.effects && Effects.ranks(page.overview, "ablation_kl");
+    const explained = Explanations.byKey(page.explanations?.features ?? []);
     const tokenInfo = new WeakMap(); // token <span> -> what its tooltip shows
-    let cards = []; // the cards on screen, each with what its view and the page's settings redraw
+    // The cards on screen (the layer's and the neurons'), each with its key and what its view
+    // and the page's settings redraw.
+    let cards = [];
+    const neuronCards = [];
     const marks = new Map(); // direction key -> draws a value on that direction's histogram
 
     const redraw = (card) => card.redraws.forEach((draw) => draw());
@@ -38,14 +42,7 @@ const Cards = (() => {
     // What a card's tokens show: its own activations, or, where the examples carry them, those
     // of the layer's other modules (same component) at the same tokens, and gate × up.
     function cardViews(layer, d, examples) {
-      // label: on the switch; tip: in the tooltip; key: the histogram that shows the value.
-      const own = {
-        label: d.module,
-        tip: "activation",
-        key: d.direction.key,
-        scale: scaleOf(d.direction.stats),
-        values: (e) => e.activations,
-      };
+      const own = ownView(d.direction, d.module);
       const carried = new Set(d.direction.siblings || []);
       const views = [own];
       for (const [module, projection] of Object.entries(layer.projections)) {
@@ -64,6 +61,12 @@ const Cards = (() => {
       if (gate && up) views.push(productView(gate, up, examples));
       return views;
     }
+
+    // label: on the switch; tip: in the tooltip; key: the histogram that shows the value.
+    const ownView = (direction, label) => ({
+      label, tip: "activation", key: direction.key, scale: scaleOf(direction.stats),
+      values: (e) => e.activations,
+    });
 
     // gate_proj and up_proj read the same input and the MLP multiplies what they produce: their
     // product shows where both fire. It has no histogram; colours are relative to its largest
@@ -150,32 +153,17 @@ const Cards = (() => {
     const examplesOrNone = (examples, card, viewOf) =>
       examples.length ? exampleList(examples, card, viewOf) : el("p", "empty", "none");
 
-    function exampleSection(title, examples, card, sign, viewOf) {
+    // explanation (optional): the explanation of these examples' sign, shown above them.
+    function exampleSection(title, examples, card, sign, viewOf, explanation) {
       const section = el("div", `examples ${sign}`);
-      section.append(
-        el("h4", "", `${title} (${examples.length})`), examplesOrNone(examples, card, viewOf));
+      section.append(el("h4", "", `${title} (${examples.length})`));
+      if (explanation) section.append(Explanations.block(explanation));
+      section.append(examplesOrNone(examples, card, viewOf));
       return section;
     }
 
     function directionCard(layer, d) {
       const { projection, direction } = d;
-      const toExample = (row) => Contexts.exampleOf(row, page.example_fields, direction.siblings);
-      const positive = direction.top_positive.map(toExample);
-      const negative = direction.top_negative.map(toExample);
-      const samples = direction.quantile_samples.map((s) => ({
-        ...s, examples: s.examples.map(toExample),
-      }));
-      const sampled = samples.flatMap((s) => s.examples);
-      const views = cardViews(layer, d, [...positive, ...negative, ...sampled]);
-      const card = { view: views[0], redraws: [] }; // redraws: what a view or setting changes
-      cards.push(card);
-
-      const node = el("section", "card");
-      node.dataset.key = direction.key;
-      const head = el("header", "card-head");
-      const title = el("div", "card-title");
-      const legend = el("span");
-      title.append(el("h3", "", direction.name), legend, notes.starButton(direction.key));
       const meta = el(
         "div",
         "card-meta",
@@ -183,11 +171,47 @@ const Cards = (() => {
           `‖A‖ ${fmt(direction.a_norm)} · ‖B‖ ${fmt(direction.b_norm)} · ` +
           `write scale ${fmt(direction.write_norm_scale)}`,
       );
+      const viewsOf = (examples) => cardViews(layer, d, examples);
+      return featureCard(direction, meta, viewsOf, { list: cards, notes: true });
+    }
+
+    // A baseline neuron: a direction whose A is a unit vector, without B, siblings or effects.
+    function neuronCard(neuron) {
+      const meta = el("div", "card-meta",
+        `coordinate ${neuron.neuron} of the MLP hidden space, read at down_proj's input`);
+      const viewsOf = () => [ownView(neuron, "neuron")];
+      return featureCard(neuron, meta, viewsOf, { list: neuronCards, notes: false });
+    }
+
+    // The card of a direction or of anything shaped like one (a baseline neuron): `meta` its
+    // line under the title, viewsOf(examples) what its tokens can show (the first on at
+    // first); `list` gets the card, and where `notes` is set, the card has a star and a note.
+    function featureCard(direction, meta, viewsOf, { list, notes: withNotes }) {
+      const toExample = (row) => Contexts.exampleOf(row, page.example_fields, direction.siblings);
+      const positive = direction.top_positive.map(toExample);
+      const negative = direction.top_negative.map(toExample);
+      const samples = direction.quantile_samples.map((s) => ({
+        ...s, examples: s.examples.map(toExample),
+      }));
+      const sampled = samples.flatMap((s) => s.examples);
+      const views = viewsOf([...positive, ...negative, ...sampled]);
+      // redraws: what a view or setting changes
+      const card = { key: direction.key, view: views[0], redraws: [] };
+      list.push(card);
+
+      const node = el("section", "card");
+      node.dataset.key = direction.key;
+      const head = el("header", "card-head");
+      const title = el("div", "card-title");
+      const legend = el("span");
+      title.append(el("h3", "", direction.name), legend);
+      if (withNotes) title.append(notes.starButton(direction.key));
       const nonfinite = direction.stats.nonfinite;
       if (nonfinite > 0) {
         meta.append(" · ", el("span", "warn", `${fmtCount(nonfinite)} non-finite left out`));
       }
-      head.append(title, meta, notes.noteBox(direction.key));
+      head.append(title, meta);
+      if (withNotes) head.append(notes.noteBox(direction.key));
 
       const showView = (view) => {
         card.view = view;
@@ -199,11 +223,12 @@ const Cards = (() => {
       if (views.length > 1) head.append(viewSwitch(views, showView));
       showView(card.view);
 
+      const explanation = explained.get(direction.key) ?? {};
       node.append(
         head,
         cardHistogram(direction, card),
-        exampleSection("Top positive", positive, card, "pos"),
-        exampleSection("Top negative", negative, card, "neg"),
+        exampleSection("Top positive", positive, card, "pos", undefined, explanation.positive),
+        exampleSection("Top negative", negative, card, "neg", undefined, explanation.negative),
       );
       if (direction.effects) {
         meta.after(effectsLine(direction));
@@ -478,11 +503,18 @@ const Cards = (() => {
 
     // The layer's title, cards and statistics; these cards replace those on screen.
     function layerView(layer) {
+      for (const card of cards) marks.delete(card.key);
       cards = [];
-      marks.clear();
       const grid = el("div", "modules");
       for (const d of directions(layer)) grid.append(directionCard(layer, d));
       return [el("h2", "layer-title", `Layer ${layer.layer}`), grid, statsSection(layer)];
+    }
+
+    // Cards of baseline neurons, drawn once each (the neuron section draws a layer's once).
+    function neuronView(neurons) {
+      const grid = el("div", "modules");
+      for (const neuron of neurons) grid.append(neuronCard(neuron));
+      return grid;
     }
 
     // A token's tooltip rows, and the histogram to mark with its value.
@@ -511,7 +543,8 @@ const Cards = (() => {
       for (const [k, draw] of marks) draw(k === key ? value : null);
     }
 
-    return { layerView, redrawAll: () => cards.forEach(redraw), tokenTip, mark };
+    const redrawAll = () => [...cards, ...neuronCards].forEach(redraw);
+    return { layerView, neuronView, redrawAll, tokenTip, mark };
   }
 
   return { create };

@@ -3,7 +3,8 @@
 // and a card's collapsed sections are built when first opened, so first paint does not grow
 // with the run. #layer's data-state is "loading" while something is being decoded or drawn,
 // "ready" once it is on screen.
-/* global Cards, Contexts, Data, Dom, Effects, Format, Heatmap, Notes, Plots, Search, Tooltip */
+/* global Cards, Contexts, Data, Dom, Effects, Explanations, Format, Heatmap, Notes, Plots, Search,
+   Tooltip */
 (async () => {
   const $ = (id) => document.getElementById(id);
   const { el } = Dom;
@@ -28,6 +29,10 @@
   const layerOfKey = new Map(
     OVERVIEW.flatMap((layer, index) => layer.directions.map((d) => [d.key, index])));
   const layerData = (index) => store.get(`layer-${index}`);
+  // --baseline-neurons: per layer, its neurons' keys; key -> the index of its layer's group.
+  const neuronLayers = page.baseline_neuron_layers ?? [];
+  const neuronKeys = new Map(neuronLayers.flatMap(({ keys }, i) => keys.map((key) => [key, i])));
+  const neuronBox = el("section", "neurons"); // their cards, a layer's drawn when first opened
 
   let pending = 0;
   // Runs `work` (async) with #layer marked "loading" until it is done.
@@ -102,11 +107,13 @@
     return showing;
   }
 
-  // Shows the layer of a direction key and brings its card into view, outlined.
+  // Shows the layer of a direction key (or the neuron section, for a neuron's key) and brings
+  // its card into view, outlined.
   async function openDirection(key) {
-    if (!layerOfKey.has(key)) return;
-    await go(layerOfKey.get(key));
-    for (const card of main.querySelectorAll(".card")) {
+    if (neuronKeys.has(key)) await openNeurons[neuronKeys.get(key)]();
+    else if (layerOfKey.has(key)) await go(layerOfKey.get(key));
+    else return;
+    for (const card of document.querySelectorAll(".card")) {
       card.classList.toggle("opened", card.dataset.key === key);
       if (card.dataset.key === key) card.scrollIntoView({ block: "start" });
     }
@@ -129,18 +136,21 @@
   }
 
   const tokenAt = (event) => event.target.closest && event.target.closest(".tok");
-  main.addEventListener("pointerover", (event) => {
-    const span = event.pointerType === "mouse" && tokenAt(event);
-    if (span) showTokenTooltip(span);
-  });
-  main.addEventListener("pointerout", (event) => {
-    if (event.pointerType === "mouse" && tokenAt(event)) tooltip.hide();
-  });
+  const inCards = (span) => main.contains(span) || neuronBox.contains(span);
+  for (const box of [main, neuronBox]) {
+    box.addEventListener("pointerover", (event) => {
+      const span = event.pointerType === "mouse" && tokenAt(event);
+      if (span) showTokenTooltip(span);
+    });
+    box.addEventListener("pointerout", (event) => {
+      if (event.pointerType === "mouse" && tokenAt(event)) tooltip.hide();
+    });
+  }
   // Touch has no hover: a tap (or click) on a token shows it, anywhere else hides it (but on
   // what shows its own tip: the effects section's data-tip elements).
   document.addEventListener("click", (event) => {
     const span = tokenAt(event);
-    if (span && main.contains(span)) showTokenTooltip(span);
+    if (span && inCards(span)) showTokenTooltip(span);
     else if (!event.target.closest?.("[data-tip]")) tooltip.hide();
   });
 
@@ -164,6 +174,7 @@
       .then((layers) => Search.buildIndex(page.strings, layers, page.example_fields));
     const found = (await searchIndex).find(query);
     if (searchInput.value !== query) return; // typed on meanwhile
+    const explained = Explanations.matching(page.explanations?.features ?? [], query);
     const total = found.reduce((n, f) => n + f.hits.length, 0);
     const summary = found.length
       ? `${Format.fmtCount(total)} occurrences in ${found.length} directions` +
@@ -186,7 +197,22 @@
       list.append(item);
     }
     results.replaceChildren(el("p", "muted", summary), list);
+    if (explained.length) results.append(...explanationResults(explained));
     results.dataset.query = query;
+  }
+
+  // The features whose explanation contains the query: each its link, sign and text.
+  function explanationResults(explained) {
+    const list = el("ul", "result-list explained");
+    for (const feature of explained.slice(0, SHOWN_DIRECTIONS)) {
+      const item = el("li");
+      item.append(directionLink(feature.key, feature.name), ` ${feature.sign}: `,
+        el("span", "explanation-text", feature.text));
+      list.append(item);
+    }
+    const more = explained.length > SHOWN_DIRECTIONS ? `; the first ${SHOWN_DIRECTIONS}:` : ":";
+    const count = `${Format.fmtCount(explained.length)} explanation${explained.length > 1 ? "s" : ""}`;
+    return [el("p", "muted", `in ${count}${more}`), list];
   }
 
   // ---- page-wide controls -----------------------------------------------------------------
@@ -262,6 +288,38 @@
     $("overview").append(section);
   }
 
+  // Runs with --baseline-neurons: their cards, in a section of their own below the layer's,
+  // one collapsed group per layer; openNeurons[i]() opens the i-th, drawn the first time.
+  const openNeurons = [];
+  function neuronSection() {
+    neuronBox.id = "neurons";
+    neuronBox.setAttribute("aria-label", "Baseline neurons");
+    neuronBox.append(
+      el("h2", "", `Baseline neurons (${Format.fmtCount(neuronKeys.size)})`),
+      el("p", "muted", "The base model's own MLP neurons (coordinates of the hidden space, " +
+        "read at down_proj's input), summarised and explained as the directions are: the " +
+        "control of the explanations' scores."),
+    );
+    for (const { layer, keys } of neuronLayers) {
+      const details = el("details", "panel");
+      details.append(el("summary", "", `layer ${layer} (${keys.length} neurons)`));
+      const wanted = new Set(keys);
+      let drawn = null;
+      const open = () => {
+        details.open = true;
+        drawn ??= busy(async () => {
+          const neurons = await store.get("baseline-neurons");
+          details.append(cards.neuronView(neurons.filter((n) => wanted.has(n.key))));
+        });
+        return drawn;
+      };
+      details.addEventListener("toggle", () => details.open && open());
+      openNeurons.push(open);
+      neuronBox.append(details);
+    }
+    main.after(neuronBox);
+  }
+
   // ---- start ------------------------------------------------------------------------------
 
   // Runs with --effects: the overview can also be ordered, largest first.
@@ -278,6 +336,10 @@
     OVERVIEW,
   );
   if (page.effects) $("overview").after(Effects.section(page, store, tooltip, busy, klSwitch()));
+  if (page.explanations) {
+    ($("effects") ?? $("overview")).after(Explanations.section(page.explanations));
+  }
+  if (neuronKeys.size) neuronSection();
   if (!OVERVIEW.length) {
     main.replaceChildren(el("p", "empty", "This file has no layers."));
     prev.disabled = next.disabled = select.disabled = true;

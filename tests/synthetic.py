@@ -19,6 +19,8 @@ from backend.contract import (
     ATTRIBUTION_LISTS,
     CLAMPS,
     MODULE_ORDER,
+    NEURON_SUMMARIES,
+    SIGNS,
     iter_directions,
     iter_examples,
     spaces,
@@ -82,12 +84,17 @@ def make_activations(
     layers: Sequence[int] | None = None,
     samples: int = 2,
     effects: bool = False,
+    explanations: bool = False,
+    baseline_neurons: int = 0,
 ) -> dict:
     """Build a schema_version 1 activations dict with every field of the format, `samples`
     examples per quantile range.
 
     With `effects`, the file also has the causal effects of --effects (`_add_effects`), drawn
-    from a generator of their own: the rest of the dict is the same as without them.
+    from a generator of their own: the rest of the dict is the same as without them. Likewise
+    `baseline_neurons` N adds N baseline neurons per layer (`_add_baseline_neurons`), and
+    `explanations` the scored explanations of --explain (`_add_explanations`) for every
+    direction, every baseline neuron and both signs, with the run's summary.
 
     `layers` gives the layer numbers (default 0..n_layers-1). With `hostile_tokens`, the
     context windows start with every entry of HOSTILE_TOKENS, so all of them appear in the
@@ -133,6 +140,10 @@ def make_activations(
     _add_run_extras(rng, data, modules, rank)
     if effects:
         _add_effects(random.Random(f"effects-{seed}"), data, window)
+    if baseline_neurons:
+        _add_baseline_neurons(random.Random(f"neurons-{seed}"), data, baseline_neurons, shape)
+    if explanations:
+        _add_explanations(random.Random(f"explanations-{seed}"), data, hostile_tokens)
     return data
 
 
@@ -255,19 +266,8 @@ def _add_direction_extras(
 ) -> None:
     """The fields of the analyses beyond top-k, and sibling activations in every example."""
     stats = direction["stats"]
-    bounds = (
-        direction["top_negative"][-1]["activation"],
-        direction["top_positive"][-1]["activation"],
-    )
     direction["write_norm_scale"] = SCALING * direction["b_norm"]
-    direction["quantile_samples"] = [
-        _quantile_range(rng, q, f, sign, bounds, shape, tokens)
-        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
-        for sign in (1, -1)
-    ]
-    direction["top_tokens"] = _token_table(rng, stats["max"], shape.vocabulary)
-    direction["bottom_tokens"] = _token_table(rng, stats["min"], shape.vocabulary)
-    direction["position_profile"] = _position_profile(rng, stats, shape.num_examples)
+    _add_summaries(rng, direction, shape, tokens)
     if writes_residual(name):
         direction["logit_effects"] = {
             "top": _logit_effects(rng, 1, shape.vocabulary),
@@ -287,6 +287,25 @@ def _add_direction_extras(
         first["activations"][j] = None
         for values in first["sibling_activations"].values():
             values[j] = None
+
+
+def _add_summaries(
+    rng: random.Random, direction: dict, shape: Shape, tokens: Iterator[str]
+) -> None:
+    """The quantile samples, token tables and position profile of a direction (or neuron)."""
+    stats = direction["stats"]
+    bounds = (
+        direction["top_negative"][-1]["activation"],
+        direction["top_positive"][-1]["activation"],
+    )
+    direction["quantile_samples"] = [
+        _quantile_range(rng, q, f, sign, bounds, shape, tokens)
+        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
+        for sign in (1, -1)
+    ]
+    direction["top_tokens"] = _token_table(rng, stats["max"], shape.vocabulary)
+    direction["bottom_tokens"] = _token_table(rng, stats["min"], shape.vocabulary)
+    direction["position_profile"] = _position_profile(rng, stats, shape.num_examples)
 
 
 def _sibling_stats(module: str, component: int, projections: dict) -> dict[str, dict]:
@@ -532,6 +551,144 @@ def _steering(rng: random.Random, refs: list) -> list[dict]:
                     "tokens": tokens,
                 })  # fmt: skip
     return entries
+
+
+# --baseline-neurons: the width of the MLP hidden space they are drawn from.
+MLP_HIDDEN = 4864
+
+
+def _add_baseline_neurons(rng: random.Random, data: dict, per_layer: int, shape: Shape) -> None:
+    """`per_layer` seeded coordinates of each layer's MLP hidden space, summarised as
+    directions are (their own token stream; no NaN among them)."""
+    tokens = _token_stream(rng, hostile=False)
+    neurons = []
+    for layer in data["metadata"]["lora_layers"]:
+        for index in sorted(rng.sample(range(MLP_HIDDEN), per_layer)):
+            neuron = _direction(rng, 0, shape, tokens)
+            _add_summaries(rng, neuron, shape, tokens)
+            neuron["stats"]["nonfinite"] = 0
+            summaries = {key: neuron[key] for key in NEURON_SUMMARIES}
+            tables = {key: neuron[key] for key in ("top_tokens", "bottom_tokens")}
+            neurons.append({"layer": layer, "neuron": index, **summaries, **tables})
+    data["baseline_neurons"] = neurons
+
+
+# --explain: scoring contexts per class (activating, not), the bootstrap's resamples.
+CONTEXTS_PER_CLASS = 4
+RESAMPLES = 200
+HOSTILE_EXPLANATION = "<img src=x onerror=alert(5)> {{ 7*7 }} & tokens"
+
+
+def _add_explanations(rng: random.Random, data: dict, hostile: bool) -> None:
+    """An explanation for each sign of every direction and baseline neuron, each scored with
+    an interval, its shuffled baseline scoring lower; the run's summary computed from them.
+    With `hostile`, the first explanation's text is markup. The last neuron's (else
+    direction's) negative shuffled fuzzing has no context scored: a null score."""
+    lora = [ref.direction for ref in iter_directions(data)]
+    neurons = data.get("baseline_neurons", [])
+    for i, feature in enumerate(lora + neurons):  # with `hostile`, the first text is
+        feature["explanations"] = {sign: _explanation(rng, hostile and i == 0) for sign in SIGNS}
+    if lora + neurons:
+        last = (neurons or lora)[-1]["explanations"]["negative"]["shuffled"]
+        last["fuzzing"] = {"score": None, "ci": None, "n": 0}
+    summary = {
+        "lora": _group(rng, [e for d in lora for e in d["explanations"].values()]),
+        "shuffled": _group(rng, [e["shuffled"] for d in lora for e in d["explanations"].values()]),
+    }
+    if neurons:
+        explained = [e for d in neurons for e in d["explanations"].values()]
+        summary["neurons"] = _group(rng, explained)
+        summary["lora_minus_neurons"] = {
+            measure: _difference(rng, _scores(lora, measure), _scores(neurons, measure))
+            for measure in ("detection", "fuzzing")
+        }
+    features = len(lora) + len(neurons)
+    data["explanations"] = {
+        "explainer": "synthetic/explainer",
+        "scorer": "synthetic/scorer",
+        "num_prompts": features * (1 + 8 * CONTEXTS_PER_CLASS),
+        "num_tokens": features * rng.randint(2000, 30000),
+        "seconds": round(rng.uniform(1, 1000), 1),
+        "summary": summary,
+        "settings": {
+            "contexts_per_class": CONTEXTS_PER_CLASS,
+            "context_tokens": 3,
+            "bootstrap_resamples": RESAMPLES,
+            "seed": 0,
+        },
+    }
+
+
+def _explanation(rng: random.Random, hostile: bool) -> dict:
+    words = [w.strip() or "space" for w in rng.sample(WORDS, 3)]
+    text = HOSTILE_EXPLANATION if hostile else f'"{words[0]}" after {words[1]} and {words[2]}'
+    return {
+        "text": text,
+        "detection": _score(rng, 0.5, 1.0) | {"auroc": rng.uniform(0.4, 1.0)},
+        "fuzzing": _score(rng, 0.5, 1.0),
+        "shuffled": {
+            "detection": _score(rng, 0.25, 0.75) | {"auroc": rng.uniform(0.3, 0.7)},
+            "fuzzing": _score(rng, 0.25, 0.75),
+        },
+    }
+
+
+def _score(rng: random.Random, low: float, high: float) -> dict:
+    """A balanced accuracy over CONTEXTS_PER_CLASS contexts of each class, near [low, high],
+    with an interval around it."""
+    n = CONTEXTS_PER_CLASS
+    hits = [rng.randint(round(low * n), round(high * n)) for _ in range(2)]
+    score = sum(hits) / (2 * n)
+    return {"score": score, "ci": _interval(rng, score), "n": 2 * n}
+
+
+def _interval(rng: random.Random, value: float, low: float = 0.0) -> list[float]:
+    return [max(low, value - rng.uniform(0, 0.3)), min(1.0, value + rng.uniform(0, 0.3))]
+
+
+def _scores(features: list[dict], measure: str) -> list[float]:
+    """Every non-null score of `measure` over both signs of `features`."""
+    return [
+        e[measure]["score"]
+        for d in features
+        for e in d["explanations"].values()
+        if e[measure]["score"] is not None
+    ]
+
+
+def _group(rng: random.Random, explanations: list[dict]) -> dict:
+    """Per measure, the mean of the scores that are not null, with a bootstrap interval."""
+    group = {}
+    for measure in ("detection", "fuzzing"):
+        values = [e[measure]["score"] for e in explanations if e[measure]["score"] is not None]
+        mean, ci = _bootstrap(rng, values, [])
+        group[measure] = {"mean": mean, "ci": ci, "n": len(values)}
+    return group
+
+
+def _difference(rng: random.Random, a: list[float], b: list[float]) -> dict:
+    mean, ci = _bootstrap(rng, a, b)
+    return {"mean": mean, "ci": ci}
+
+
+def _bootstrap(
+    rng: random.Random, a: list[float], b: list[float]
+) -> tuple[float | None, list[float] | None]:
+    """mean(a) - mean(b) (mean(a) where b is empty) and its 95% percentile interval over
+    RESAMPLES resamples of each; the interval is widened to hold the mean itself."""
+    if not a:
+        return None, None
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else 0.0
+
+    def resampled(values: list[float]) -> list[float]:
+        return rng.choices(values, k=len(values)) if values else []
+
+    estimate = mean(a) - mean(b)
+    draws = sorted(mean(resampled(a)) - mean(resampled(b)) for _ in range(RESAMPLES))
+    lo, hi = draws[int(0.025 * RESAMPLES)], draws[int(0.975 * RESAMPLES) - 1]
+    return estimate, [min(lo, estimate), max(hi, estimate)]
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:

@@ -434,3 +434,185 @@ def test_the_doc_and_the_code_name_the_same_fields():
     assert defined <= checked, defined - checked
     backticked = set(re.findall(r"`(\w+)`", doc))
     assert checked <= backticked, checked - backticked
+
+
+# ---- explanations and baseline neurons (--explain, --baseline-neurons) -------------------
+
+
+def explained() -> dict:
+    """The synthetic file with scored explanations and 2 baseline neurons per layer."""
+    data = make_activations(
+        modules=("gate_proj", "up_proj", "down_proj"), explanations=True, baseline_neurons=2
+    )
+    data["examples"] = {}
+    return data
+
+
+def test_explanations_and_baseline_neurons_are_valid():
+    data = explained()
+    validate(data)
+    assert_consistent(data)
+    assert len(data["baseline_neurons"]) == 4
+    features = [ref.direction for ref in iter_directions(data)] + data["baseline_neurons"]
+    assert all(set(f["explanations"]) == {"positive", "negative"} for f in features)
+    assert {"neurons", "lora_minus_neurons"} <= set(data["explanations"]["summary"])
+
+
+def test_what_explaining_leaves_optional_may_be_absent():
+    data = explained()
+    gate(data)["explanations"].pop("negative")  # a sign without examples
+    del data["explanations"]["settings"]
+    del data["explanations"]["summary"]["neurons"]
+    del data["explanations"]["summary"]["lora_minus_neurons"]
+    for neuron in data["baseline_neurons"]:
+        for key in ("explanations", "top_tokens", "bottom_tokens"):
+            del neuron[key]
+    gate(data)["explanations"]["positive"]["detection"].pop("auroc")
+    validate(data)
+    del data["baseline_neurons"]
+    validate(data)
+
+
+def positive(data: dict) -> dict:
+    return gate(data)["explanations"]["positive"]
+
+
+def detection(data: dict) -> dict:
+    return positive(data)["detection"]
+
+
+def summary(data: dict) -> dict:
+    return data["explanations"]["summary"]
+
+
+def neuron(data: dict) -> dict:
+    return data["baseline_neurons"][1]
+
+
+EXPLAINED = f"{GATE}.explanations.positive"
+EXPLANATION_MUTATIONS = [
+    ("score above 1", set_in(detection, "score", 1.5), f"{EXPLAINED}.detection.score: expected a"),
+    (
+        "score outside its interval",
+        lambda d: detection(d).update(score=0.9, ci=[0.1, 0.5]),
+        f"{EXPLAINED}.detection.ci: expected a range [lo, hi] inside [0, 1] with lo <= score",
+    ),
+    (
+        "interval without a score",
+        lambda d: detection(d).update(score=None, ci=[0.1, 0.5]),
+        f"{EXPLAINED}.detection.ci: expected null where score is null",
+    ),
+    (
+        "interval of three",
+        set_in(detection, "ci", [0.1, 0.2, 0.3]),
+        f"{EXPLAINED}.detection.ci: expected a pair of finite numbers or null",
+    ),
+    ("n", set_in(detection, "n", -1), f"{EXPLAINED}.detection.n: expected a non-negative"),
+    ("auroc", set_in(detection, "auroc", 2), f"{EXPLAINED}.detection.auroc: expected a value"),
+    ("text", delete(positive, "text"), f"{EXPLAINED}.text: missing"),
+    (
+        "shuffled",
+        delete(lambda d: positive(d)["shuffled"], "fuzzing"),
+        f"{EXPLAINED}.shuffled.fuzzing: missing",
+    ),
+    (
+        "explained without explaining",
+        lambda d: d.pop("explanations"),
+        "layers[0].projections.gate_proj.directions[0].explanations: unexpected: the document "
+        "has no top-level explanations",
+    ),
+    (
+        "seconds",
+        set_in(lambda d: d["explanations"], "seconds", -1),
+        "explanations.seconds: expected a non-negative number",
+    ),
+    (
+        "group mean",
+        set_in(lambda d: summary(d)["lora"]["fuzzing"], "mean", -0.1),
+        "explanations.summary.lora.fuzzing.mean: expected a value inside [0, 1]",
+    ),
+    (
+        "difference",
+        lambda d: summary(d)["lora_minus_neurons"]["detection"].update(mean=0.2, ci=[-0.1, 0.1]),
+        "explanations.summary.lora_minus_neurons.detection.ci: expected a range [lo, hi] inside "
+        "[-1, 1] with lo <= mean",
+    ),
+    (
+        "difference without neurons",
+        lambda d: summary(d).pop("neurons"),
+        "explanations.summary.lora_minus_neurons: expected exactly where neurons is",
+    ),
+    (
+        "neurons without baseline neurons",
+        lambda d: d.pop("baseline_neurons"),
+        "explanations.summary.neurons: unexpected: the document has no baseline_neurons",
+    ),
+    (
+        "settings",
+        set_in(lambda d: d["explanations"]["settings"], "contexts_per_class", 0),
+        "explanations.settings.contexts_per_class: expected a positive integer",
+    ),
+    ("neuron index", set_in(neuron, "neuron", "7"), "baseline_neurons[1].neuron: expected a"),
+    (
+        "neuron twice",
+        lambda d: d["baseline_neurons"].insert(1, copy.deepcopy(neuron(d))),
+        "baseline_neurons[2]: expected after the neuron before it, by layer, then neuron",
+    ),
+    (
+        "neurons out of order",
+        lambda d: d["baseline_neurons"].reverse(),
+        "baseline_neurons[1]: expected after the neuron before it",
+    ),
+    (
+        "neuron layer",
+        set_in(neuron, "layer", 5),
+        "baseline_neurons[1].layer: expected an adapted layer [0, 1]",
+    ),
+    (
+        "neuron histogram",
+        set_in(lambda d: neuron(d)["stats"], "count", 1),
+        "baseline_neurons[1].histogram.counts: expected a sum of stats.count 1",
+    ),
+    (
+        "neuron context",
+        lambda d: neuron(d)["top_negative"][0]["tokens"].append("x"),
+        "baseline_neurons[1].top_negative[0].activations: expected",
+    ),
+    (
+        "neuron score",
+        set_in(lambda d: neuron(d)["explanations"]["negative"]["fuzzing"], "score", 2),
+        "baseline_neurons[1].explanations.negative.fuzzing.score: expected a value inside",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [m[1:] for m in EXPLANATION_MUTATIONS],
+    ids=[m[0] for m in EXPLANATION_MUTATIONS],
+)
+def test_each_break_of_the_explanations_is_named_by_its_path(mutate, message):
+    data = explained()
+    mutate(data)
+    with pytest.raises(ContractError) as raised:
+        validate(data)
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
+def test_a_baseline_neuron_past_top_k_or_the_window_is_refused():
+    data = explained()
+    for direction in (ref.direction for ref in iter_directions(data)):
+        del direction["top_positive"][1:], direction["top_negative"][1:]
+    data["metadata"]["top_k"] = 1
+    with pytest.raises(ContractError, match=r"^baseline_neurons\[0\]\.top_positive: expected at"):
+        validate(data)
+    data = explained()
+    data["metadata"]["context_window"] = 0
+    for example in (e for ref in iter_directions(data) for e in iter_examples(ref.direction)):
+        for key in ("tokens", "activations"):
+            example[key] = example[key][example["target"] : example["target"] + 1]
+        for module in example["sibling_activations"]:
+            example["sibling_activations"][module] = [example["activation"]]
+        example["target"] = 0
+    with pytest.raises(ContractError, match=r"^baseline_neurons\[0\]\.top_positive\[0\]\.tokens"):
+        validate(data)

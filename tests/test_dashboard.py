@@ -59,12 +59,16 @@ def embedded(html: str) -> dict:
     page = found.pop("index")
     overview = page.pop("overview")
     vectors = page.pop("cross_layer_vectors", None)
+    neuron_layers = page.pop("baseline_neuron_layers", None)
     page["layers"] = [found.pop(f"layer-{i}") for i in range(len(overview))]
-    for name in ("cross_layer_cosine", "sequences", "kl_tokens"):
+    for name in ("cross_layer_cosine", "sequences", "kl_tokens", "baseline_neurons"):
         if name.replace("_", "-") in found:
             page[name] = found.pop(name.replace("_", "-"))
     assert not found, f"blobs of nothing: {list(found)}"
     assert vectors == (len(page["cross_layer_cosine"]["labels"]) if vectors else None)
+    if neuron_layers:  # by layer, in order
+        keys = [key for group in neuron_layers for key in group["keys"]]
+        assert keys == [n["key"] for n in page["baseline_neurons"]]
     return page
 
 
@@ -487,21 +491,26 @@ def test_qwen_32b_shaped_run_is_under_5_mb(tmp_path):
     seed=st.integers(0, 2**32),
     hostile=st.booleans(),
     effects=st.booleans(),
+    explanations=st.booleans(),
+    neurons=st.integers(0, 2),
 )
 def test_synthetic_data_is_contract_valid(
-    n_layers, modules, rank, k, window, bins, seed, hostile, effects
+    n_layers, modules, rank, k, window, bins, seed, hostile, effects, explanations, neurons
 ):
     args = (n_layers, modules, rank, k, window, bins, seed, hostile)
-    data = make_activations(*args, effects=effects)
+    extras = {"effects": effects, "explanations": explanations, "baseline_neurons": neurons}
+    data = make_activations(*args, **extras)
     validate(data)
     assert_consistent(data)
     assert json.loads(json.dumps(data)) == data  # plain JSON, no NaN
-    assert data == make_activations(*args, effects=effects)
-    if effects:  # the rest is the file without them
-        del data["effects"], data["examples"]
-        for ref in iter_directions(data):
-            del ref.direction["effects"]
-        assert data == make_activations(*args)
+    assert data == make_activations(*args, **extras)
+    # The rest is the file without them.
+    for key in ("effects", "examples", "explanations", "baseline_neurons"):
+        data.pop(key, None)
+    for ref in iter_directions(data):
+        for key in ("effects", "explanations"):
+            ref.direction.pop(key, None)
+    assert data == make_activations(*args)
 
 
 def broken_top_list(direction: dict) -> None:
