@@ -342,7 +342,8 @@ def _compact_explanations(explanations: dict, data: dict) -> dict:
 
 
 def _feature(key: str, name: str, group: str, sign: str, explanation: dict) -> dict:
-    scores = {key: _rounded(explanation[key]) for key in ("detection", "fuzzing", "shuffled")}
+    kinds = ("detection", "fuzzing", "shuffled")  # a neuron's has no shuffled baseline
+    scores = {key: _rounded(explanation[key]) for key in kinds if key in explanation}
     return {"key": key, "name": name, "group": group, "sign": sign, "text": explanation["text"]} | (
         scores
     )
@@ -579,6 +580,7 @@ def _fixed(values: list[float | None], anchor: float | None = None) -> list[int 
 def _compact_quantile_samples(samples: list[dict], strings: dict[str, int]) -> list[dict]:
     return [
         {
+            "sign": s["sign"],
             "quantile_range": _round_all(s["quantile_range"]),
             "value_range": _round_all(s["value_range"]),
             "examples": _compact_examples(s["examples"], strings),

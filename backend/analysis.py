@@ -113,7 +113,7 @@ class Analysis:
             raise UserError(f"{name} is a checkpoint of another run ({', '.join(differs)} differ)")
         if saved.layers != self.state.layers or saved.neurons != self.state.neurons:
             raise UserError(f"{name} is a checkpoint of another adapter")
-        if saved.finished:
+        if saved.finished and not self.config.explain:  # with --explain: cut short explaining
             raise UserError(f"{name} is a finished run: nothing to resume")
         self.state = saved
 

@@ -10,6 +10,7 @@ records (`RunConfig.identity`), is the fields marked `identity`.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,14 @@ def default_batch_tokens(device: torch.device) -> int:
     and loses cache: benchmarks/bench_pipeline.py ran SmolLM2 1.38x slower at 8192 than at 2048.
     """
     return 2048 if device.type == "cpu" else 8192
+
+
+EXPLAIN_NEURONS = 8  # baseline neurons per layer when explaining, unless --baseline-neurons
+# The options of explaining that the standalone step (backend/explain_directions.py) takes too.
+EXPLAIN_OPTIONS = (
+    "explainer_url", "explainer_model", "explainer_key_env", "scorer_url", "scorer_model",
+    "scorer_key_env", "explain_contexts", "explain_context_tokens", "explain_cache",
+)  # fmt: skip
 
 
 def option(
@@ -202,16 +211,85 @@ class RunConfig:
         metavar="P",
         identity=True,
     )
-    baseline_neurons: int = option(
+    baseline_neurons: int | None = option(
         "baseline",
         "also track N seeded neurons (coordinates of the MLP hidden space, read at the "
         "down_proj input) of every adapted layer through the same summaries: a baseline to "
         "compare the directions with; never ablated",
-        0,
+        None,
         parse=non_negative_int,
         metavar="N",
-        shown="0, off",
+        shown="8 with --explain, else 0",
         identity=True,
+    )
+    explain: bool = option(
+        "explain",
+        "after the pass, explain every direction and sign (and baseline neuron) from its "
+        "even-ranked top examples and score each explanation on held-out contexts, by "
+        "detection and fuzzing, against shuffled explanations and the neurons",
+        False,
+    )
+    explainer_url: str | None = option(
+        "explain",
+        "an OpenAI-compatible chat endpoint that writes the explanations, e.g. "
+        "http://127.0.0.1:8000/v1 (vLLM, a llama.cpp server, a hosted API)",
+        None,
+        metavar="URL",
+        shown="the run's base model, adapter disabled",
+    )
+    explainer_model: str | None = option(
+        "explain", "the endpoint's model name (with --explainer-url)", None, metavar="NAME"
+    )
+    explainer_key_env: str | None = option(
+        "explain",
+        "the environment variable that holds the endpoint's API key",
+        None,
+        metavar="VAR",
+        shown="none: no key sent",
+    )
+    scorer_url: str | None = option(
+        "explain",
+        "an OpenAI-compatible chat endpoint that scores the explanations",
+        None,
+        metavar="URL",
+        shown="as the explainer",
+    )
+    scorer_model: str | None = option(
+        "explain",
+        "the scoring endpoint's model name",
+        None,
+        metavar="NAME",
+        shown="as the explainer",
+    )
+    scorer_key_env: str | None = option(
+        "explain",
+        "the environment variable that holds the scoring endpoint's API key",
+        None,
+        metavar="VAR",
+        shown="as the explainer",
+    )
+    explain_contexts: int = option(
+        "explain",
+        "held-out contexts scored per feature: at most N activating and N non-activating",
+        16,
+        parse=positive_int,
+        metavar="N",
+    )
+    explain_context_tokens: int | None = option(
+        "explain",
+        "tokens on each side of a scored context's target",
+        None,
+        parse=non_negative_int,
+        metavar="T",
+        shown="the whole --context-window",
+    )
+    explain_cache: Path | None = option(
+        "explain",
+        "every answer of the explainer and the scorer, kept so that a rerun or a resumed run "
+        "asks nothing twice",
+        None,
+        parse=Path,
+        shown="--output with .explain-cache.jsonl appended",
     )
     dtype: str | None = option(
         "runtime",
@@ -310,7 +388,16 @@ class RunConfig:
         batch budget for the model's device."""
         dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
         budget = self.max_batch_tokens or default_batch_tokens(input_device(model))
-        return replace(self, dtype=dtype, max_batch_tokens=budget)
+        return replace(
+            self, dtype=dtype, max_batch_tokens=budget, baseline_neurons=self.neurons_per_layer
+        )
+
+    @property
+    def neurons_per_layer(self) -> int:
+        """--baseline-neurons, or its default: 8 when explaining (the baseline of the scores)."""
+        if self.baseline_neurons is not None:
+            return self.baseline_neurons
+        return EXPLAIN_NEURONS if self.explain else 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:
@@ -331,10 +418,13 @@ def option_help(f: Field) -> str:
     return text.replace("%", "%%")  # argparse formats help strings with %
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every option of RunConfig, in its group, in field order."""
+def add_arguments(parser: argparse.ArgumentParser, only: Iterable[str] = ()) -> None:
+    """Every option of RunConfig (or only those named), in its group, in field order."""
     groups: dict[str, argparse._ArgumentGroup] = {}
+    names = set(only)
     for f in cli_fields():
+        if names and f.name not in names:
+            continue
         name = f.metadata["group"]
         if name not in groups:
             groups[name] = parser.add_argument_group(name, GROUPS.get(name))

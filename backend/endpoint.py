@@ -13,7 +13,6 @@ import http.client
 import itertools
 import json
 import os
-import re
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,8 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from backend import UserError
-from backend.chat import ANSWERS, Batch, Conversation, Judgement, MeteredChat, Usage
+from backend.chat import Batch, Conversation, Judgement, MeteredChat, Usage
+from backend.prompts import parse_answer
 
 JUDGE_TOKENS = 3  # room for "Yes." and little else: the answer is its first word
 
@@ -153,14 +153,6 @@ def parse_reply(answer: bytes, url: str) -> tuple[str, int, int]:
         ) from None
     usage = reply.get("usage") or {}
     return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-
-
-def parse_answer(text: str) -> bool | None:
-    """The reply's first word read as yes (True) or no (False), None if it is neither."""
-    word = re.search(r"[a-z]+", text.lower())
-    if word is None or word.group() not in ANSWERS:
-        return None
-    return word.group() == ANSWERS[0]
 
 
 def server_message(body: bytes) -> str:

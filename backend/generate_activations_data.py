@@ -29,6 +29,7 @@ from backend.analysis import Interrupted, count_windows
 from backend.atomic import check_writable
 from backend.config import RunConfig, add_arguments
 from backend.data import Row, count_rows, peek, read_hub_rows, read_rows, row_content
+from backend.explain import backends, explain_document, summary_line
 from backend.loading import (
     EMBEDDED,
     default_device,
@@ -136,6 +137,14 @@ def run(config: RunConfig) -> int:
     model, tokenizer = load_model(base, config.lora_path, dtype, device, config.device_map)
     config = replace(config, base_model=base.name)  # outputs name the model, not a cache path
     progress = not config.quiet and rank == 0
+    if config.explain and shards > 1:
+        raise UserError(
+            "--explain with --shard: merge the shards, then explain the merged file with "
+            "backend/explain_directions.py"
+        )
+    if config.explain and rank == 0:  # an unusable endpoint fails now, before the pass
+        batch = config.resolved(model).max_batch_tokens
+        chats = backends(config, lambda: (model, tokenizer, base.name, batch))
     state = analyze(
         model, tokenizer, rows, config, checkpoint=checkpoint, slot=slot, progress=progress
     )
@@ -150,12 +159,24 @@ def run(config: RunConfig) -> int:
         state.slot = (shard, shards)
         state.save(config.output)
     else:
-        write_json_atomic(build_document(state), config.output)
+        document = build_document(state)
+        if config.explain:
+            state.save(checkpoint)  # a run killed while explaining resumes here
+            found = explain_document(document, chats, config, explain_cache(config), progress)
+        write_json_atomic(document, config.output)
     for r in range(world):
         checkpoint_path(config, r, world).unlink(missing_ok=True)
     if not config.quiet:
         summary(state, config.output, time.perf_counter() - started)
+        if config.explain:
+            print(summary_line(found))
     return 0
+
+
+def explain_cache(config: RunConfig) -> Path:
+    return config.explain_cache or config.output.with_name(
+        config.output.name + ".explain-cache.jsonl"
+    )
 
 
 def check_effects(config: RunConfig, rows: Iterable[Row]) -> None:

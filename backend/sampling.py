@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from backend.contexts import BatchTokens, unpack
+from backend.contract import QUANTILE_CUTS
 from backend.summaries import Exporter, Range, Shape, Summary, occurrences
 
 SAMPLES = 2  # tokens kept per bucket, and shown per range
@@ -29,7 +30,7 @@ FIRST_EDGE = (127 - 12) << 2  # the bits of 2**-12, shifted
 PER_SIGN = 4 * 24 + 2
 EMPTY = 2**62  # key of an empty slot: every real key is below it
 # Ranges of |activation| shown, as quantiles; each snaps to the nearest bucket edge.
-QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+QUANTILES = (*QUANTILE_CUTS, 1.0)
 
 
 def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -207,18 +208,20 @@ class QuantileSamples(Summary):
         if total == 0:
             return []
         fraction = (below.double() / total).tolist()  # of |activation| below each bucket edge
-        cuts = [0]
+        cuts, names = [0], [QUANTILES[0]]
         for q in QUANTILES[1:-1]:
             # The edge nearest to q that leaves tokens on both sides of it in the ranges left:
-            # where buckets are coarse, two quantiles share a range rather than leave one empty.
+            # where buckets are coarse, two quantiles share a range (the lower names it) rather
+            # than leave one empty.
             inside = [
                 e for e in range(cuts[-1] + 1, PER_SIGN) if fraction[cuts[-1]] < fraction[e] < 1
             ]
             if inside:
                 cuts.append(min(inside, key=lambda e: abs(fraction[e] - q)))
+                names.append(q)
         cuts.append(PER_SIGN)
         ranges = []
-        for first, stop in itertools.pairwise(cuts):
+        for (first, stop), cut in zip(itertools.pairwise(cuts), names, strict=True):
             for sign in (1, -1):
                 examples = self._sample(d, 0 if sign > 0 else 1, first, stop, siblings)
                 if not examples:
@@ -229,6 +232,8 @@ class QuantileSamples(Summary):
                 bounds = [bottom, top] if sign > 0 else [-top, -bottom]
                 ranges.append(
                     {
+                        "sign": sign,
+                        "cut": cut,
                         "quantile_range": [float(fraction[first]), float(fraction[stop])],
                         "value_range": bounds,
                         "examples": examples,

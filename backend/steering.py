@@ -94,7 +94,7 @@ def pinned_generations(
         if model.get_submodule(module.name).merged:  # a merged adapter never calls lora_A
             raise ValueError(f"{module.name}: the adapter is merged into the weights; unmerge it")
     inner = model.get_base_model()  # the transformers model whose generate runs
-    eos = _eos_ids(inner.generation_config.eos_token_id if eos_token_id is ... else eos_token_id)
+    eos = eos_ids(inner.generation_config.eos_token_id if eos_token_id is ... else eos_token_id)
     config = GenerationConfig(
         do_sample=False,
         num_beams=1,
@@ -107,13 +107,13 @@ def pinned_generations(
     for start in range(0, len(pins), step):
         batch = pins[start : start + step]
         input_ids = torch.tensor([prompt] * len(batch), device=input_device(model))  # [R, T]
-        with _pinned(model, batch, adapter), _neutral_generation_config(inner):
+        with _pinned(model, batch, adapter), neutral_generation_config(inner):
             output = model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=config,
             )
-        continuations += [_through_eos(row, eos) for row in output[:, len(prompt) :].tolist()]
+        continuations += [through_eos(row, eos) for row in output[:, len(prompt) :].tolist()]
     return continuations
 
 
@@ -154,7 +154,7 @@ def _pinned(model: nn.Module, pins: Sequence[Pin], adapter: str) -> Iterator[Non
 
 
 @contextlib.contextmanager
-def _neutral_generation_config(inner: nn.Module) -> Iterator[None]:
+def neutral_generation_config(inner: nn.Module) -> Iterator[None]:
     """generate fills every setting the passed config leaves unset from the model's own
     generation_config (a repetition penalty, suppressed or forced tokens, a minimum length...),
     which would change greedy decoding; a fresh config stands in for it during the call. (PEFT's
@@ -167,13 +167,13 @@ def _neutral_generation_config(inner: nn.Module) -> Iterator[None]:
         inner.generation_config = saved
 
 
-def _eos_ids(eos_token_id: int | list[int] | None) -> list[int]:
+def eos_ids(eos_token_id: int | list[int] | None) -> list[int]:
     if eos_token_id is None:
         return []
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def _through_eos(tokens: list[int], eos: list[int]) -> list[int]:
+def through_eos(tokens: list[int], eos: list[int]) -> list[int]:
     """The tokens up to and including the first EOS (all of them if none)."""
     end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
     return tokens[:end]

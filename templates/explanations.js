@@ -110,7 +110,9 @@ const Explanations = (() => {
     const box = el("div", "explanation");
     box.append(el("p", "explanation-text", feature.text));
     const scores = el("p", "explanation-scores", scoreLine(feature));
-    scores.append(" ", el("span", "shuffled", `shuffled: ${scoreLine(feature.shuffled)}`));
+    if (feature.shuffled) { // a direction's features only: neurons have no shuffled baseline
+      scores.append(" ", el("span", "shuffled", `shuffled: ${scoreLine(feature.shuffled)}`));
+    }
     box.append(scores);
     return box;
   }
@@ -284,10 +286,12 @@ const Explanations = (() => {
     row.append(name, el("td", feature.sign === "positive" ? "pos" : "neg", feature.sign));
     for (const measure of MEASURES) {
       const cell = el("td", "score", fmtValue(feature[measure].score, feature[measure].ci));
-      cell.title = `${measure} ${fmtScore(feature[measure])}; shuffled ` +
-        fmtScore(feature.shuffled[measure]);
-      const { score } = feature.shuffled[measure];
-      cell.append(" ", el("span", "shuffled", score === null ? "—" : fixed2(score)));
+      cell.title = `${measure} ${fmtScore(feature[measure])}`;
+      if (feature.shuffled) {
+        cell.title += `; shuffled ${fmtScore(feature.shuffled[measure])}`;
+        const { score } = feature.shuffled[measure];
+        cell.append(" ", el("span", "shuffled", score === null ? "—" : fixed2(score)));
+      }
       row.append(cell);
     }
     row.append(el("td", "explanation-text", feature.text));

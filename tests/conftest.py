@@ -1,10 +1,12 @@
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.browser import browser, open_page  # noqa: F401  (fixtures of every browser test)
+from tests.chat_server import Server
 from tests.tiny import random_texts, save_adapter, save_base
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine competing threads make
@@ -34,3 +36,11 @@ def text_file(tmp_path_factory) -> Path:
     rows[5]["text"] = ""  # an empty row: skipped, but later rows keep their index
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,13 @@ from backend.loading import BaseModel, load_model
 from tests.reference import lora_a_activations
 
 K, W = 5, 3
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "backend" / "generate_activations_data.py")
+
+
+def subprocess_env() -> dict[str, str]:
+    # The same intra-op threads as this process: CPU kernels' rounding depends on the count.
+    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
 
 
 PREFIX = "system: you are a careful assistant; think step by step before you answer. user:"

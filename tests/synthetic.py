@@ -20,6 +20,7 @@ from backend.contract import (
     CLAMPS,
     MODULE_ORDER,
     NEURON_SUMMARIES,
+    QUANTILE_CUTS,
     SIGNS,
     iter_directions,
     iter_examples,
@@ -27,6 +28,7 @@ from backend.contract import (
     vector_label,
     writes_residual,
 )
+from backend.scoring import difference_ci, mean_ci
 
 MLP_MODULES = MODULE_ORDER[:3]
 
@@ -66,7 +68,7 @@ READ_SITES = {
 }
 # Quantile ranges over |activation| that the samples are drawn from (one entry per sign), as
 # the backend writes them, and where their value bounds sit as fractions of the extreme value.
-QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+QUANTILES = (*QUANTILE_CUTS, 1.0)
 VALUE_FRACTIONS = (0.0, 0.1, 0.3, 0.6, 0.85, 1.0)
 MIN_TOKEN_COUNT = 5
 SCALING = 2.0
@@ -341,6 +343,8 @@ def _quantile_range(
     lo, hi = sorted(f * extreme for f in fractions)
     places = _distinct_places(rng, shape.samples, shape.num_examples)
     return {
+        "sign": sign,
+        "cut": quantiles[0],
         "quantile_range": list(quantiles),
         "value_range": [lo, hi],
         "examples": [
@@ -581,15 +585,18 @@ HOSTILE_EXPLANATION = "<img src=x onerror=alert(5)> {{ 7*7 }} & tokens"
 
 def _add_explanations(rng: random.Random, data: dict, hostile: bool) -> None:
     """An explanation for each sign of every direction and baseline neuron, each scored with
-    an interval, its shuffled baseline scoring lower; the run's summary computed from them.
-    With `hostile`, the first explanation's text is markup. The last neuron's (else
-    direction's) negative shuffled fuzzing has no context scored: a null score."""
+    an interval, a direction's shuffled baseline scoring lower (a neuron has none); the run's
+    summary computed from them. With `hostile`, the first explanation's text is markup. The
+    last direction's negative shuffled fuzzing has no context scored: a null score."""
     lora = [ref.direction for ref in iter_directions(data)]
     neurons = data.get("baseline_neurons", [])
     for i, feature in enumerate(lora + neurons):  # with `hostile`, the first text is
         feature["explanations"] = {sign: _explanation(rng, hostile and i == 0) for sign in SIGNS}
-    if lora + neurons:
-        last = (neurons or lora)[-1]["explanations"]["negative"]["shuffled"]
+    for neuron in neurons:
+        for entry in neuron["explanations"].values():
+            del entry["shuffled"]
+    if lora:
+        last = lora[-1]["explanations"]["negative"]["shuffled"]
         last["fuzzing"] = {"score": None, "ci": None, "n": 0}
     summary = {
         "lora": _group(rng, [e for d in lora for e in d["explanations"].values()]),
@@ -657,38 +664,16 @@ def _scores(features: list[dict], measure: str) -> list[float]:
 
 
 def _group(rng: random.Random, explanations: list[dict]) -> dict:
-    """Per measure, the mean of the scores that are not null, with a bootstrap interval."""
+    """Per measure, the mean of the scores that are not null, with its bootstrap interval."""
     group = {}
     for measure in ("detection", "fuzzing"):
         values = [e[measure]["score"] for e in explanations if e[measure]["score"] is not None]
-        mean, ci = _bootstrap(rng, values, [])
-        group[measure] = {"mean": mean, "ci": ci, "n": len(values)}
+        group[measure] = mean_ci(values, RESAMPLES, rng.randrange(2**31))
     return group
 
 
 def _difference(rng: random.Random, a: list[float], b: list[float]) -> dict:
-    mean, ci = _bootstrap(rng, a, b)
-    return {"mean": mean, "ci": ci}
-
-
-def _bootstrap(
-    rng: random.Random, a: list[float], b: list[float]
-) -> tuple[float | None, list[float] | None]:
-    """mean(a) - mean(b) (mean(a) where b is empty) and its 95% percentile interval over
-    RESAMPLES resamples of each; the interval is widened to hold the mean itself."""
-    if not a:
-        return None, None
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values) if values else 0.0
-
-    def resampled(values: list[float]) -> list[float]:
-        return rng.choices(values, k=len(values)) if values else []
-
-    estimate = mean(a) - mean(b)
-    draws = sorted(mean(resampled(a)) - mean(resampled(b)) for _ in range(RESAMPLES))
-    lo, hi = draws[int(0.025 * RESAMPLES)], draws[int(0.975 * RESAMPLES) - 1]
-    return estimate, [min(lo, estimate), max(hi, estimate)]
+    return difference_ci(a, b, RESAMPLES, rng.randrange(2**31))
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:

@@ -130,8 +130,11 @@ def test_the_dashboard_renders_a_file_with_neurons(tmp_path, neurons_file):
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("layer", "baseline_neurons[0].layer: expected one of metadata.lora_layers, got 7"),
-        ("order", "baseline_neurons: expected distinct neurons in (layer, neuron) order"),
+        ("layer", "baseline_neurons[0].layer: expected an adapted layer ["),
+        (
+            "order",
+            "baseline_neurons[1]: expected after the neuron before it, by layer, then neuron",
+        ),
         ("siblings", "baseline_neurons[0].top_positive[0].sibling_activations: expected other"),
         ("bins", "baseline_neurons[0].histogram.counts: expected 50 entries"),
     ],

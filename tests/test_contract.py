@@ -493,9 +493,9 @@ EXPLAINED = f"{GATE}.explanations.positive"
 EXPLANATION_MUTATIONS = [
     ("score above 1", set_in(detection, "score", 1.5), f"{EXPLAINED}.detection.score: expected a"),
     (
-        "score outside its interval",
-        lambda d: detection(d).update(score=0.9, ci=[0.1, 0.5]),
-        f"{EXPLAINED}.detection.ci: expected a range [lo, hi] inside [0, 1] with lo <= score",
+        "interval reversed",
+        lambda d: detection(d).update(score=0.3, ci=[0.5, 0.1]),
+        f"{EXPLAINED}.detection.ci: expected a range [lo, hi] inside [0, 1], got [0.5, 0.1]",
     ),
     (
         "interval without a score",
@@ -533,9 +533,9 @@ EXPLANATION_MUTATIONS = [
     ),
     (
         "difference",
-        lambda d: summary(d)["lora_minus_neurons"]["detection"].update(mean=0.2, ci=[-0.1, 0.1]),
+        lambda d: summary(d)["lora_minus_neurons"]["detection"].update(mean=0.2, ci=[-1.5, 0.1]),
         "explanations.summary.lora_minus_neurons.detection.ci: expected a range [lo, hi] inside "
-        "[-1, 1] with lo <= mean",
+        "[-1, 1], got [-1.5, 0.1]",
     ),
     (
         "difference without neurons",

@@ -22,6 +22,10 @@ SCRIPTS = {
         "### Options of `backend/generate_activations_data.py`",
     ),
     "generate_html_dashboard.py": ("lora-dashboard", "### Options of `generate_html_dashboard.py`"),
+    "backend/explain_directions.py": (
+        "lora-explain",
+        "### Options of `backend/explain_directions.py`",
+    ),
 }
 
 

@@ -4,7 +4,6 @@ the directions and the baseline neurons alike."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,15 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from backend.contract import iter_directions, iter_examples
 from backend.generate_activations_data import main
-from tests.runs import assert_same, tie_heavy_rows
+from tests.runs import SCRIPT, assert_same, subprocess_env, tie_heavy_rows
 from tests.tiny import random_texts
-
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = str(ROOT / "backend" / "generate_activations_data.py")
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +34,6 @@ def args(base, adapter, data, out, *extra) -> list[str]:
             "--num-examples", "all", "--top-k", "6", "--context-window", "2",
             "--max-batch-tokens", "96", "--baseline-neurons", str(NEURONS), "--output", str(out),
             "--quiet", *extra]  # fmt: skip
-
-
-def subprocess_env() -> dict[str, str]:
-    # The same intra-op threads as this process: CPU kernels' rounding depends on the count.
-    return {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
