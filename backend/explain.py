@@ -120,7 +120,8 @@ def explain(document: dict[str, Any], explainer: Chat, scorer: Chat, settings: S
     lora = _features(directions, settings.contexts_per_class)
     baseline = _features(neurons, settings.contexts_per_class)
     features = [f for _, f in lora + baseline]
-    prompts = [explainer_messages(f.explain, f.sign, f.extreme) for f in features]
+    context = settings.context_tokens  # the explainer reads as much context as the scorers
+    prompts = [explainer_messages(f.explain, f.sign, f.extreme, context) for f in features]
     answers = explainer.generate(prompts, EXPLANATION_TOKENS)
     texts = {f.key: parse_explanation(a) for f, a in zip(features, answers, strict=True)}
     shuffled = {}

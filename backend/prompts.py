@@ -105,16 +105,17 @@ def scaled(activation: float | None, sign: int, extreme: float) -> int:
 
 
 def explainer_messages(
-    examples: list[dict[str, Any]], sign: int, extreme: float
+    examples: list[dict[str, Any]], sign: int, extreme: float, context: int | None = None
 ) -> list[dict[str, str]]:
-    """The explainer's prompt: each Example's whole window with its target marked, then its
-    tokens of nonzero scaled activation with their values."""
+    """The explainer's prompt: each Example's window (trimmed to `context` tokens on each side
+    of its target, as the scorers see it; None: whole) with its target marked, then its tokens
+    of nonzero scaled activation there with their values."""
     blocks = []
     for number, example in enumerate(examples, 1):
-        tokens = example["tokens"]
-        text = render(tokens, {example["target"]}, range(len(tokens)))
-        values = [scaled(a, sign, extreme) for a in example["activations"]]
-        pairs = zip(tokens, values, strict=True)
+        tokens, shown = example["tokens"], window(example, context)
+        text = render(tokens, {example["target"]}, shown)
+        values = [scaled(example["activations"][i], sign, extreme) for i in shown]
+        pairs = zip((tokens[i] for i in shown), values, strict=True)
         active = ", ".join(f"{json.dumps(t, ensure_ascii=False)}: {v}" for t, v in pairs if v)
         blocks.append(f"Example {number}: {text}\nActivations: {active or 'none'}")
     user = "\n\n".join(blocks) + "\n\nWhat do the marked tokens have in common?"

@@ -101,6 +101,16 @@ def test_explainer_prompt_shows_every_token_of_the_window():
     )
 
 
+def test_explainer_prompt_trims_the_window_as_the_scorers_do():
+    # context 2: the target and 2 tokens before it; the activations shown are those inside
+    tokens = [f" w{i}" for i in range(9)]
+    messages = explainer_messages([example(tokens, [3.0] + [0.0] * 7 + [1.0], 8)], 1, 2.0, 2)
+    assert messages[1]["content"] == (
+        'Example 1:  w6 w7<< w8>>\nActivations: " w8": 5\n\n'
+        "What do the marked tokens have in common?"
+    )
+
+
 def test_show_escapes_what_could_break_the_line_or_fake_a_marker():
     assert show("a\nb") == "a\\nb"
     assert show("\r\n\t") == "\\r\\n\\t"
