@@ -290,18 +290,18 @@ def base_model(model: nn.Module) -> Iterator[None]:
 def budget_batches(
     order: list[int], prompts: list[list[int]], extra: int, budget: int, share: bool = False
 ) -> Iterator[list[int]]:
-    """Consecutive runs of `order` whose padded size, rows × (longest prompt + extra), fits the
-    budget; a prompt that alone exceeds it is a batch of its own.
-
-    share (judgements, `order` sorted so that shared prefixes are adjacent): a prompt that
-    would shorten the batch's shared prefix also starts a new batch where it and the prompts
-    after it compute fewer tokens apart (computed_tokens): a batch then ends where the next
-    explanation's prompts begin, not only where the budget does."""
+    """Consecutive runs of `order` whose size fits the budget; a prompt that alone exceeds it is
+    a batch of its own. The size: rows × (longest prompt + extra), padded; with share
+    (judgements, `order` sorted so that shared prefixes are adjacent, their common prefix run
+    once), the tokens the batch computes (computed_tokens). Batches span explanations and share
+    what all their prompts do, the instruction at least: a forward costs about the same for a
+    few rows as for many on a CPU, and a batch per explanation (a few contexts each) made the
+    demo's scoring several times slower than its tokens."""
+    size = computed_tokens if share else lambda rows, prompts: padded_tokens(rows, prompts, extra)
     batch: list[int] = []
-    for n, i in enumerate(order):
+    for i in order:
         rows = [*batch, i]
-        full = padded_tokens(rows, prompts, extra) > budget
-        if batch and (full or (share and apart(batch, order[n:], prompts, budget))):
+        if batch and size(rows, prompts) > budget:
             yield batch
             rows = [i]
         batch = rows
@@ -311,20 +311,6 @@ def budget_batches(
 
 def padded_tokens(rows: list[int], prompts: list[list[int]], extra: int) -> int:
     return len(rows) * (max(len(prompts[i]) for i in rows) + extra)
-
-
-def apart(batch: list[int], rest: list[int], prompts: list[list[int]], budget: int) -> bool:
-    """Whether the next prompts (rest[:k], for some k up to what one batch could hold) compute
-    fewer tokens as a batch of their own than within `batch`."""
-    rows = [prompts[j] for j in batch]
-    if shared_prefix([*rows, prompts[rest[0]]]) == shared_prefix(rows):
-        return False  # rest[0] takes nothing from the batch's prefix
-    cost = computed_tokens(batch, prompts)
-    room = rest[: max(1, budget // len(prompts[rest[0]]))]
-    return any(
-        cost + computed_tokens(room[:k], prompts) < computed_tokens(batch + room[:k], prompts)
-        for k in range(1, len(room) + 1)
-    )
 
 
 def computed_tokens(rows: list[int], prompts: list[list[int]]) -> int:

@@ -46,13 +46,14 @@ def handler(server: Server) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             how = server.next(dict(self.headers), body)
+            self.counted = True  # in flight until its answer starts out (send), or it fails
             try:
                 time.sleep(server.delay)
                 self.answer(how, body)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout)
                 pass
             finally:
-                server.done()
+                self.finish_request()
 
         def answer(self, how: tuple, body: dict) -> None:
             if self.path != "/v1/chat/completions":
@@ -81,8 +82,15 @@ def handler(server: Server) -> type[BaseHTTPRequestHandler]:
             for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
                 self.send_header(name, value)
             self.send_header("Content-Length", str(len(data)))
+            # Out of flight before the client can read the answer and send its next request.
+            self.finish_request()
             self.end_headers()
             self.wfile.write(data)
+
+        def finish_request(self) -> None:
+            if self.counted:
+                self.counted = False
+                server.done()
 
         def log_message(self, *_: object) -> None:  # quiet
             pass

@@ -22,6 +22,7 @@ from backend.chat import (
     MeteredChat,
     Usage,
     budget_batches,
+    computed_tokens,
 )
 from backend.endpoint import EndpointChat
 from backend.loading import BaseModel, load_base
@@ -276,8 +277,8 @@ def test_local_judge_against_a_forward_per_conversation(arch, request):
 
 
 def test_local_judge_computes_a_shared_prefix_once(peft_model):
-    """The prefix path really runs: per explanation, a one-row forward of what its prompts
-    share (instruction and explanation), then only their short rests."""
+    """The prefix path really runs: a one-row forward of what the batch's prompts share (the
+    instruction), then only their rests."""
     model, tokenizer = peft_model
     conversations = scoring_conversations()
     shapes: list[tuple[int, int]] = []
@@ -289,18 +290,15 @@ def test_local_judge_computes_a_shared_prefix_once(peft_model):
         shared = LocalChat(model, tokenizer, "tiny", 4096).judge(conversations)
     finally:
         handle.remove()
-    longest = max(len(prompt_of(tokenizer, c)) for c in conversations)
+    prompts = [prompt_of(tokenizer, c) for c in conversations]
+    longest = max(len(p) for p in prompts)
     assert plain_shapes == [(len(conversations), longest)]
-    expected = []
-    for group in (conversations[:4], conversations[4:]):  # one explanation each
-        prompts = [prompt_of(tokenizer, c) for c in group]
-        prefix = next(n for n in itertools.count() if len({tuple(p[: n + 1]) for p in prompts}) > 1)
-        expected += [(1, prefix), (4, max(len(p) for p in prompts) - prefix)]
-    assert sorted(shapes) == sorted(expected)
+    prefix = next(n for n in itertools.count() if len({tuple(p[: n + 1]) for p in prompts}) > 1)
+    assert shapes == [(1, prefix), (len(conversations), longest - prefix)]
     assert [j.p_yes for j in shared] == pytest.approx([j.p_yes for j in plain], abs=1e-5)
 
 
-def test_judgement_batches_end_where_the_next_explanation_begins():
+def test_judgement_batches_fill_a_budget_of_computed_tokens():
     instruction = list(range(100, 140))
     prompts = [
         [*instruction, *[explanation] * 20, context, 7]
@@ -308,12 +306,14 @@ def test_judgement_batches_end_where_the_next_explanation_begins():
         for context in (3, 4, 5, 6)
     ]
     order = sorted(range(8), key=lambda i: prompts[i])
-    assert list(budget_batches(order, prompts, 0, 10_000, share=True)) == [order[:4], order[4:]]
-    assert list(budget_batches(order, prompts, 0, 10_000)) == [order]
-    small = list(budget_batches(order, prompts, 0, 3 * 62, share=True))  # 3 rows of 62 tokens
-    # the last prompt of the first explanation, alone, is cheaper with the instruction shared
-    assert small == [order[:3], order[3:6], order[6:]]
-    unrelated = [[i, 50, 51] for i in range(6)]  # nothing to share: only the budget splits
+    assert list(budget_batches(order, prompts, 0, 10_000, share=True)) == [order]
+    # One explanation's 4 rows share 60 tokens and compute 68; a fifth, of the other, leaves
+    # the instruction's 40 shared: 40 + 5 * 22 = 150 > 140.
+    assert list(budget_batches(order, prompts, 0, 140, share=True)) == [order[:4], order[4:]]
+    assert computed_tokens(order[:4], prompts) == 60 + 4 * 2  # one explanation: more shared
+    # Padded, a budget of 3 rows of 62 tokens.
+    assert list(budget_batches(order, prompts, 0, 3 * 62)) == [order[:3], order[3:6], order[6:]]
+    unrelated = [[i, 50, 51] for i in range(6)]  # nothing to share: the rows alone count
     assert list(budget_batches(list(range(6)), unrelated, 0, 12, share=True)) == [
         [0, 1, 2, 3],
         [4, 5],
