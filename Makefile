@@ -37,7 +37,7 @@ demo: $(VENV)/.installed
 		--data-file demo/data/heldout.jsonl \
 		--num-examples all --store-sequences \
 		--effects 2 --effects-max-length 256 \
-		--explain --baseline-neurons 1 --explain-contexts 4 --explain-context-tokens 3 \
+		--explain --baseline-neurons 1 --explain-contexts 3 --explain-context-tokens 3 \
 		--output backend/activations_data.json
 	$(BIN)/python generate_html_dashboard.py \
 		--data backend/activations_data.json \

@@ -42,7 +42,7 @@ from backend.scoring import auroc, derangement, difference_ci, mean_ci, score
 
 KINDS = ("detection", "fuzzing")
 SIGN_OF = dict(zip(SIGNS, (1, -1), strict=True))  # "positive" -> 1, "negative" -> -1
-EXPLANATION_TOKENS = 32  # the longest explanation the explainer may write, in tokens: a phrase
+EXPLANATION_TOKENS = 24  # the longest explanation the explainer may write, in tokens: a phrase
 
 
 @dataclass(frozen=True)
