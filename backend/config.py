@@ -235,7 +235,7 @@ class RunConfig:
         "http://127.0.0.1:8000/v1 (vLLM, a llama.cpp server, a hosted API)",
         None,
         metavar="URL",
-        shown="the run's base model, adapter disabled",
+        shown="the base model, adapter disabled",
     )
     explainer_model: str | None = option(
         "explain", "the endpoint's model name (with --explainer-url)", None, metavar="NAME"

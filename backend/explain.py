@@ -29,9 +29,16 @@ from typing import Any
 
 from backend import UserError
 from backend.chat import Cache, Chat, LocalChat, MeteredChat
-from backend.contract import SIGNS, iter_directions, neuron_key
+from backend.contract import iter_directions, neuron_key
 from backend.endpoint import EndpointChat
-from backend.features import Feature, detection_cases, feature, fuzz_cases
+from backend.features import (
+    SIGN_NAMES,
+    TOP_LISTS,
+    Feature,
+    detection_cases,
+    feature,
+    fuzz_cases,
+)
 from backend.prompts import (
     detection_messages,
     explainer_messages,
@@ -41,7 +48,7 @@ from backend.prompts import (
 from backend.scoring import auroc, derangement, difference_ci, mean_ci, score
 
 KINDS = ("detection", "fuzzing")
-SIGN_OF = dict(zip(SIGNS, (1, -1), strict=True))  # "positive" -> 1, "negative" -> -1
+SIGN_OF = {name: sign for sign, name in SIGN_NAMES.items()}  # "positive" -> 1, "negative" -> -1
 EXPLANATION_TOKENS = 24  # the longest explanation the explainer may write, in tokens: a phrase
 
 
@@ -57,12 +64,11 @@ class Settings:
 
 def _features(items: list[tuple[str, dict]], contexts: int) -> list[tuple[dict, Feature]]:
     """Each item's features, of the signs it has top examples of: (item, feature)."""
-    top = {1: "top_positive", -1: "top_negative"}
     return [
         (item, feature(item, key, sign, contexts))
         for key, item in items
-        for sign in SIGN_OF.values()
-        if item[top[sign]]
+        for sign, top in TOP_LISTS.items()
+        if item[top]
     ]
 
 
@@ -155,7 +161,7 @@ def explain(document: dict[str, Any], explainer: Chat, scorer: Chat, settings: S
             entry = {"text": texts[f.key], **scores(f, "own")}
             if baselines:
                 entry["shuffled"] = scores(f, "shuffled")
-            item.setdefault("explanations", {})[SIGNS[f.sign < 0]] = entry
+            item.setdefault("explanations", {})[SIGN_NAMES[f.sign]] = entry
     return {"summary": _summary(lora, baseline, settings), "settings": asdict(settings)}
 
 
@@ -166,7 +172,7 @@ def _summary(lora: list, baseline: list, settings: Settings) -> dict:
     def values(pairs: list, kind: str, variant: str | None = None) -> list[float]:
         found = []
         for item, f in pairs:
-            entry = item["explanations"][SIGNS[f.sign < 0]]
+            entry = item["explanations"][SIGN_NAMES[f.sign]]
             value = (entry[variant] if variant else entry)[kind]["score"]
             if value is not None:
                 found.append(value)
@@ -223,6 +229,11 @@ def backends(options: Any, local: Local) -> tuple[MeteredChat, MeteredChat]:
         raise UserError("--scorer-model names a model of an endpoint: give --scorer-url")
     key_env = o.scorer_key_env or (o.explainer_key_env if url == o.explainer_url else None)
     return explainer, backend(url, o.scorer_model, key_env, "scorer")
+
+
+def cache_path(given: Path | None, output: Path) -> Path:
+    """--explain-cache, or by default the output's name with .explain-cache.jsonl appended."""
+    return given or output.with_name(output.name + ".explain-cache.jsonl")
 
 
 def explain_document(

@@ -24,7 +24,7 @@ from backend.atomic import check_writable
 from backend.config import EXPLAIN_OPTIONS, add_arguments, default_batch_tokens
 from backend.contract import ContractError, validate
 from backend.embedded import EMBEDDED_MODEL_ID
-from backend.explain import backends, explain_document, summary_line
+from backend.explain import backends, cache_path, explain_document, summary_line
 from backend.loading import (
     EMBEDDED,
     default_device,
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         return model.eval(), tokenizer, base.name, default_batch_tokens(model.device)
 
     chats = backends(args, local)
-    cache = args.explain_cache or output.with_name(output.name + ".explain-cache.jsonl")
+    cache = cache_path(args.explain_cache, output)
     found = explain_document(document, chats, args, cache, progress=not args.quiet)
     write_json_atomic(document, output)
     if not args.quiet:

@@ -27,10 +27,11 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from backend.contract import EXAMPLE_LISTS, SIGNS
 from backend.prompts import window
 
-SIGN_NAMES = {1: "positive", -1: "negative"}
-TOP_LISTS = {1: "top_positive", -1: "top_negative"}
+SIGN_NAMES = dict(zip((1, -1), SIGNS, strict=True))  # 1 -> "positive", -1 -> "negative"
+TOP_LISTS = dict(zip((1, -1), EXAMPLE_LISTS, strict=True))  # 1 -> "top_positive", ...
 ACTIVATING_CUT = 0.9
 
 Example = dict[str, Any]

@@ -29,7 +29,7 @@ from backend.analysis import Interrupted, count_windows
 from backend.atomic import check_writable
 from backend.config import RunConfig, add_arguments
 from backend.data import Row, count_rows, peek, read_hub_rows, read_rows, row_content
-from backend.explain import backends, explain_document, summary_line
+from backend.explain import backends, cache_path, explain_document, summary_line
 from backend.loading import (
     EMBEDDED,
     default_device,
@@ -162,7 +162,9 @@ def run(config: RunConfig) -> int:
         document = build_document(state)
         if config.explain:
             state.save(checkpoint)  # a run killed while explaining resumes here
-            found = explain_document(document, chats, config, explain_cache(config), progress)
+            found = explain_document(
+                document, chats, config, cache_path(config.explain_cache, config.output), progress
+            )
         write_json_atomic(document, config.output)
     for r in range(world):
         checkpoint_path(config, r, world).unlink(missing_ok=True)
@@ -171,12 +173,6 @@ def run(config: RunConfig) -> int:
         if config.explain:
             print(summary_line(found))
     return 0
-
-
-def explain_cache(config: RunConfig) -> Path:
-    return config.explain_cache or config.output.with_name(
-        config.output.name + ".explain-cache.jsonl"
-    )
 
 
 def check_effects(config: RunConfig, rows: Iterable[Row]) -> None:
