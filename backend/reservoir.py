@@ -79,7 +79,8 @@ class Reservoir(Summary):
         self._keep(meta, lambda i: self._windows(batch, passing[i]))
 
     def _windows(self, batch: BatchTokens, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The windows of real tokens n [E]: ids [E, C] and every direction's acts [E, D, C]."""
+        """The windows of real tokens n [E]: ids [E, C] and every direction's acts [E, D, C] (a
+        view of [D, E, C]: gathered direction by direction, stored token by token)."""
         ids, _, _ = batch.contexts(torch.zeros_like(n), n)  # [E, C], -1 outside the sequence
         w = self.shape.window
         offsets = torch.arange(-w, w + 1, device=n.device)
@@ -87,7 +88,7 @@ class Reservoir(Summary):
         acts = batch.acts.index_select(1, at.flatten()).view(-1, *at.shape)  # [D, E, C]
         # Outside the sequence the batch holds other rows' tokens, or padding: zeros instead,
         # so that the state does not depend on how the rows were batched.
-        return ids, acts.transpose(0, 1).masked_fill(ids[:, None, :] < 0, 0.0)
+        return ids, acts.masked_fill_(ids < 0, 0.0).transpose(0, 1)
 
     def _keep(self, meta: torch.Tensor, contexts: Contexts) -> None:
         """Keep the K distinct windows of smallest key among the kept ones and the candidates
