@@ -106,8 +106,8 @@ class Reservoir(Summary):
         stays, entering = chosen[chosen < size], chosen[chosen >= size] - size
         if len(entering) == 0:
             return
-        # The filled slots are the first ones: those left are the evicted ones, then the empty
-        # ones, and there are at least as many entering as evicted, so the filled stay first.
+        # The filled slots are the first ones, so the free ones are the evicted, then the empty
+        # ones; at least as many enter as leave, and so the filled ones stay first.
         free = torch.ones(size, dtype=torch.bool, device=index.device)
         free[stays] = False
         slots = free.nonzero().squeeze(1)[: len(entering)]
@@ -117,8 +117,9 @@ class Reservoir(Summary):
         self.acts[slots] = acts
 
     def merge(self, other: Reservoir) -> None:
-        """The union's K distinct windows of smallest key: a window kept by neither has at
-        least K windows of smaller key in one of them."""
+        """The union's K distinct windows of smallest key, exactly: a window's token of least
+        key lies in one of the two, which keeps it there unless K windows of smaller key beat
+        it, and those it keeps."""
         index = (other.meta[:, 0] < EMPTY).nonzero().squeeze(1)
         if len(index):
             self._keep(other.meta[index], lambda i: (other.ids[index[i]], other.acts[index[i]]))
