@@ -88,6 +88,7 @@ class Analysis:
             device,
             siblings=sibling_table(self.modules, first, capture.num_directions),
             vocab_size=model.get_input_embeddings().weight.shape[0],
+            below_median=config.below_median_contexts,
         )
         self.model, self.first = model, first
         effects = logit_effects(model, self.modules, config.logit_tokens)

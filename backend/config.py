@@ -275,6 +275,17 @@ class RunConfig:
         parse=positive_int,
         metavar="N",
     )
+    below_median_contexts: int | None = option(
+        "explain",
+        "non-activating contexts kept per direction and sign for scoring: the quantile samples' "
+        "lowest range (below the sign's median magnitude) shows up to N, sampled exactly in "
+        "the pass from a reservoir of 64 N windows; 0: the range's 2 samples",
+        None,
+        parse=non_negative_int,
+        metavar="N",
+        shown="--explain-contexts with --explain, else 0",
+        identity=True,
+    )
     explain_context_tokens: int | None = option(
         "explain",
         "tokens on each side of a scored context's target",
@@ -389,7 +400,11 @@ class RunConfig:
         dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
         budget = self.max_batch_tokens or default_batch_tokens(input_device(model))
         return replace(
-            self, dtype=dtype, max_batch_tokens=budget, baseline_neurons=self.neurons_per_layer
+            self,
+            dtype=dtype,
+            max_batch_tokens=budget,
+            baseline_neurons=self.neurons_per_layer,
+            below_median_contexts=self.below_median,
         )
 
     @property
@@ -398,6 +413,14 @@ class RunConfig:
         if self.baseline_neurons is not None:
             return self.baseline_neurons
         return EXPLAIN_NEURONS if self.explain else 0
+
+    @property
+    def below_median(self) -> int:
+        """--below-median-contexts, or its default: as many as the activating ones when
+        explaining."""
+        if self.below_median_contexts is not None:
+            return self.below_median_contexts
+        return self.explain_contexts if self.explain else 0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:

@@ -56,6 +56,18 @@ def _mixed(padded: torch.Tensor, window: int, length: int) -> torch.Tensor:
     return key * _KEY_MIX[2]
 
 
+EMPTY = 2**62  # the key of an empty slot: every token's key (token_keys) is below it
+
+
+def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """A pseudo-random key in [0, 2**62) per token, from its example index and position only."""
+    h = (example << 24) ^ position  # int64; the multiplications below wrap around
+    for multiplier, shift in ((0x9E3779B97F4A7C1, 31), (0x3C6EF372FE94F82B, 29)):
+        h = h * multiplier
+        h = h ^ ((h >> shift) & ((1 << (64 - shift)) - 1))  # a logical shift right
+    return h & (EMPTY - 1)
+
+
 @dataclass
 class BatchTokens:
     acts: torch.Tensor  # [D, B*L] float32, row-major over (sequence, position)

@@ -1,7 +1,7 @@
 """A seeded reservoir of context windows shared by every direction: the K distinct windows of
 smallest key over the whole run, each with every direction's activations on it.
 
-A token's key (backend.sampling.token_keys) depends on its example index and position alone,
+A token's key (backend.contexts.token_keys) depends on its example index and position alone,
 not on any direction. So the K distinct context windows of smallest key (a window's key: that of
 its token of smallest key, the one it is kept at) are one set for all directions, kept once. For
 any direction, sign and range of |activation|, the kept windows whose token falls in the range,
@@ -23,8 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from backend.contexts import BatchTokens, Example, unpack
-from backend.sampling import EMPTY, token_keys
+from backend.contexts import EMPTY, BatchTokens, Example, token_keys, unpack
 from backend.summaries import Shape, Summary
 
 EMPTY_SLOT = (EMPTY, -1, -1, 0)  # meta of an empty slot: key, example, position, window key

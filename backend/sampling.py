@@ -14,12 +14,14 @@ one would. Exact counts per bucket turn ranges of whole buckets into quantile ra
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 import torch
 
-from backend.contexts import BatchTokens, unpack
+from backend.contexts import EMPTY, BatchTokens, token_keys, unpack
 from backend.contract import QUANTILE_CUTS
+from backend.reservoir import Reservoir
 from backend.summaries import Exporter, Range, Shape, Summary, occurrences
 
 SAMPLES = 2  # tokens kept per bucket, and shown per range
@@ -28,18 +30,11 @@ SAMPLES = 2  # tokens kept per bucket, and shown per range
 SHIFT = 21
 FIRST_EDGE = (127 - 12) << 2  # the bits of 2**-12, shifted
 PER_SIGN = 4 * 24 + 2
-EMPTY = 2**62  # key of an empty slot: every real key is below it
+# Windows the reservoir keeps per below-median context shown (Shape.below_median): a sign with
+# half of the tokens has a quarter of them below its median, about 16 times as many as shown.
+RESERVOIR_PER_CONTEXT = 64
 # Ranges of |activation| shown, as quantiles; each snaps to the nearest bucket edge.
 QUANTILES = (*QUANTILE_CUTS, 1.0)
-
-
-def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """A pseudo-random key in [0, 2**62) per token, from its example index and position only."""
-    h = (example << 24) ^ position  # int64; the multiplications below wrap around
-    for multiplier, shift in ((0x9E3779B97F4A7C1, 31), (0x3C6EF372FE94F82B, 29)):
-        h = h * multiplier
-        h = h ^ ((h >> shift) & ((1 << (64 - shift)) - 1))  # a logical shift right
-    return h & (EMPTY - 1)
 
 
 class QuantileSamples(Summary):
@@ -49,7 +44,9 @@ class QuantileSamples(Summary):
     - slot [rows, SAMPLES] int64: where in the pool its context lies;
     - the pool, one entry per slot: ids [R*SAMPLES, C] int32 (the window's token ids, -1 outside
       the sequence) and floats [R*SAMPLES, 1 + C + S*C] (the activation, the window's
-      activations, and its S siblings' activations there).
+      activations, and its S siblings' activations there);
+    - with Shape.below_median, a Reservoir (backend.reservoir) of RESERVOIR_PER_CONTEXT windows
+      per context shown, from which the lowest range takes its samples where it has more.
     The slots of a row reorder, but a context never moves: one that enters takes the pool entry
     of the one it evicts, so a merge rewrites keys and pool indices, and reads and writes the
     contexts of the entering tokens only.
@@ -69,6 +66,10 @@ class QuantileSamples(Summary):
         self.ids = torch.full((rows * SAMPLES, c), -1, dtype=torch.int32, device=device)
         self.floats = torch.zeros(rows * SAMPLES, 1 + c + s * c, device=device)
         self.range = Range(d, device)  # the extremes bound the outer ranges on export
+        # More samples of the lowest range than its buckets keep, for scoring explanations.
+        self.reservoir = None
+        if shape.below_median:
+            self.reservoir = Reservoir(shape, RESERVOIR_PER_CONTEXT * shape.below_median)
         bits = (torch.arange(PER_SIGN - 1, dtype=torch.int32) + FIRST_EDGE) << SHIFT
         self.edges = bits.view(torch.float32).to(device)  # bucket j: edges[j-1] <= |x| < edges[j]
         # A float32's top 11 bits (sign, exponent, 2 mantissa bits) give its bucket. Per
@@ -88,10 +89,6 @@ class QuantileSamples(Summary):
     def key(self) -> torch.Tensor:
         return self.meta[..., 0]
 
-    @property
-    def example(self) -> torch.Tensor:
-        return self.meta[..., 1]
-
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """[D, N] int32: each activation's code (see row_of)."""
         code = x.view(torch.int32) >> SHIFT  # [-1024, 1024)
@@ -101,6 +98,8 @@ class QuantileSamples(Summary):
     def update(self, batch: BatchTokens) -> None:
         x = batch.x
         self.range.update(batch)
+        if self.reservoir is not None:
+            self.reservoir.update(batch)
         # Work per code, not per row, over [D, N]: the counts and limits of the few thousand
         # codes map to rows afterwards, so no [D, N] tensor of rows is ever made.
         code = self.codes(x)  # [D, N]
@@ -173,10 +172,23 @@ class QuantileSamples(Summary):
     def merge(self, other: QuantileSamples) -> None:
         self.counts += other.counts
         self.range.merge(other.range)
+        if self.reservoir is not None:
+            self.reservoir.merge(other.reservoir)
         rows = torch.arange(self.meta.shape[0], device=self.meta.device)
         ref = other.slot.where(other.key < EMPTY, -1)  # a candidate's reference: its pool entry
         contexts = lambda i: (other.ids[i], other.floats[i])  # noqa: E731
         self._merge_rows(rows, other.meta, ref, contexts)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        if self.reservoir is not None:
+            state |= {f"reservoir.{k}": v for k, v in self.reservoir.state_dict().items()}
+        return state
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        super().load(state)
+        if self.reservoir is not None:
+            self.reservoir.load({k: state[f"reservoir.{k}"] for k in self.reservoir.STATE})
 
     def fields(self, d: int, doc: Exporter) -> dict[str, Any]:
         lo, hi = self.range.of(d)
@@ -187,14 +199,17 @@ class QuantileSamples(Summary):
             ]
         }
 
+    def _kept(self) -> list[Summary]:
+        return [self] if self.reservoir is None else [self, self.reservoir]
+
     def examples(self) -> torch.Tensor:
-        return self.example.flatten()
+        return torch.cat([s.meta[..., 1].flatten() for s in self._kept()])
 
     def token_ids(self) -> torch.Tensor:
-        return self.ids.flatten()
+        return torch.cat([s.ids.flatten() for s in self._kept()])
 
     def windows(self) -> torch.Tensor:
-        return self.ids.long()
+        return torch.cat([s.ids.long() for s in self._kept()])
 
     def export(self, d: int, lo: float, hi: float, siblings: list[int]) -> list[dict]:
         """Direction d's samples by range of |activation|: one entry per range and sign.
@@ -224,6 +239,12 @@ class QuantileSamples(Summary):
         for (first, stop), cut in zip(itertools.pairwise(cuts), names, strict=True):
             for sign in (1, -1):
                 examples = self._sample(d, 0 if sign > 0 else 1, first, stop, siblings)
+                if first == 0 and self.reservoir is not None:
+                    top = float(self.edges[stop - 1]) if stop < PER_SIGN else math.inf
+                    below = self.reservoir.sample(
+                        d, sign, 0.0, top, self.shape.below_median, siblings
+                    )
+                    examples = below if len(below) > len(examples) else examples
                 if not examples:
                     continue
                 bottom = 0.0 if first == 0 else float(self.edges[first - 1])

@@ -24,7 +24,9 @@ from backend.tracking import Tracker
 
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
-VERSION = 6  # 6: baseline neurons; 5: the effects (--effects); 4: top-k windows keep their keys
+# 7: below-median contexts (the reservoir); 6: baseline neurons; 5: the effects (--effects);
+# 4: top-k windows keep their keys
+VERSION = 7
 COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
 # Every process and shard reads all the rows, so each counts all skipped ones: these are not
 # summed when states merge.

@@ -33,6 +33,7 @@ class Shape:
     siblings: torch.Tensor  # [D, S] sibling directions of each direction, -1 where fewer
     vocab_size: int  # 0: no vocabulary known
     device: torch.device
+    below_median: int = 0  # contexts shown below each sign's median (0: the quantile samples')
 
     def options(self) -> dict[str, int]:
         """The plain numbers of the shape, as the state stores them."""
@@ -42,6 +43,7 @@ class Shape:
             "window": self.window,
             "bins": self.bins,
             "vocab_size": self.vocab_size,
+            "below_median": self.below_median,
         }
 
 

@@ -572,12 +572,14 @@ class Tracker:
         device: torch.device,
         siblings: torch.Tensor | None = None,  # [D, S] see backend.contexts; None: no siblings
         vocab_size: int = 0,  # token profiles need ids below it; 0: no token profiles
+        below_median: int = 0,  # contexts the quantile samples show below the median, if more
     ) -> None:
         if siblings is None:
             siblings = torch.empty(num_directions, 0, dtype=torch.long)
         self.shape = Shape(
-            num_directions, top_k, context_window, bins, siblings.to(device), vocab_size, device
-        )
+            num_directions, top_k, context_window, bins, siblings.to(device), vocab_size, device,
+            below_median,
+        )  # fmt: skip
         self.summaries = {cls.name: cls(self.shape) for cls in SUMMARIES if cls.applies(self.shape)}
 
     def __getattr__(self, name: str) -> Summary:
@@ -619,7 +621,7 @@ class Tracker:
         o = state["shape"]
         tracker = cls(
             o["num_directions"], o["top_k"], o["window"], o["bins"], device, state["siblings"],
-            o["vocab_size"],
+            o["vocab_size"], o["below_median"],
         )  # fmt: skip
         for name, summary in tracker.summaries.items():
             summary.load(state["summaries"][name])

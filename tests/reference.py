@@ -14,7 +14,9 @@ import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
+from backend.contexts import token_keys
 from backend.contract import iter_examples
+from backend.sampling import RESERVOIR_PER_CONTEXT
 
 
 def lora_a_activations(model, sequences) -> dict[tuple[int, str, int], list[np.ndarray]]:
@@ -115,6 +117,53 @@ def top_windows(
         )
     found.sort(key=lambda w: (-abs(w["value"]), w["shown"]))
     return found[:k]
+
+
+def below_median_sample(
+    per_example: list[np.ndarray], seqs, window: int, n: int, sign: int, top: float, inclusive: bool
+) -> list[tuple[int, int]] | None:
+    """The lowest range's reservoir sample by definition: of every token grouped by its window,
+    each window's token of smallest key; the RESERVOIR_PER_CONTEXT * n windows of smallest such
+    key; in key order, the first n whose token has the sign and |activation| below `top` (at
+    most `top` if `inclusive`), as (example index, token index). None where a kept token's
+    activation lies within rounding of 0 or of `top`: another forward pass may place it either
+    side."""
+    best: dict[tuple, tuple[int, int, int]] = {}  # window -> (key, position in seqs, token)
+    for e, s in enumerate(seqs):
+        tokens = torch.arange(len(s.input_ids))
+        keys = token_keys(torch.full_like(tokens, s.example_index), tokens).tolist()
+        for t, key in enumerate(keys):
+            w = window_of(s.input_ids, t, window)
+            best[w] = min(best.get(w, (key, e, t)), (key, e, t))
+    chosen = []
+    for _, e, t in sorted(best.values())[: RESERVOIR_PER_CONTEXT * n]:
+        x = float(per_example[e][t])
+        if abs(x) < 1e-6 or abs(abs(x) - top) <= 1e-5 * top:
+            return None
+        if (x < 0) == (sign < 0) and (abs(x) < top or inclusive):
+            chosen.append((seqs[e].example_index, t))
+    return chosen[:n]
+
+
+def check_below_median(direction, per_example, seqs, window: int, n: int) -> int:
+    """Each sign's lowest quantile range against `below_median_sample`, where the reservoir's
+    sample is the one shown (more than the range's own 2 samples); how many signs compared."""
+    compared = 0
+    for entry in direction["quantile_samples"]:
+        if entry["cut"] != 0:
+            continue
+        sign = entry["sign"]
+        top = max(abs(v) for v in entry["value_range"])
+        extreme = direction["stats"]["max"] if sign > 0 else -direction["stats"]["min"]
+        expected = below_median_sample(
+            per_example, seqs, window, n, sign, top, inclusive=top == extreme
+        )
+        got = [(e["example_index"], e["token_index"]) for e in entry["examples"]]
+        assert len(got) <= n and len(set(got)) == len(got)
+        if expected is not None and len(expected) > 2:
+            assert got == expected
+            compared += 1
+    return compared
 
 
 def assert_histogram(hist: dict, values: np.ndarray, rel: float = 1e-5, abs: float = 1e-6) -> None:

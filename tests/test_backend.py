@@ -12,14 +12,19 @@ import torch
 from backend import UserError
 from backend.capture import ActivationCapture, read_sites
 from backend.config import RunConfig
-from backend.contract import validate
+from backend.contract import iter_directions, validate
 from backend.data import read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.loading import BaseModel, load_model
 from backend.pipeline import analyze
 from backend.tracking import Tracker
-from tests.reference import assert_histogram, check_summaries, lora_a_activations
+from tests.reference import (
+    assert_histogram,
+    check_below_median,
+    check_summaries,
+    lora_a_activations,
+)
 from tests.runs import K, W, load, reference, run_cli
 from tests.synthetic import assert_consistent
 from tests.tiny import random_texts, save_adapter
@@ -38,11 +43,21 @@ def check_against_reference(doc, values, seqs, tokenizer):
 
 
 def test_cli_matches_brute_force_qwen2_rank1(tmp_path, qwen2_base, rank1_adapter, text_file):
-    doc = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--max-batch-tokens", "64")
+    below = 4  # contexts the lowest quantile ranges show, from the reservoir
+    doc = run_cli(
+        tmp_path, qwen2_base, rank1_adapter, text_file, "--max-batch-tokens", "64",
+        "--below-median-contexts", str(below),
+    )  # fmt: skip
     validate(doc)
     assert_consistent(doc)
     values, seqs, tokenizer = reference(qwen2_base, rank1_adapter, text_file)
     check_against_reference(doc, values, seqs, tokenizer)
+    compared = [
+        check_below_median(d.direction, values[d.layer, d.module, d.direction["component"]],
+                           seqs, W, below)
+        for d in iter_directions(doc)
+    ]  # fmt: skip
+    assert sum(compared) >= len(compared)  # about one sign per direction at least
     meta = doc["metadata"]
     assert meta["num_examples"] == len(seqs) == 23  # the empty row is skipped...
     assert 5 not in {s.example_index for s in seqs} and seqs[-1].example_index == 23  # ...in place

@@ -13,13 +13,14 @@ import torch
 
 from backend.analysis import token_decoder
 from backend.config import RunConfig
+from backend.contexts import token_keys
 from backend.contract import iter_directions, iter_examples
 from backend.data import iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.output import build_document
 from backend.pipeline import analyze
-from backend.sampling import SAMPLES, token_keys
+from backend.sampling import SAMPLES
 from tests.runs import K, W, load, reference, run_cli
 from tests.tiny import save_adapter
 

@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from backend.contexts import BatchTokens, Example, window_keys
+from backend.contexts import EMPTY, BatchTokens, Example, token_keys, window_keys
 from backend.reservoir import Reservoir
-from backend.sampling import EMPTY, token_keys
 from backend.summaries import Shape
 
 W = 2  # context tokens each side
