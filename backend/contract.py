@@ -627,6 +627,7 @@ METADATA = Obj(
         "modules": list_of(STRING),
         "min_token_count": POSITIVE,
         "num_nonfinite": COUNT,
+        "below_median_contexts": COUNT,
     }
 )
 SEQUENCE = Obj({"tokens": list_of(STRING), "source": STRING})

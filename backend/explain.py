@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from backend import UserError
+from backend import UserError, warn
 from backend.chat import Cache, Chat, LocalChat, MeteredChat
 from backend.contract import iter_directions, neuron_key
 from backend.endpoint import EndpointChat
@@ -45,6 +45,7 @@ from backend.prompts import (
     fuzzing_messages,
     parse_explanation,
 )
+from backend.sampling import SAMPLES
 from backend.scoring import auroc, derangement, difference_ci, mean_ci, score
 
 KINDS = ("detection", "fuzzing")
@@ -247,6 +248,14 @@ def explain_document(
     `chats` (`backends`), every answer kept in `cache`; writes the top-level `explanations`.
     Returns them with how many answers came from the cache."""
     check_explainable(document)
+    below = document["metadata"]["below_median_contexts"]
+    if below < options.explain_contexts:
+        warn(
+            f"the file shows at most {max(below, SAMPLES)} contexts below the median per sign "
+            f"(its run's --below-median-contexts {below}), fewer non-activating ones than "
+            f"--explain-contexts {options.explain_contexts}: rerun the pass with "
+            f"--below-median-contexts {options.explain_contexts} for as many"
+        )
     explainer, scorer = chats
     cached = {id(chat): Cache(chat, cache) for chat in (explainer, scorer)}
     for chat in cached.values():

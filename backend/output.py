@@ -174,6 +174,7 @@ class Document:
 # The run's options that the metadata records under their own names.
 METADATA_OPTIONS = (
     "top_k", "context_window", "histogram_bins", "min_token_count", "dtype", "max_length",
+    "below_median_contexts",
 )  # fmt: skip
 
 

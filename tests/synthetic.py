@@ -126,6 +126,7 @@ def make_activations(
             "histogram_bins": bins,
             "dtype": "bfloat16",
             "max_length": None,
+            "below_median_contexts": 0,
             "created_at": "2025-01-01T00:00:00Z",
             "lora_layers": layer_numbers,
             "modules": list(modules) if layer_numbers else [],  # the modules of the layers

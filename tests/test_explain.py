@@ -125,7 +125,10 @@ def test_the_standalone_step_explains_a_written_file_alike(
     explained, tmp_path, qwen2_base, rank1_adapter, text_file
 ):
     _, doc = explained
-    plain = run_cli(tmp_path, qwen2_base, rank1_adapter, text_file, "--baseline-neurons", "2")
+    plain = run_cli(
+        tmp_path, qwen2_base, rank1_adapter, text_file, "--baseline-neurons", "2",
+        "--below-median-contexts", "4",
+    )  # fmt: skip
     assert "explanations" not in plain
     data, out = tmp_path / "out.json", tmp_path / "explained.json"
     options = ["--explain-contexts", "4", "--explain-context-tokens", "2", "--quiet"]
@@ -189,6 +192,35 @@ def test_a_missing_key_variable_is_one_line(tmp_path, qwen2_base, rank1_adapter,
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "error: the environment variable LORA_TEST_NO_SUCH_KEY (the endpoint's key) is not set"
+    ]
+
+
+def test_as_many_non_activating_contexts_as_activating(explained):
+    """--explain keeps --explain-contexts windows below each sign's median (the reservoir),
+    where the lowest quantile range alone would give 2."""
+    _, doc = explained
+    counts = [
+        (len(f.activating), len(f.non_activating))
+        for f in (feature(item, key, SIGN_OF[sign], 4) for key, item, sign in features_of(doc))
+    ]
+    assert max(n for _, n in counts) == 4
+    assert sum(n >= a for a, n in counts) >= 0.9 * len(counts)
+
+
+def test_a_file_with_fewer_below_median_contexts_warns(explained, tmp_path, capsys):
+    tmp, doc = explained
+    fewer = copy.deepcopy(doc)
+    fewer["metadata"]["below_median_contexts"] = 0
+    data, cache = tmp_path / "fewer.json", tmp_path / "cache.jsonl"
+    data.write_text(json.dumps(fewer))
+    cache.write_text((tmp / "out.json.explain-cache.jsonl").read_text())  # answers to reuse
+    options = ["--explain-contexts", "4", "--explain-context-tokens", "2", "--quiet"]
+    assert standalone.main(["--data", str(data), "--explain-cache", str(cache), *options]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "warning: the file shows at most 2 contexts below the median per sign (its run's "
+        "--below-median-contexts 0), fewer non-activating ones than --explain-contexts 4: rerun "
+        "the pass with --below-median-contexts 4 for as many"
     ]
 
 

@@ -27,12 +27,14 @@ def many_texts(tmp_path_factory) -> Path:
 
 
 NEURONS = 4  # baseline neurons per layer: every split below must give theirs exactly too
+BELOW = 4  # below-median contexts, from the reservoir: every split must sample the same
 
 
 def args(base, adapter, data, out, *extra) -> list[str]:
     return ["--base-model", str(base), "--lora-path", str(adapter), "--data-file", str(data),
             "--num-examples", "all", "--top-k", "6", "--context-window", "2",
             "--max-batch-tokens", "96", "--baseline-neurons", str(NEURONS), "--output", str(out),
+            "--below-median-contexts", str(BELOW),
             "--quiet", *extra]  # fmt: skip
 
 
@@ -44,6 +46,10 @@ def unbroken(tmp_path_factory, qwen2_base, rank1_adapter, many_texts) -> dict:
     counts = [e["occurrences"] for d in iter_directions(doc) for e in iter_examples(d.direction)]
     assert min(counts) >= 3 and max(counts) >= 120  # each row thrice; the prefix in all 120
     assert len(doc["baseline_neurons"]) == NEURONS * len(doc["layers"])
+    lowest = [
+        r for d in iter_directions(doc) for r in d.direction["quantile_samples"] if r["cut"] == 0
+    ]
+    assert max(len(r["examples"]) for r in lowest) == BELOW  # more than the range's own 2
     return doc
 
 
