@@ -105,6 +105,17 @@ def settled(page: Page, timeout: float = 10) -> None:
         page.wait_for_timeout(10)
 
 
+def layer_times(page: Page, count: int, timeout: float = 10) -> list[float]:
+    """The page's own measure of each layer it showed (the `dashboard-layer` entries, from the
+    request to the painted frame), once `count` are in."""
+    times = "performance.getEntriesByName('dashboard-layer').map(e => e.duration)"
+    deadline = time.monotonic() + timeout
+    while len(page.evaluate(times)) < count:
+        assert time.monotonic() < deadline, f"the layer was not drawn within {timeout} s"
+        page.wait_for_timeout(20)
+    return page.evaluate(times)
+
+
 def searched(page: Page, query: str, timeout: float = 10) -> None:
     """Type `query` into the search box and wait for its results (drawn once typing pauses;
     #search-results' data-query is the query they are for)."""

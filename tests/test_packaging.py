@@ -128,6 +128,20 @@ def test_console_scripts_of_an_install_run(tmp_path):
             assert installed == direct.replace(Path(script).name, command)
 
 
+def test_page_benchmark_reports_every_figure(tmp_path):
+    """benchmarks/bench_page.py with one load of each page: every figure is there (none is
+    checked against a time: on a shared machine it says nothing)."""
+    report = tmp_path / "page.json"
+    run(sys.executable, "benchmarks/bench_page.py", "--loads", "1", "--json", report, timeout=600)
+    found = json.loads(report.read_text())
+    assert found["loads"] == 1 and found["chromium"]
+    assert [p["directions"] for p in found["pages"].values()] == [448, 192]
+    for page in found["pages"].values():
+        assert page["bytes"] > 1_000_000
+        times = ("first_paint_ms", "ready_ms", "neighbour_ms", "menu_ms", "layer_ms")
+        assert all(math.isfinite(page[t]) and page[t] > 0 for t in times)
+
+
 def test_benchmark_quick_run_reports_every_figure(tmp_path):
     """benchmarks/bench_pipeline.py's smallest run, every part of it (the tracker alone, the
     pipeline, the floor, the seed, the memory runs in their own processes): its report has
