@@ -47,6 +47,7 @@ MAX_WARMUP = 1000
 AUX_ALPHA = 1 / 32
 DEAD_AFTER_BATCHES = 5  # a latent silent for this many batches' tokens is dead in training
 DECAY = 0.99  # of the running estimate of the threshold, per step
+SWEEP = 4096  # tokens encoded at once by a sweep
 FORMAT = "lora-adapter-sae"
 TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "scale", "threshold")
 
@@ -211,50 +212,20 @@ def train_sae(
     d = reader.num_directions
     latents = check_options(d, recipe.latents, recipe.k)
     sae = initial_sae(d, latents, mean, scale, recipe.seed, labels).to(device)
-    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=recipe.lr)
     # Steps as planned from the cache's size (the held-out share of keys aside): the same
     # however the tokens were split into writers.
     steps = max(1, math.ceil(reader.num_tokens * (1 - HELD_OUT) / recipe.batch))
-    warmup = max(1, min(MAX_WARMUP, round(WARMUP * steps)))
-    dead_after = recipe.dead_after or DEAD_AFTER_BATCHES * recipe.batch
-    silent = torch.zeros(latents, dtype=torch.long, device=device)  # tokens since it last fired
-    threshold, step, started = None, 0, time.perf_counter()
+    trainer, started = _Trainer(sae, recipe, steps), time.perf_counter()
     for tokens in reader.batches(recipe.batch, "train"):
-        x = sae.scaled(tokens.x.to(device))  # [B, D]
-        for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * min(1.0, (step + 1) / warmup)
-        pre = sae.pre(x)
-        f, kept = batch_topk(pre, recipe.k)
-        residual = x - (f @ sae.W_dec + sae.b_dec)  # [B, D]
-        loss = residual.square().mean()
-        dead = silent >= dead_after
-        if recipe.aux_alpha and bool(dead.any()):
-            loss = loss + recipe.aux_alpha * aux_loss(pre, dead, residual.detach(), sae.W_dec)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            fired = (f > 0).any(0)
-            silent = torch.where(fired, 0, silent + len(x))
-            positive = f[kept & (f > 0)]
-            if len(positive):  # the running estimate of the smallest kept activation
-                smallest = positive.min()
-                threshold = smallest if threshold is None else threshold.lerp(smallest, 1 - DECAY)
-            rows = sae.W_dec
-            rows.grad -= (rows.grad * rows).sum(1, keepdim=True) * rows  # along each row: none
-            optimizer.step()
-            rows /= rows.norm(dim=1, keepdim=True)
-        step += 1
+        trainer.step(sae.scaled(tokens.x.to(device)))
         if progress is not None:
-            progress(len(x))
-    for p in params:
+            progress(len(tokens))
+    for p in trainer.params:
         p.requires_grad_(False)
-    sae.threshold = (threshold if threshold is not None else torch.tensor(0.0)).detach().reshape(())
+    sae.threshold = trainer.threshold.nan_to_num(0.0)  # 0: nothing was ever kept above 0
     sae.figures = {
-        "steps": step,
-        "warmup_steps": warmup,
+        "steps": trainer.steps,
+        "warmup_steps": trainer.warmup,
         "latents": latents,
         "k": recipe.k,
         "lr": recipe.lr,
@@ -265,18 +236,61 @@ def train_sae(
     return sae.to("cpu")
 
 
+class _Trainer:
+    """The optimizer and the running counts of one training; no host synchronisation per step
+    (on a GPU, steps queue up)."""
+
+    def __init__(self, sae: SAE, recipe: Training, planned: int) -> None:
+        self.sae, self.recipe = sae, recipe
+        self.params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.Adam(self.params, lr=recipe.lr)
+        self.warmup = max(1, min(MAX_WARMUP, round(WARMUP * planned)))
+        self.dead_after = recipe.dead_after or DEAD_AFTER_BATCHES * recipe.batch
+        device = sae.W_enc.device
+        self.silent = torch.zeros(sae.num_latents, dtype=torch.long, device=device)  # tokens
+        self.threshold = torch.tensor(math.nan, device=device)  # nan: no estimate yet
+        self.steps = 0
+
+    def step(self, x: torch.Tensor) -> None:
+        """One step on scaled inputs x [B, D]."""
+        sae, recipe = self.sae, self.recipe
+        for group in self.optimizer.param_groups:
+            group["lr"] = recipe.lr * min(1.0, (self.steps + 1) / self.warmup)
+        pre = sae.pre(x)  # [B, F]
+        f, kept = batch_topk(pre, recipe.k)
+        residual = x - (f @ sae.W_dec + sae.b_dec)  # [B, D]
+        dead = self.silent >= self.dead_after
+        aux = aux_loss(pre, dead, residual.detach(), sae.W_dec) * dead.any()
+        loss = residual.square().mean() + recipe.aux_alpha * aux
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            self.silent = torch.where((f > 0).any(0), 0, self.silent + len(x))
+            # The running estimate of the smallest positive activation BatchTopK keeps.
+            smallest = f.where(kept & (f > 0), math.inf).amin()
+            estimate = self.threshold.lerp(smallest, 1 - DECAY)
+            estimate = smallest.where(self.threshold.isnan(), estimate)
+            self.threshold = estimate.where(smallest.isfinite(), self.threshold)
+            rows = sae.W_dec
+            rows.grad -= (rows.grad * rows).sum(1, keepdim=True) * rows  # along each row: none
+            self.optimizer.step()
+            rows /= rows.norm(dim=1, keepdim=True)
+        self.steps += 1
+
+
 def aux_loss(
     pre: torch.Tensor,  # [B, F]
     dead: torch.Tensor,  # [F] bool
     residual: torch.Tensor,  # [B, D] what the main reconstruction missed, detached
     w_dec: torch.Tensor,  # [F, D]
 ) -> torch.Tensor:
-    """The dead latents' reconstruction of the residual: each token's k_aux (D/2, at most the
-    dead count) largest dead pre-activations through ReLU, decoded without bias; the mean
+    """The dead latents' reconstruction of the residual: each token's k_aux = D/2 largest dead
+    pre-activations (fewer where fewer are dead) through ReLU, decoded without bias; the mean
     squared error."""
-    k_aux = min(max(1, residual.shape[1] // 2), int(dead.sum()))
-    dead_pre = pre.masked_fill(~dead, -math.inf)
-    top = dead_pre.topk(k_aux, dim=1)
+    k_aux = min(max(1, residual.shape[1] // 2), pre.shape[1])
+    top = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=1)  # live ones: -inf, then 0
     z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
     return ((z @ w_dec) - residual).square().mean()
 
@@ -322,12 +336,15 @@ class _Sums:
         return float(self.err.sum() / variance) if variance > 0 else math.nan
 
 
-def evaluate(sae: SAE, reader: CacheReader, device: torch.device | str = "cpu") -> Quality:
-    """FVU (all and held-out), L0, firing counts and error shares: one sweep over the cache."""
+def evaluate(
+    sae: SAE, reader: CacheReader, device: torch.device | str = "cpu", chunk: int = SWEEP
+) -> Quality:
+    """FVU (all and held-out), L0, firing counts and error shares: one sweep over the cache,
+    `chunk` tokens at a time (memory: chunk x F floats, a few times)."""
     model = sae.to(device)
     whole, held = _Sums(sae.num_directions), _Sums(sae.num_directions)
     firing = torch.zeros(sae.num_latents, dtype=torch.long, device=device)
-    for tokens in reader.tokens("all"):
+    for tokens in reader.batches(chunk, "all"):
         x = tokens.x.to(device)
         f = model.encode(x)  # [n, F]
         scaled = model.scaled(x)
