@@ -20,6 +20,7 @@ from backend.sae import (
     batch_topk,
     check_options,
     evaluate,
+    feature_batches,
     initial_sae,
     input_scale,
     load_sae,
@@ -143,6 +144,25 @@ def test_saved_file_recomputed_by_hand_equals_encode(trained, tmp_path):
     torch.testing.assert_close(chunks, f)
     norms = tensors["W_dec"].norm(dim=1)
     torch.testing.assert_close(norms, torch.ones(64))
+
+
+def test_feature_batches_cover_the_cache_in_key_order(trained):
+    sae, reader, _ = trained
+    tokens = Tokens.cat(list(reader.tokens()))
+    seen, features = [], []
+    for batch, f in feature_batches(sae, reader, slice(10, 30), size=1000):
+        seen.append(batch.key)
+        features.append(f)
+    assert torch.equal(torch.cat(seen), tokens.key)
+    torch.testing.assert_close(torch.cat(features), sae.encode(tokens.x)[:, 10:30])
+
+
+def test_non_finite_activations_count_as_zero(trained):
+    sae, _, x = trained
+    broken = x[:4].clone()
+    broken[0, 1], broken[1, 2], broken[2, 3] = math.nan, math.inf, -math.inf
+    zeroed = broken.nan_to_num(0.0, 0.0, 0.0)
+    assert torch.equal(sae.encode(broken), sae.encode(zeroed))
 
 
 def test_training_is_deterministic_and_split_invariant(trained, tmp_path):
