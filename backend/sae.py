@@ -17,9 +17,12 @@ and the auxiliary top-k loss for dead latents of Gao et al. 2024 ("Scaling and e
 sparse autoencoders"): latents that have not fired for `dead_after` tokens reconstruct the
 main reconstruction's residual with their k_aux largest activations, weighted AUX_ALPHA.
 Initialisation comes from a private seeded generator on the CPU: W_enc random, W_dec its
-transpose with unit rows, b_enc 0, b_dec the data's exact mean (scaled). On a CPU the result is
-a function of the seed and the tokens only; on a GPU, matrix products may sum in another
-order, so parameters agree with a CPU's to float32 rounding, not bit for bit.
+transpose with unit rows, b_enc 0, b_dec the data's exact mean (scaled). On a CPU with a given
+number of threads the result is a function of the seed and the tokens only (the order and the
+batches do not depend on how the cache was split). On a GPU, matrix products sum in another
+order than on a CPU, so its parameters agree with a CPU's to float32 rounding at first and may
+drift further apart through the discrete top-k over a long training; two GPU runs agree where
+cuBLAS picks the same kernels (the same GPU, shapes and library versions).
 """
 
 from __future__ import annotations
@@ -144,10 +147,14 @@ def load_sae(path: Path, num_directions: int | None = None) -> SAE:
         raise UserError(f"{path} is not a safetensors file ({type(e).__name__})") from None
     if metadata.get("format") != FORMAT or len(tensors) != len(TENSORS):
         raise UserError(f"{path} is not an SAE saved by this tool")
-    d = tensors["W_enc"].shape[0]
+    d, f = tensors["W_enc"].shape if tensors["W_enc"].dim() == 2 else (0, 0)
+    shapes = {"W_enc": (d, f), "b_enc": (f,), "W_dec": (f, d), "b_dec": (d,), "scale": (d,)}
+    if any(tuple(tensors[n].shape) != s for n, s in shapes.items()) or tensors["threshold"].dim():
+        raise UserError(f"{path}: an SAE whose tensors' shapes do not fit together")
     if num_directions is not None and d != num_directions:
         raise UserError(f"{path}: an SAE of {d} directions; this adapter has {num_directions}")
-    labels, figures = json.loads(metadata["labels"]), json.loads(metadata["figures"])
+    labels = json.loads(metadata.get("labels", "[]"))
+    figures = json.loads(metadata.get("figures", "{}"))
     return SAE(**tensors, labels=labels, figures=figures)
 
 

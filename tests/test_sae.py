@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from backend import UserError
 from backend.adapter_cache import HELD_OUT_FROM, CacheReader, CacheWriter, Tokens
@@ -250,6 +250,11 @@ def test_bad_options_and_files_get_one_line(trained, tmp_path):
     with pytest.raises(UserError, match="an SAE of 16 directions; this adapter has 448") as e:
         load_sae(path, 448)
     assert "\n" not in str(e.value)
+    bent = {n: t for n, t in load_file(path).items()}
+    bent["b_dec"] = torch.zeros(D + 1)
+    save_file(bent, tmp_path / "bent", {"format": "lora-adapter-sae", "labels": "[]"})
+    with pytest.raises(UserError, match="shapes do not fit"):
+        load_sae(tmp_path / "bent", D)
     (tmp_path / "junk").write_bytes(b"not a tensor file")
     with pytest.raises(UserError, match="not a safetensors file"):
         load_sae(tmp_path / "junk", D)
