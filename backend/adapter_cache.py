@@ -108,24 +108,33 @@ def _manifest_path(folder: Path, name: str) -> Path:
 
 
 def encode_records(
-    x: torch.Tensor,  # [N, D]
+    x: torch.Tensor,  # [N, D], on any device
     example: torch.Tensor,  # [N]
     position: torch.Tensor,  # [N]
     ids: torch.Tensor,  # [N]
     dtype: str,
 ) -> torch.Tensor:
     """[N, record_bytes] uint8 on the CPU: the tokens as the cache stores them."""
+    records = torch.empty(len(x), record_bytes(x.shape[1], dtype), dtype=torch.uint8)
+    # The ints as bytes: a record's size need not be a multiple of theirs.
+    for t, kind, at in (
+        (example, torch.int64, 0),
+        (position, torch.int32, 8),
+        (ids, torch.int32, 12),
+    ):
+        records[:, at : at + kind.itemsize] = t.to("cpu", kind)[:, None].view(torch.uint8)
+    records[:, META_BYTES:].view(DTYPES[dtype]).copy_(x)  # one copy (to the host, rounded)
+    return records
 
-    def raw(t: torch.Tensor, kind: torch.dtype) -> torch.Tensor:
-        return t.to("cpu", kind).reshape(len(t), -1).contiguous().view(torch.uint8)
 
-    parts = (
-        raw(example, torch.int64),
-        raw(position, torch.int32),
-        raw(ids, torch.int32),
-        raw(x, DTYPES[dtype]),
-    )
-    return torch.cat(parts, 1)
+def append_by_bucket(files: list, records: torch.Tensor, counts: list[int]) -> None:
+    """Append records [N, record] uint8, sorted by bucket, `counts` [buckets] of each, to
+    each bucket's file."""
+    rows, start = records.numpy(), 0
+    for f, count in zip(files, counts, strict=True):
+        if count:
+            f.write(memoryview(rows[start : start + count]))
+            start += count
 
 
 @dataclass
@@ -240,21 +249,18 @@ class CacheWriter:
     def write(
         self, x: torch.Tensor, example: torch.Tensor, position: torch.Tensor, ids: torch.Tensor
     ) -> None:
-        """Append tokens: x [N, D], example, position, ids [N]."""
+        """Append tokens: x [N, D] (any device), example, position, ids [N]."""
         if x.shape[1] != self.num_directions:
             raise ValueError(f"{x.shape[1]} directions, the cache has {self.num_directions}")
-        records = encode_records(x, example, position, ids, self.dtype)  # [N, record]
-        key = seeded_keys(example.cpu().long(), position.cpu().long(), self.seed)
-        bucket = key >> (KEY_BITS - BUCKET_BITS)
+        example, position = example.cpu().long(), position.cpu().long()
+        bucket = seeded_keys(example, position, self.seed) >> (KEY_BITS - BUCKET_BITS)
         order = bucket.argsort()
+        # Gathered in bucket order where x is (on a GPU: before it crosses to the host).
+        x = x.index_select(0, order.to(x.device))
+        records = encode_records(x, example[order], position[order], ids.cpu()[order], self.dtype)
         counts = torch.bincount(bucket, minlength=len(self.counts)).tolist()
-        records = records[order].numpy()
-        start = 0
-        for b, count in enumerate(counts):
-            if count:
-                self.files[b].write(memoryview(records[start : start + count]))
-                self.counts[b] += count
-                start += count
+        append_by_bucket(self.files, records, counts)
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
 
     def _flush(self) -> None:
         for f in self.files:
@@ -420,13 +426,9 @@ class CacheReader:
                     example = records[:, :8].contiguous().view(torch.int64)[:, 0]
                     position = records[:, 8:12].contiguous().view(torch.int32)[:, 0].long()
                     sub = (seeded_keys(example, position, self.seed) >> shift) & (len(counts) - 1)
-                    order = sub.argsort()
-                    records = records[order].numpy()
-                    at = 0
-                    for s, n in enumerate(torch.bincount(sub, minlength=len(counts)).tolist()):
-                        files[s].write(memoryview(records[at : at + n]))
-                        counts[s] += n
-                        at += n
+                    added = torch.bincount(sub, minlength=len(counts)).tolist()
+                    append_by_bucket(files, records[sub.argsort()], added)
+                    counts = [a + b for a, b in zip(counts, added, strict=True)]
         finally:
             for f in files:
                 f.close()
