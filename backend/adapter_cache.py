@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,15 @@ def check_disk(folder: Path, num_tokens: int, num_directions: int, dtype: str = 
             "another --cache-dir, or use --cache-dtype bfloat16"
         )
     return need
+
+
+@contextmanager
+def disk_errors(folder: Path) -> Iterator[None]:
+    """A failing write (a full disk, a quota, permissions) as one line."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the SAE cache ({e.strerror or e})") from None
 
 
 def _bucket_path(folder: Path, name: str, bucket: int, suffix: str) -> Path:
@@ -200,18 +210,16 @@ class CacheWriter:
         self.num_directions, self.seed, self.dtype, self.run = num_directions, seed, dtype, run
         self.record = record_bytes(num_directions, dtype)
         self.counts = [0] * 2**BUCKET_BITS  # tokens written per bucket
-        try:
+        with disk_errors(self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{folder}: cannot write the SAE cache ({e.strerror or e})") from None
-        if state is not None:
-            self._restore(state)
-        mode = "r+b" if state is not None else "wb"
-        self.files = [open(self._path(b, "part"), mode) for b in range(len(self.counts))]  # noqa: SIM115
-        for f in self.files:
-            f.seek(0, os.SEEK_END)
-        if state is None:
-            _manifest_path(self.folder, name).unlink(missing_ok=True)
+            if state is not None:
+                self._restore(state)
+            mode = "r+b" if state is not None else "wb"
+            self.files = [open(self._path(b, "part"), mode) for b in range(len(self.counts))]  # noqa: SIM115
+            for f in self.files:
+                f.seek(0, os.SEEK_END)
+            if state is None:
+                _manifest_path(self.folder, name).unlink(missing_ok=True)
 
     def _path(self, bucket: int, suffix: str) -> Path:
         return _bucket_path(self.folder, self.name, bucket, suffix)
@@ -259,13 +267,15 @@ class CacheWriter:
         x = x.index_select(0, order.to(x.device))
         records = encode_records(x, example[order], position[order], ids.cpu()[order], self.dtype)
         counts = torch.bincount(bucket, minlength=len(self.counts)).tolist()
-        append_by_bucket(self.files, records, counts)
+        with disk_errors(self.folder):
+            append_by_bucket(self.files, records, counts)
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
 
     def _flush(self) -> None:
-        for f in self.files:
-            f.flush()
-            os.fsync(f.fileno())
+        with disk_errors(self.folder):
+            for f in self.files:
+                f.flush()
+                os.fsync(f.fileno())
 
     def state_dict(self) -> dict[str, Any]:
         """Where the writer stands, for a checkpoint: its files are flushed to disk first."""
@@ -275,9 +285,10 @@ class CacheWriter:
     def finish(self) -> None:
         """Close the files, rename them finished and write the manifest that readers look for."""
         self._flush()
-        for b, f in enumerate(self.files):
-            f.close()
-            os.replace(self._path(b, "part"), self._path(b, "bin"))
+        with disk_errors(self.folder):
+            for b, f in enumerate(self.files):
+                f.close()
+                os.replace(self._path(b, "part"), self._path(b, "bin"))
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -405,7 +416,10 @@ class CacheReader:
             records = torch.cat([self._read(p) for p in pieces if p.count])
             yield decode_records(records, self.num_directions, self.dtype, self.seed)
             return
-        with tempfile.TemporaryDirectory(dir=self.folder, prefix=".split-") as tmp:
+        with (
+            disk_errors(self.folder),
+            tempfile.TemporaryDirectory(dir=self.folder, prefix=".split-") as tmp,
+        ):
             for sub, count in enumerate(self._partition(pieces, bits, Path(tmp))):
                 yield from self._groups(
                     [_Piece(Path(tmp) / f"{sub:02d}", count)], bits + BUCKET_BITS

@@ -216,3 +216,7 @@ def test_reader_refuses_other_runs_and_missing_writers(tmp_path):
         CacheReader(tmp_path)
     with pytest.raises(UserError, match="cache dtype"):
         CacheWriter(tmp_path, "w", 3, seed=0, dtype="float16")
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(UserError, match="cannot write the SAE cache") as e:
+        CacheWriter(tmp_path / "file" / "cache", "w", 3, seed=0)
+    assert "\n" not in str(e.value)
