@@ -35,8 +35,7 @@ import torch
 
 from backend import UserError
 from backend.atomic import write_atomic
-from backend.contexts import BatchTokens
-from backend.sampling import token_keys
+from backend.contexts import BatchTokens, token_keys
 
 FORMAT = "lora-adapter-cache"
 VERSION = 1
