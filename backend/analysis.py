@@ -138,13 +138,15 @@ class Analysis:
         if acts is None:
             self._split(batch, sequences)
             return
-        self.state.tracker.update(
+        tokens = self.state.tracker.update(
             acts,
             batch.real.to(self.device),
             input_ids,
             batch.lengths.to(self.device),
             batch.example_index.to(self.device),
         )
+        if self.state.writer is not None and tokens is not None:  # --sae: the adapter state
+            self.state.writer.update(tokens)
 
     def _split(self, batch: Batch, sequences: list[Sequence]) -> None:
         shape = "x".join(map(str, batch.input_ids.shape))

@@ -35,6 +35,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
 def at_least_two(text: str) -> int:
     value = int(text)
     if value < 2:
@@ -302,6 +309,72 @@ class RunConfig:
         parse=Path,
         shown="--output with .explain-cache.jsonl appended",
     )
+    sae: bool = option(
+        "sae",
+        "also cache every token's vector of direction activations in the pass, then train a "
+        "BatchTopK sparse autoencoder on it (one seeded epoch) and read its features like "
+        "directions; saved as --output with .sae.safetensors appended",
+        False,
+        identity=True,
+    )
+    sae_latents: int | None = option(
+        "sae",
+        "the SAE's latents",
+        None,
+        parse=positive_int,
+        metavar="F",
+        shown="8 x the adapter's directions",
+        identity=True,
+    )
+    sae_k: int = option(
+        "sae", "latents kept per token (BatchTopK)", 16, parse=positive_int, metavar="K",
+        identity=True,
+    )  # fmt: skip
+    sae_lr: float = option(
+        "sae",
+        "Adam's learning rate, after a linear warm-up over the first 5% of steps",
+        5e-4,
+        parse=positive_float,
+        metavar="LR",
+        identity=True,
+    )
+    sae_batch: int = option(
+        "sae", "tokens per training step", 512, parse=positive_int, metavar="B", identity=True
+    )
+    sae_seed: int = option(
+        "sae",
+        "seed of the SAE's initialisation and of the cache's token order (its last 5% of "
+        "keys are held out)",
+        0,
+        parse=non_negative_int,
+        metavar="S",
+        identity=True,
+    )
+    sae_from: str | None = option(
+        "sae",
+        "read features with this saved SAE (a .sae.safetensors file of the same adapter) "
+        "instead of training one",
+        None,
+        metavar="FILE",
+        identity=True,
+    )
+    cache_dir: Path | None = option(
+        "sae",
+        "where the pass caches the adapter state (tokens x directions x 4 bytes); shards and "
+        "processes of a run share it",
+        None,
+        parse=Path,
+        metavar="DIR",
+        shown="sae-cache beside --output",
+    )
+    cache_dtype: str = option(
+        "sae",
+        "the cache's number format: bfloat16 halves its size, with a relative error up to 2**-8",
+        "float32",
+        choices=["float32", "bfloat16"],
+        identity=True,
+    )
+    keep_cache: bool = option("sae", "keep the cache once the features are read", False)
     dtype: str | None = option(
         "runtime",
         "model dtype",
@@ -421,6 +494,12 @@ class RunConfig:
         if self.below_median_contexts is not None:
             return self.below_median_contexts
         return self.explain_contexts if self.explain else 0
+
+    @property
+    def sae_cache(self) -> Path:
+        """--cache-dir, or its default: sae-cache in the folder of --output (so that the
+        shards of a run writing there share it)."""
+        return self.cache_dir or self.output.parent / "sae-cache"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunConfig:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import re
 import sys
 import time
@@ -24,11 +25,14 @@ from pathlib import Path
 if not __package__:  # run as a script: import `backend` from the repo root, not backend/ itself
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import torch
+
 from backend import OptionError, UserError
 from backend.analysis import Interrupted, count_windows
 from backend.atomic import check_writable
 from backend.config import RunConfig, add_arguments
 from backend.data import Row, count_rows, peek, read_hub_rows, read_rows, row_content
+from backend.directions import find_lora_modules
 from backend.explain import backends, cache_path, explain_document, summary_line
 from backend.loading import (
     EMBEDDED,
@@ -41,6 +45,7 @@ from backend.loading import (
 from backend.output import build_document, write_json_atomic
 from backend.pipeline import analyze, finish, rows_read, tokenize
 from backend.processes import gather_states, init_processes
+from backend.sae_run import check_sae_options, read_sae
 from backend.state import RunState, check_shards, load_state, merge_states
 
 PROG = "generate_activations_data.py"  # as --help and usage errors name the command
@@ -67,6 +72,9 @@ def build_merge_parser(prog: str = PROG) -> argparse.ArgumentParser:
     )
     parser.add_argument("output", type=Path, help="the activations JSON to write")
     parser.add_argument("shards", type=Path, nargs="+", help="shard files, one per shard")
+    parser.add_argument(
+        "--keep-cache", action="store_true", help="(--sae runs) keep the shards' SAE cache"
+    )
     return parser
 
 
@@ -142,6 +150,9 @@ def run(config: RunConfig) -> int:
             "--explain with --shard: merge the shards, then explain the merged file with "
             "backend/explain_directions.py"
         )
+    if config.sae:  # bad options, a saved SAE of another adapter, too little disk: now
+        num_lora = sum(m.rank for m in find_lora_modules(model))
+        check_sae_options(config, num_lora, estimate_tokens(rows, tokenizer, config))
     if config.explain and rank == 0:  # an unusable endpoint fails now, before the pass
         batch = config.resolved(model).max_batch_tokens
         chats = backends(config, lambda: (model, tokenizer, base.name, batch))
@@ -154,7 +165,7 @@ def run(config: RunConfig) -> int:
     if state.counters["num_examples"] == 0:
         raise UserError(f"no examples with tokens in {config.source}")
     if world > 1 and shards == 1:  # each process saw its batches only: finish the whole run
-        finish(state, model, tokenizer, rows, config.resolved(model))
+        finish(state, model, tokenizer, rows, config.resolved(model), progress)
     if shards > 1:
         state.slot = (shard, shards)
         state.save(config.output)
@@ -186,6 +197,20 @@ def check_effects(config: RunConfig, rows: Iterable[Row]) -> None:
         )
 
 
+ESTIMATE_ROWS = 64  # rows tokenized to estimate a run's tokens before it starts
+
+
+def estimate_tokens(rows: Iterable[Row], tokenizer, config: RunConfig) -> int | None:
+    """The run's tokens, roughly: the mean of the first rows' times the rows it reads (None
+    where their number is unknown), for the SAE cache's disk check."""
+    read = rows_read(rows, config)
+    lengths = [len(s.input_ids) for s in itertools.islice(tokenize(rows, tokenizer, config),
+                                                          ESTIMATE_ROWS)]  # fmt: skip
+    if read is None or not lengths:
+        return None
+    return round(sum(lengths) / len(lengths) * read)
+
+
 def checkpoint_path(config: RunConfig, rank: int, world: int) -> Path:
     path = config.checkpoint or config.output.with_name(config.output.name + ".ckpt")
     return path if world == 1 else path.with_name(f"{path.name}.rank{rank}")
@@ -204,6 +229,8 @@ def summary(state: RunState, output: Path, seconds: float) -> None:
         f"{len(state.layers)} layers, {state.num_processes} process(es), {seconds:.1f} s "
         f"-> {output} ({output.stat().st_size / 1e6:.1f} MB)"
     )
+    if state.sae is not None:
+        print(sae_line(state.sae))
     nonfinite = int(state.tracker.moments.nonfinite.sum())
     if nonfinite:
         worst = int(state.tracker.moments.nonfinite.argmax())
@@ -214,24 +241,36 @@ def summary(state: RunState, output: Path, seconds: float) -> None:
         )
 
 
+def sae_line(sae: dict) -> str:
+    return (
+        f"SAE: {sae['num_latents']} latents, k {sae['k']}: FVU {sae['fvu']:.3f} (held out "
+        f"{sae['fvu_heldout']:.3f}), L0 {sae['l0']:.1f}, {sae['dead_fraction']:.0%} dead "
+        f"-> {sae['path']}"
+    )
+
+
 def merge(args: argparse.Namespace) -> int:
     names = [str(p) for p in args.shards]
     states = [load_state(p) for p in args.shards]
     check_shards(states, names)
     merged = merge_states(states, names)
-    config = data_config(merged.run)
+    config = replace(data_config(merged.run), output=args.output, keep_cache=args.keep_cache)
     rows, _ = open_rows(config)
     if merged.effects is None:
         count_windows(merged, tokenize(rows, run_tokenizer(merged.run), config))
+        if config.sae:
+            read_sae(merged, config, args.output, torch.device(default_device()), True)
     else:  # the pinned samples need the model
         device = default_device()
         dtype = resolve_dtype(merged.run["dtype"], device)
         model, tokenizer = load_model(
             run_base_model(merged.run), config.lora_path, dtype, device, None
         )
-        finish(merged, model, tokenizer, rows, config)
+        finish(merged, model, tokenizer, rows, config, progress=True)
     write_json_atomic(build_document(merged), args.output)
     print(f"merged {len(states)} shards -> {args.output}")
+    if merged.sae is not None:
+        print(sae_line(merged.sae))
     return 0
 
 
@@ -249,7 +288,8 @@ def data_config(run: dict) -> RunConfig:
         )
     options = (
         "base_model", "lora_path", "text_field", "num_examples", "max_length", "effects",
-        "effects_max_length", "steer_directions", "steer_prompts",
+        "effects_max_length", "steer_directions", "steer_prompts", "sae", "sae_latents", "sae_k",
+        "sae_lr", "sae_batch", "sae_seed", "sae_from", "cache_dtype",
     )  # fmt: skip
     return RunConfig(**{key: run[key] for key in options}, **where)
 

@@ -204,6 +204,8 @@ def build_document(state: RunState) -> dict[str, Any]:
     }
     if state.neurons:
         found["baseline_neurons"] = [document.neuron(n) for n in state.neurons]
+    if state.sae is not None:
+        found["sae"] = state.sae
     document.count(state.occurrences)
     # The examples shown (where their sequences were stored) and the effects' rows.
     stored = examples_shown(found) & state.sequences.keys()

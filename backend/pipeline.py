@@ -27,6 +27,8 @@ from backend.analysis import (
 )
 from backend.config import RunConfig
 from backend.data import Row, Sequence, iter_batches, iter_sequences
+from backend.loading import input_device
+from backend.sae_run import close_writer, open_writer, read_sae
 from backend.state import RunState, load_state
 
 
@@ -61,6 +63,8 @@ def analyze(
     decode = token_decoder(tokenizer)
     every = None if checkpoint is None else Checkpoints(checkpoint, *config.checkpoint_every)
     if state.position is not None:  # a run resumed during its effects has done its pass
+        if config.sae:
+            open_writer(config, state, analysis.capture.num_lora)
         state.counters["num_skipped_rows"] = 0  # a resumed pass reads every row again
         sequences = tokenize(counted(rows, state.counters), tokenizer, config, state.position.row)
         batches = iter_batches(
@@ -69,21 +73,32 @@ def analyze(
         # The bar counts this slot's examples: known in advance only when it takes every batch.
         total = rows_read(rows, config) if slot[1] == 1 else None
         state = run_analysis(analysis, batches, decode, every, total=total, progress=progress)
+        if state.writer is not None:
+            close_writer(state)
     if state.effects is not None:
         run_effects(analysis, tokenize(rows, tokenizer, config), decode, every, progress)
     if config.store_sequences:
         store_sequences(state, tokenize(rows, tokenizer, config), decode)
     if slot[1] == 1:
-        finish(state, model, tokenizer, rows, config)
+        finish(state, model, tokenizer, rows, config, progress)
     return state
 
 
-def finish(state: RunState, model: nn.Module, tokenizer: Any, rows: Iterable[Row], config) -> None:
+def finish(
+    state: RunState,
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Iterable[Row],
+    config: RunConfig,
+    progress: bool = False,
+) -> None:
     """What needs the whole run's state, on the process that holds it: the shown windows'
-    occurrences over all the data, and the effects' pinned samples."""
+    occurrences over all the data, the effects' pinned samples, and the SAE (--sae)."""
     count_windows(state, tokenize(rows, tokenizer, config))
     if state.effects is not None:
         pin_directions(state, model, tokenizer, rows, config)
+    if config.sae:
+        read_sae(state, config, config.output, input_device(model), progress)
 
 
 def tokenize(

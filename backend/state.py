@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,11 +22,14 @@ from backend.data import Position
 from backend.output import layout_token_ids
 from backend.tracking import Tracker
 
+if TYPE_CHECKING:
+    from backend.adapter_cache import CacheWriter
+
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
-# 7: below-median contexts (the reservoir); 6: baseline neurons; 5: the effects (--effects);
-# 4: top-k windows keep their keys
-VERSION = 7
+# 8: the SAE's cache and results (--sae); 7: below-median contexts (the reservoir);
+# 6: baseline neurons; 5: the effects (--effects); 4: top-k windows keep their keys
+VERSION = 8
 COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
 # Every process and shard reads all the rows, so each counts all skipped ones: these are not
 # summed when states merge.
@@ -51,6 +54,12 @@ class RunState:
     effects: EffectsState | None = None  # --effects: run after the pass (backend.causal)
     # --baseline-neurons: each neuron's layer, coordinate and tracker index (backend.neurons)
     neurons: list[dict[str, int]] = field(default_factory=list)
+    # --sae: the cache's folder and each slot's writer's position ({"folder", "writers": {name:
+    # CacheWriter.state_dict()}}), this slot's writer while the pass writes (saved through
+    # to_dict), and once the whole run's SAE is read, the document's `sae` (backend.sae_run)
+    cache: dict[str, Any] | None = None
+    writer: CacheWriter | None = field(default=None, repr=False)
+    sae: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -71,6 +80,8 @@ class RunState:
         self.tokens.update({i: decode(i) for i in ids if i >= 0 and i not in self.tokens})
 
     def to_dict(self) -> dict[str, Any]:
+        if self.writer is not None:  # flushed to disk, its position with the rest
+            self.cache["writers"][self.writer.name] = self.writer.state_dict()
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -87,6 +98,8 @@ class RunState:
             "num_processes": self.num_processes,
             "effects": None if self.effects is None else self.effects.state_dict(),
             "neurons": self.neurons,
+            "cache": self.cache,
+            "sae": self.sae,
         }
 
     @classmethod
@@ -109,6 +122,8 @@ class RunState:
             if effects is None
             else EffectsState.from_state_dict(effects, tracker.shape),
             neurons=state["neurons"],
+            cache=state["cache"],
+            sae=state["sae"],
         )
 
     def save(self, path: Path) -> None:
@@ -160,6 +175,7 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
     )
     merged.position, merged.num_processes = None, first.num_processes
     merged.neurons = first.neurons
+    merged.cache = merge_caches([s.cache for s in states], names)
     if first.effects is not None:
         merged.effects = EffectsState.from_state_dict(first.effects.state_dict(), tracker.shape)
     for state in states[1:]:
@@ -173,6 +189,21 @@ def merge_states(states: list[RunState], names: list[str]) -> RunState:
             combine = max if key in PER_RUN_COUNTERS else operator.add
             merged.counters[key] = combine(merged.counters[key], state.counters[key])
     return merged
+
+
+def merge_caches(caches: list[dict[str, Any] | None], names: list[str]) -> dict[str, Any] | None:
+    """The union of the slots' SAE caches (--sae), which must share one folder."""
+    if caches[0] is None:
+        return None
+    for cache, name in zip(caches, names, strict=True):
+        if cache["folder"] != caches[0]["folder"]:
+            raise UserError(
+                f"{name} cached the adapter state in {cache['folder']}, {names[0]} in "
+                f"{caches[0]['folder']}: move the caches into one folder (--cache-dir)"
+            )
+    return {"folder": caches[0]["folder"], "writers": {
+        writer: position for cache in caches for writer, position in cache["writers"].items()
+    }}  # fmt: skip
 
 
 def check_shards(states: list[RunState], names: list[str]) -> None:

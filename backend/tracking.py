@@ -595,13 +595,15 @@ class Tracker:
         input_ids: torch.Tensor,  # [B, L]
         lengths: torch.Tensor,  # [B] real tokens per row (right padding)
         example_index: torch.Tensor,  # [B]
-    ) -> None:
+    ) -> BatchTokens | None:
+        """Every summary's update; returns the batch's shared view (None: no real tokens)."""
         if real.numel() == 0:
-            return
+            return None
         s = self.shape
         batch = BatchTokens(acts, real, input_ids, lengths, example_index, s.window, s.siblings)
         for summary in self.summaries.values():
             summary.update(batch)
+        return batch
 
     def merge(self, other: Tracker) -> None:
         """Fold in another tracker of the same directions (another process, shard or run)."""

@@ -61,7 +61,29 @@ def results(doc: dict) -> dict:
     """What a run found, without when it ran or how many processes it used."""
     meta = {k: v for k, v in doc["metadata"].items() if k not in ("created_at", "num_processes")}
     found = {"metadata": meta, "layers": doc["layers"], "cosine": doc["cross_layer_cosine"]}
-    return found | {"neurons": doc.get("baseline_neurons")}
+    return found | {"neurons": doc.get("baseline_neurons"), "sae": sae_results(doc)}
+
+
+def sae_results(doc: dict) -> dict | None:
+    """What the SAE (--sae) found, without its file's name and how long it trained."""
+    if "sae" not in doc:
+        return None
+    sae = {k: v for k, v in doc["sae"].items() if k != "path"}
+    sae["training"] = {k: v for k, v in sae["training"].items() if k != "training_seconds"}
+    return sae
+
+
+def sae_tensors(output: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the SAE a run saved beside its output."""
+    from safetensors.torch import load_file
+
+    return load_file(output.with_name(output.name + ".sae.safetensors"))
+
+
+def assert_same_sae(a: Path, b: Path) -> None:
+    """Two runs' saved SAEs hold identical tensors."""
+    ta, tb = sae_tensors(a), sae_tensors(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def shown(examples: list[dict]) -> list[tuple[int, int, int]]:
@@ -77,6 +99,7 @@ def assert_same(a: dict, b: dict, exact: bool, rel: float = 1e-12) -> None:
         return
     assert results(a)["metadata"] == results(b)["metadata"]
     assert results(a)["cosine"] == results(b)["cosine"]
+    assert results(a)["sae"] == results(b)["sae"]  # trained in key order on the same tokens
     for la, lb in zip(a["layers"], b["layers"], strict=True):
         assert la["cosine_similarities"] == lb["cosine_similarities"]
         for name, pa in la["projections"].items():

@@ -14,7 +14,7 @@ import pytest
 
 from backend.contract import iter_directions, iter_examples
 from backend.generate_activations_data import main
-from tests.runs import SCRIPT, assert_same, subprocess_env, tie_heavy_rows
+from tests.runs import SCRIPT, assert_same, assert_same_sae, subprocess_env, tie_heavy_rows
 from tests.tiny import random_texts
 
 
@@ -28,21 +28,28 @@ def many_texts(tmp_path_factory) -> Path:
 
 NEURONS = 4  # baseline neurons per layer: every split below must give theirs exactly too
 BELOW = 4  # below-median contexts, from the reservoir: every split must sample the same
+SAE = ["--sae", "--sae-latents", "24", "--sae-k", "3"]  # and train the same SAE
 
 
 def args(base, adapter, data, out, *extra) -> list[str]:
     return ["--base-model", str(base), "--lora-path", str(adapter), "--data-file", str(data),
             "--num-examples", "all", "--top-k", "6", "--context-window", "2",
             "--max-batch-tokens", "96", "--baseline-neurons", str(NEURONS), "--output", str(out),
-            "--below-median-contexts", str(BELOW),
+            "--below-median-contexts", str(BELOW), *SAE,
             "--quiet", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def unbroken(tmp_path_factory, qwen2_base, rank1_adapter, many_texts) -> dict:
+def unbroken_run(tmp_path_factory, qwen2_base, rank1_adapter, many_texts) -> Path:
     out = tmp_path_factory.mktemp("unbroken") / "out.json"
     assert main(args(qwen2_base, rank1_adapter, many_texts, out)) == 0
-    doc = json.loads(out.read_text())
+    assert not (out.parent / "sae-cache").exists()  # the cache is gone once the SAE is read
+    return out
+
+
+@pytest.fixture(scope="module")
+def unbroken(unbroken_run) -> dict:
+    doc = json.loads(unbroken_run.read_text())
     counts = [e["occurrences"] for d in iter_directions(doc) for e in iter_examples(d.direction)]
     assert min(counts) >= 3 and max(counts) >= 120  # each row thrice; the prefix in all 120
     assert len(doc["baseline_neurons"]) == NEURONS * len(doc["layers"])
@@ -53,7 +60,8 @@ def unbroken(tmp_path_factory, qwen2_base, rank1_adapter, many_texts) -> dict:
     return doc
 
 
-def test_two_processes_equal_one(tmp_path, qwen2_base, rank1_adapter, many_texts, unbroken):
+def test_two_processes_equal_one(tmp_path, qwen2_base, rank1_adapter, many_texts, unbroken,
+                                 unbroken_run):  # fmt: skip
     out = tmp_path / "out.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--master_port", "29533", SCRIPT, *args(qwen2_base, rank1_adapter, many_texts, out),
@@ -64,10 +72,12 @@ def test_two_processes_equal_one(tmp_path, qwen2_base, rank1_adapter, many_texts
     doc = json.loads(out.read_text())
     assert doc["metadata"]["num_processes"] == 2
     assert_same(doc, unbroken, exact=False)
+    assert_same_sae(out, unbroken_run)
     assert not list(tmp_path.glob("*.ckpt*"))  # checkpoints are removed once the output exists
 
 
-def test_shards_merged_equal_one_run(tmp_path, qwen2_base, rank1_adapter, many_texts, unbroken):
+def test_shards_merged_equal_one_run(tmp_path, qwen2_base, rank1_adapter, many_texts, unbroken,
+                                     unbroken_run):  # fmt: skip
     shards = [tmp_path / f"shard{i}.pt" for i in range(3)]
     for i, shard in enumerate(shards):
         assert main(args(qwen2_base, rank1_adapter, many_texts, shard, "--shard", f"{i}/3")) == 0
@@ -76,6 +86,8 @@ def test_shards_merged_equal_one_run(tmp_path, qwen2_base, rank1_adapter, many_t
     doc = json.loads(out.read_text())
     assert doc["metadata"]["num_processes"] == 3
     assert_same(doc, unbroken, exact=False)
+    assert_same_sae(out, unbroken_run)
+    assert not (tmp_path / "sae-cache").exists()  # merge read the shards' caches, then removed
 
 
 def test_merge_refuses_incomplete_or_mixed_shards(tmp_path, capsys, qwen2_base, rank1_adapter,
@@ -121,7 +133,7 @@ def run_until_checkpoint(command: list[str], checkpoint: Path) -> subprocess.Pop
 
 
 @pytest.fixture(scope="module")
-def long_run(tmp_path_factory, qwen2_base, rank1_adapter) -> tuple[Path, dict]:
+def long_run(tmp_path_factory, qwen2_base, rank1_adapter) -> tuple[Path, dict, Path]:
     """A data file long enough to interrupt a run of it, and its unbroken result."""
     folder = tmp_path_factory.mktemp("long")
     data = folder / "long.jsonl"
@@ -129,13 +141,13 @@ def long_run(tmp_path_factory, qwen2_base, rank1_adapter) -> tuple[Path, dict]:
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = folder / "out.json"
     assert main(args(qwen2_base, rank1_adapter, data, out, "--max-batch-tokens", "48")) == 0
-    return data, json.loads(out.read_text())
+    return data, json.loads(out.read_text()), out
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_killed_run_resumes_to_the_same_result(tmp_path, qwen2_base, rank1_adapter, long_run,
                                                sig):  # fmt: skip
-    data, unbroken = long_run
+    data, unbroken, unbroken_out = long_run
     out = tmp_path / "out.json"
     checkpoint = tmp_path / "run.ckpt"
     run = args(qwen2_base, rank1_adapter, data, out, "--max-batch-tokens", "48",
@@ -153,4 +165,5 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, qwen2_base, rank1_adapt
     assert not out.exists() and checkpoint.exists()
     assert main([*run, "--resume"]) == 0
     assert_same(json.loads(out.read_text()), unbroken, exact=True)
+    assert_same_sae(out, unbroken_out)  # the cache cut back to the checkpoint, written again
     assert not checkpoint.exists()
