@@ -348,6 +348,7 @@ class RunConfig:
         0,
         parse=non_negative_int,
         metavar="S",
+        shown="0",
         identity=True,
     )
     sae_from: str | None = option(
