@@ -138,7 +138,8 @@ class Results:
 
 def build_model(preset: Preset, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The base model with random weights, made where it runs (a 32B CPU init would take many
-    minutes and 65 GB of RAM), and the adapter on it."""
+    minutes and 65 GB of RAM), and the adapter on it (peft makes its few weights on the CPU and
+    moves them to their layer's device, as when it loads an adapter)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -154,7 +155,7 @@ def build_model(preset: Preset, device: torch.device, dtype: torch.dtype) -> nn.
     torch.manual_seed(0)
     with device:
         base = Qwen2ForCausalLM._from_config(config, dtype=dtype)
-        return rank1_adapter(base.eval(), seed=1)
+    return rank1_adapter(base.eval(), seed=1)
 
 
 def rank1_adapter(model: nn.Module, seed: int) -> nn.Module:
@@ -254,17 +255,11 @@ class Check:
 
     @property
     def workload(self) -> Workload:
+        """What bench_pipeline's floor takes: the model, its device and the sequences."""
         rows = list(token_rows(self.sequences))
-        return Workload(
-            "gpu-check",
-            self.model,
-            NumberedTokens(),
-            self.device,
-            "",
-            self.config,
-            self.sequences,
-            rows,
-        )
+        tokens = NumberedTokens()
+        return Workload("gpu-check", self.model, tokens, self.device, "", self.config,
+                        self.sequences, rows)  # fmt: skip
 
     @property
     def tokens(self) -> int:
@@ -279,12 +274,9 @@ class Check:
 def stage_build(c: Check) -> dict[str, Any]:
     took, c.model = seconds_of(lambda: build_model(c.preset, c.device, c.dtype), c.device)
     c.sequences = random_sequences(c.preset)
-    c.config = replace(
-        bench_config(
-            "random Qwen2, Qwen2.5-32B's shape" if c.preset.layers == 64 else "tiny", None
-        ),
-        output=c.scratch / "activations.json",
-    )
+    p = c.preset
+    note = f"random Qwen2, {p.layers} layers, hidden {p.hidden}, vocab {p.vocab}, {p.dtype}"
+    c.config = replace(bench_config(note, None), output=c.scratch / "activations.json")
     modules = find_lora_modules(c.model)
     lora = [c.model.get_submodule(m.name) for m in modules]
     weights = sum(p.numel() * p.element_size() for p in c.model.parameters())
@@ -337,6 +329,7 @@ def stage_pass(c: Check) -> dict[str, Any]:
         "tokens": state.counters["num_tokens"],
         "tokens_per_s": state.counters["num_tokens"] / seconds,
         "examples": state.counters["num_examples"],
+        "nonfinite": int(state.tracker.moments.nonfinite.sum()),  # random weights, bf16: 0?
         "dtype": state.run["dtype"],
         "max_batch_tokens": state.run["max_batch_tokens"],
     }

@@ -66,7 +66,7 @@ def test_tiny_run_records_every_stage(tiny_run) -> None:
     for name in ("floor", "pass", "floor_again"):
         assert found[name]["tokens"] == build["tokens"]
         assert found[name]["seconds"] > 0 and found[name]["tokens_per_s"] > 0
-    assert found["pass"]["examples"] == build["sequences"]
+    assert found["pass"]["examples"] == build["sequences"] and found["pass"]["nonfinite"] == 0
     assert found["export"]["bytes"] > 0 and found["export_effects"]["bytes"] > 0
     profile = found["profile"]
     assert 0 < profile["batch_tokens"] <= build["tokens"] and profile["layers"] == 2
