@@ -127,9 +127,14 @@ def test_no_gpu_is_one_line(tmp_path) -> None:
 
 
 def test_pipeline_and_dashboard_import_neither_gguf_nor_datasets() -> None:
+    """Nor does naming a hub model (resolve_base_model reads backend.embedded) or importing the
+    explanations' step: only converting a GGUF and reading a hub dataset need them."""
     code = (
         "import sys\n"
-        "import backend.pipeline, backend.loading, generate_html_dashboard, benchmarks.gpu_check\n"
+        "import backend.pipeline, backend.explain_directions, generate_html_dashboard\n"
+        "import benchmarks.gpu_check\n"
+        "from backend.loading import resolve_base_model\n"
+        "assert resolve_base_model('Qwen/Qwen2.5-32B').path == 'Qwen/Qwen2.5-32B'\n"
         f"print(sorted(name for name in {ABSENT!r} if name in sys.modules))"
     )
     done = subprocess.run(
