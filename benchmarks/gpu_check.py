@@ -18,8 +18,10 @@ run goes on with the stages that do not need it (exit status 1):
 - pass: backend.pipeline.analyze, dtype and batch budget the model's defaults, on 64k+ random
   tokens in 4k-8k-token sequences (tokenization excluded: the rows carry their ids);
 - export: the document built and written as the CLI writes it;
-- profile: one batch of the pass under torch.profiler: host-device copies and synchronising
-  calls, per batch and per layer (DIR/profile.txt: the table, and where those calls come from);
+- profile: one batch of the pass under torch.profiler: the device's host-device copies, and the
+  calls that copy or make the host wait (cudaMemcpy*, *Synchronize, item, nonzero), in all,
+  inside the forward (the hooks run there: per layer) and inside the tracker's update (once a
+  batch); DIR/profile.txt holds the profile's table;
 - effects: analyze with --effects N --effects-max-length L, each row's Effects.row timed;
 - naive: bench_effects' naive method on the first effects row, its fixed part (attribution
   forward and backward, base forward) and about 32 of its ablations timed, the rest extrapolated
