@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backend import UserError
@@ -117,5 +116,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
 
 
 def _gguf_adds_bos(gguf_path: Path) -> bool:
+    from gguf import GGUFReader  # here: only a conversion needs gguf (a GPU machine may lack it)
+
     field = GGUFReader(gguf_path).fields.get("tokenizer.ggml.add_bos_token")
     return field is None or bool(field.parts[field.data[0]][0])
