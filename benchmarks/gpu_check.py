@@ -26,7 +26,8 @@ run goes on with the stages that do not need it (exit status 1):
 - naive: bench_effects' naive method on the first effects row, its fixed part (attribution
   forward and backward, base forward) and about 32 of its ablations timed, the rest extrapolated
   (every naive ablation is one full forward of the same cost);
-- sae: analyze with the `sae` option, where RunConfig has one (issue 14), else recorded skipped;
+- sae: analyze with --sae (the cache written in the pass, the SAE trained and measured after
+  it), its time over the pass's;
 - dashboard: the written document read and rendered as generate_html_dashboard does
   (DIR/dashboard.html), page size;
 - summary: tokens/s, pipeline/floor, each analysis's share, the issue's targets.
@@ -53,7 +54,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -478,8 +479,6 @@ def stage_naive(c: Check) -> dict[str, Any]:
 
 
 def stage_sae(c: Check) -> dict[str, Any]:
-    if "sae" not in {f.name for f in fields(RunConfig)}:
-        return {"skipped": "not built"}
     seconds, c.state = c.run(replace(c.config, sae=True))
     pass_s = c.results.get("pass", "seconds")
     overhead = None if pass_s is None else seconds / pass_s - 1

@@ -6,13 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
-from backend.config import RunConfig
 from benchmarks.gpu_check import RESULTS, STAGES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +56,7 @@ def test_tiny_run_records_every_stage(tiny_run) -> None:
     found = records(out)
     assert list(found) == ["machine", *(name for name, _, _ in STAGES), "summary"]
     assert not [name for name, r in found.items() if "error" in r]
-    assert not [name for name, r in found.items() if "skipped" in r and name != "sae"]
+    assert not [name for name, r in found.items() if "skipped" in r]
     build = found["build"]
     assert build["directions"] == build["lora_modules"] == 2 * 7  # 2 layers, 7 projections
     assert build["lora_b_nonzero"] and build["rslora"] and build["param_device"] == "cpu"
@@ -78,10 +76,7 @@ def test_tiny_run_records_every_stage(tiny_run) -> None:
     naive = found["naive"]
     assert naive["ablations"] == naive["ablations_timed"] == 23  # fewer than 32: all of them
     assert naive["row_estimated_seconds"] > naive["fixed_seconds"] > 0
-    if "sae" in {f.name for f in fields(RunConfig)}:  # issue 14 has landed
-        assert found["sae"]["seconds"] > 0
-    else:  # recorded as not measured, with no figure
-        assert found["sae"]["skipped"] == "not built" and "seconds" not in found["sae"]
+    assert found["sae"]["seconds"] > 0 and found["sae"]["overhead_over_pass"] > -1
     page = out / "dashboard.html"
     assert found["dashboard"]["page_bytes"] == page.stat().st_size > 0
     assert found["dashboard"]["document"] == "activations-effects.json"
