@@ -443,6 +443,10 @@ class CacheReader:
                     records = torch.frombuffer(data, dtype=torch.uint8).view(-1, self.record)
                     yield sequences(*unpack_records(records, self.num_directions, self.dtype))
 
+    def batch_sizes(self) -> torch.Tensor:
+        """[batches] int64: the tokens of each batch `replay` yields, in its order."""
+        return torch.cat([self._log(name).long().sum(1) for name in self.names])
+
     def _log(self, name: str) -> torch.Tensor:
         """[batches, buckets] int32: a writer's log of its tokens per bucket per batch."""
         path, buckets = _log_path(self.folder, name), len(self.buckets)
