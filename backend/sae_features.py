@@ -123,8 +123,10 @@ def sweep_features(
             features.append(
                 {**entry, **{name: fields[name] for name in EXPORTED if name in fields}}
             )
-        documents.append(document)
         windows.append(tracker.windows())
+        # The chunk is exported: its document keeps the Examples to count, not the summaries.
+        document.tracker = tracker = None
+        documents.append(document)
     occurrences = count_occurrences(reader, torch.cat(windows), window)
     for document in documents:
         document.count(occurrences)
