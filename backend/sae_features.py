@@ -54,7 +54,8 @@ EXPORTED = (
 
 @dataclass
 class Writes:
-    """What a feature's residual-stream write is made of, per direction in cache order."""
+    """What a feature's residual-stream write is made of, per direction in cache order (b and
+    scaling on the CPU, with the SAE; the unembedding and gain where the model is)."""
 
     b: torch.Tensor  # [D, hidden] each direction's B_d, 0 where it does not write the residual
     scaling: torch.Tensor  # [D] its module's LoRA scaling
