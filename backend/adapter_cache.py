@@ -17,6 +17,10 @@ costs one more read and write of that bucket's tokens.
 
 A record: example index (int64), position (int32), token id (int32), then the D activations
 (float32, or bfloat16: relative error at most BF16_RELATIVE_ERROR), in the machine's byte order.
+
+Each writer also logs, per batch it is fed, how many of its tokens went to each bucket (its
+`.batches.i32` file once finished): `CacheReader.replay` reads the batches back as the pass saw
+them, whole sequences, for sweeps whose summaries need them (context windows, positions).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +120,10 @@ def _manifest_path(folder: Path, name: str) -> Path:
     return folder / f"{name}.cache.json"
 
 
+def _log_path(folder: Path, name: str) -> Path:
+    return folder / f"{name}.batches.i32"
+
+
 def encode_records(
     x: torch.Tensor,  # [N, D], on any device
     example: torch.Tensor,  # [N]
@@ -168,13 +176,21 @@ class Tokens:
         return Tokens(*(torch.cat(ts) for ts in zip(*fields, strict=True)))
 
 
-def decode_records(records: torch.Tensor, num_directions: int, dtype: str, seed: int) -> Tokens:
-    """Tokens of records [n, record_bytes] uint8, sorted by key (ties, which only a repeated
-    (example, position) could make, by example and position)."""
+def unpack_records(
+    records: torch.Tensor, num_directions: int, dtype: str
+) -> tuple[torch.Tensor, ...]:
+    """x [n, D] float32, example, position, ids [n] int64 of records [n, record_bytes] uint8."""
     example = records[:, :8].contiguous().view(torch.int64)[:, 0]
     position = records[:, 8:12].contiguous().view(torch.int32)[:, 0].long()
     ids = records[:, 12:16].contiguous().view(torch.int32)[:, 0].long()
     x = records[:, META_BYTES:].contiguous().view(DTYPES[dtype]).float().view(-1, num_directions)
+    return x, example, position, ids
+
+
+def decode_records(records: torch.Tensor, num_directions: int, dtype: str, seed: int) -> Tokens:
+    """Tokens of records [n, record_bytes] uint8, sorted by key (ties, which only a repeated
+    (example, position) could make, by example and position)."""
+    x, example, position, ids = unpack_records(records, num_directions, dtype)
     key = seeded_keys(example, position, seed)
     order = position.argsort(stable=True)
     order = order[example[order].argsort(stable=True)]
@@ -209,6 +225,7 @@ class CacheWriter:
         self.num_directions, self.seed, self.dtype, self.run = num_directions, seed, dtype, run
         self.record = record_bytes(num_directions, dtype)
         self.counts = [0] * 2**BUCKET_BITS  # tokens written per bucket
+        self.log: list[list[int]] = []  # per batch fed, its tokens per bucket
         with disk_errors(self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
             if state is not None:
@@ -228,11 +245,15 @@ class CacheWriter:
         on finish, are taken back first)."""
         if state["name"] != self.name or len(state["counts"]) != len(self.counts):
             raise UserError(f"the checkpoint's SAE cache is {state['name']!r}, not {self.name!r}")
+        log = state["batches"].view(-1, len(self.counts))
+        if log.long().sum(0).tolist() != state["counts"]:
+            raise ValueError("a checkpoint whose batch log does not add up to its counts")
         manifest = _manifest_path(self.folder, self.name)
         if manifest.exists():
             for b in range(len(self.counts)):
                 os.replace(self._path(b, "bin"), self._path(b, "part"))
             manifest.unlink()
+            _log_path(self.folder, self.name).unlink(missing_ok=True)
         for b, count in enumerate(state["counts"]):
             path = self._path(b, "part")
             size = path.stat().st_size if path.exists() else -1
@@ -242,7 +263,7 @@ class CacheWriter:
                     "--cache-dir changed?): rerun without --resume"
                 )
             os.truncate(path, count * self.record)
-        self.counts = list(state["counts"])
+        self.counts, self.log = list(state["counts"]), log.tolist()
 
     @property
     def num_tokens(self) -> int:
@@ -256,7 +277,8 @@ class CacheWriter:
     def write(
         self, x: torch.Tensor, example: torch.Tensor, position: torch.Tensor, ids: torch.Tensor
     ) -> None:
-        """Append tokens: x [N, D] (any device), example, position, ids [N]."""
+        """Append tokens: x [N, D] (any device), example, position, ids [N]; one batch of the
+        log (for `CacheReader.replay`, whole sequences, positions from 0)."""
         if x.shape[1] != self.num_directions:
             raise ValueError(f"{x.shape[1]} directions, the cache has {self.num_directions}")
         example, position = example.cpu().long(), position.cpu().long()
@@ -269,6 +291,7 @@ class CacheWriter:
         with disk_errors(self.folder):
             append_by_bucket(self.files, records, counts)
         self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.log.append(counts)
 
     def _flush(self) -> None:
         with disk_errors(self.folder):
@@ -277,9 +300,13 @@ class CacheWriter:
                 os.fsync(f.fileno())
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the writer stands, for a checkpoint: its files are flushed to disk first."""
+        """Where the writer stands, for a checkpoint: its files are flushed to disk first.
+        batches: [batches, buckets] int32, the log (a few hundred bytes per batch)."""
         self._flush()
-        return {"name": self.name, "counts": list(self.counts)}
+        return {"name": self.name, "counts": list(self.counts), "batches": self._log()}
+
+    def _log(self) -> torch.Tensor:
+        return torch.tensor(self.log, dtype=torch.int32).view(-1, len(self.counts))
 
     def finish(self) -> None:
         """Close the files, rename them finished and write the manifest that readers look for."""
@@ -297,9 +324,43 @@ class CacheWriter:
             "seed": self.seed,
             "bucket_bits": BUCKET_BITS,
             "counts": self.counts,
+            "batches": len(self.log),
         }
+        log = self._log().numpy().tobytes()
+        write_atomic(_log_path(self.folder, self.name), lambda f: f.write(log))
         data = json.dumps(manifest).encode()
         write_atomic(_manifest_path(self.folder, self.name), lambda f: f.write(data))
+
+
+@dataclass
+class Replayed:
+    """One batch as the pass fed it to a writer: whole sequences, right-padded, which a
+    BatchTokens (or Tracker.update) takes with activations [., B*L] scattered at `real`."""
+
+    x: torch.Tensor  # [N, D] float32, the real tokens in (example, position) order
+    real: torch.Tensor  # [N] their flat positions in [B, L]
+    input_ids: torch.Tensor  # [B, L], 0 at padding
+    lengths: torch.Tensor  # [B]
+    example_index: torch.Tensor  # [B], ascending
+
+
+def sequences(
+    x: torch.Tensor, example: torch.Tensor, position: torch.Tensor, ids: torch.Tensor
+) -> Replayed:
+    """A batch's tokens (x [N, D], example, position, ids [N], in any order) as whole sequences;
+    refuses tokens that are not each sequence's positions 0 .. length-1."""
+    order = position.argsort(stable=True)
+    order = order[example[order].argsort(stable=True)]
+    x, example, position, ids = x[order], example[order], position[order], ids[order]
+    example_index, lengths = torch.unique_consecutive(example, return_counts=True)
+    row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)  # [N]
+    first = lengths.cumsum(0) - lengths  # [B] each sequence's first token
+    if not torch.equal(position, torch.arange(len(x)) - first[row]):
+        raise ValueError("a batch of the cache does not hold whole sequences from position 0")
+    real = row * int(lengths.max()) + position
+    input_ids = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
+    input_ids.view(-1)[real] = ids
+    return Replayed(x, real, input_ids, lengths, example_index)
 
 
 @dataclass
@@ -339,7 +400,7 @@ class CacheReader:
             fields = ("num_directions", "dtype", "seed", "bucket_bits", "run")
             if any(m[f] != first[f] for f in fields):
                 raise UserError(f"{folder}: caches {names[0]} and {name} differ in their options")
-        self.names = names
+        self.names, self.manifests = names, manifests
         self.num_directions, self.dtype = first["num_directions"], first["dtype"]
         self.seed, self.bits = first["seed"], first["bucket_bits"]
         self.record = record_bytes(self.num_directions, self.dtype)
@@ -365,6 +426,47 @@ class CacheReader:
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise UserError(f"{path}: not a cache manifest of this version")
         return manifest
+
+    def replay(self) -> Iterator[Replayed]:
+        """Each writer's batches (writers in `names` order), as the pass fed them: each batch
+        takes from each bucket file its next count of the log (every file read sequentially,
+        all open at once). Memory: one batch."""
+        for w, name in enumerate(self.names):
+            log = self._log(name)  # [batches, buckets]
+            with disk_errors(self.folder), ExitStack() as stack:
+                files = [stack.enter_context(open(p[w].path, "rb")) for p in self.buckets]
+                for counts in log.tolist():
+                    data = bytearray().join(
+                        self._take(f, n) for f, n in zip(files, counts, strict=True) if n
+                    )
+                    records = torch.frombuffer(data, dtype=torch.uint8).view(-1, self.record)
+                    yield sequences(*unpack_records(records, self.num_directions, self.dtype))
+
+    def batch_sizes(self) -> torch.Tensor:
+        """[batches] int64: the tokens of each batch `replay` yields, in its order."""
+        return torch.cat([self._log(name).long().sum(1) for name in self.names])
+
+    def _log(self, name: str) -> torch.Tensor:
+        """[batches, buckets] int32: a writer's log of its tokens per bucket per batch."""
+        path, buckets = _log_path(self.folder, name), len(self.buckets)
+        data = bytearray(path.read_bytes()) if path.exists() else bytearray()
+        log = (
+            torch.frombuffer(data, dtype=torch.int32) if data else torch.zeros(0, dtype=torch.int32)
+        )
+        batches = self.manifests[name]["batches"]
+        counts = self.manifests[name]["counts"]
+        if (
+            log.numel() != batches * buckets
+            or log.view(-1, buckets).long().sum(0).tolist() != counts
+        ):
+            raise UserError(f"{path}: missing or not the log its manifest counts (a damaged cache)")
+        return log.view(-1, buckets)
+
+    def _take(self, f: Any, count: int) -> bytes:
+        data = f.read(count * self.record)
+        if len(data) != count * self.record:
+            raise UserError(f"{f.name}: shorter than its manifest says (a damaged cache)")
+        return data
 
     def tokens(self, part: str = "all") -> Iterator[Tokens]:
         """The tokens of `part` (all, train: keys below HELD_OUT_FROM, heldout: the rest) in
@@ -467,7 +569,7 @@ def remove_cache(folder: Path, names: list[str] | None = None) -> None:
     for path in folder.iterdir():
         if path.name.endswith(".cache.json"):
             writer = path.name.removesuffix(".cache.json")
-        elif path.suffix in (".part", ".bin"):
+        elif path.suffix in (".part", ".bin", ".i32"):
             writer = path.name.rsplit(".", 2)[0]  # name.bNN.part
         elif path.name.startswith(".split-") and names is None:
             shutil.rmtree(path)

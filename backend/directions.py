@@ -118,6 +118,20 @@ def cross_layer_cosine(modules: list[LoraModule]) -> dict:
     }
 
 
+def top_logits(
+    unembed: torch.Tensor,  # [V, hidden]
+    gain: torch.Tensor,  # [hidden] the final norm's weight
+    writes: torch.Tensor,  # [R, hidden] residual-stream write vectors
+    n: int,
+) -> tuple[torch.return_types.topk, torch.return_types.topk]:
+    """The n largest and n smallest logits [R, n] (topk's values and indices) each write
+    vector gives, read through the final norm's weight and the unembedding, in its dtype."""
+    gain = gain.to(unembed.device, torch.float32)
+    scaled = (writes.to(unembed.device, torch.float32) * gain).to(unembed.dtype)  # [R, h]
+    logits = (unembed @ scaled.T).float().T  # [R, V]
+    return logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+
+
 def logit_effects(model: nn.Module, modules: list[LoraModule], n: int) -> dict[str, list[dict]]:
     """For each module writing into the residual stream, per component: the n token ids whose
     logits its write vector B raises most and lowers most, read through the final norm's weight
@@ -133,10 +147,8 @@ def logit_effects(model: nn.Module, modules: list[LoraModule], n: int) -> dict[s
     if not writers or unembed is None or getattr(norm, "weight", None) is None:
         return {}
     weight = unembed.weight.detach()  # [V, hidden]
-    gain = norm.weight.detach().to(weight.device, torch.float32)[:, None]
     b = torch.cat([m.B.detach().to(weight.device, torch.float32) for m in writers], 1)  # [h, R]
-    logits = (weight @ (b * gain).to(weight.dtype)).float().T  # [R, V], in the model's dtype
-    top, bottom = logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
+    top, bottom = top_logits(weight, norm.weight.detach(), b.T, n)
     effects, row = {}, 0
     for m in writers:
         effects[m.name] = [

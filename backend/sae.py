@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from backend import UserError
-from backend.adapter_cache import HELD_OUT, HELD_OUT_FROM, CacheReader, Tokens
+from backend.adapter_cache import HELD_OUT, HELD_OUT_FROM, CacheReader
 from backend.atomic import write_atomic
 
 EXPANSION = 8  # default latents: 8 x D
@@ -300,17 +300,6 @@ def aux_loss(
     top = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=1)  # live ones: -inf, then 0
     z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
     return ((z @ w_dec) - residual).square().mean()
-
-
-def feature_batches(
-    sae: SAE, reader: CacheReader, latents: slice = slice(None), size: int = SWEEP
-) -> Iterator[tuple[Tokens, torch.Tensor]]:
-    """The cache in key order, `size` tokens at a time, each with its features f [n, F'] of
-    latents `latents`: what the feature sweep feeds its summaries from, one chunk of latents
-    per pass over the cache where a summary's memory grows with the latents."""
-    device = sae.W_enc.device
-    for tokens in reader.batches(size, "all"):
-        yield tokens, sae.encode(tokens.x.to(device), latents)
 
 
 @dataclass

@@ -220,3 +220,60 @@ def test_reader_refuses_other_runs_and_missing_writers(tmp_path):
     with pytest.raises(UserError, match="cannot write the SAE cache") as e:
         CacheWriter(tmp_path / "file" / "cache", "w", 3, seed=0)
     assert "\n" not in str(e.value)
+
+
+def fed(writer: CacheWriter, data: Data, batches: list[list[int]], log: list[list[int]]) -> None:
+    """Each batch (examples) fed to the writer, and noted in `log` as the pass gave it."""
+    for examples in batches:
+        writer.update(batch_of(data, examples))
+        log.append(examples)
+
+
+def test_replay_gives_back_each_writers_batches_as_fed(tmp_path):
+    data = make_data(70, 5, seed=4)
+    d = data.x.shape[1]
+    order = torch.randperm(70, generator=torch.Generator().manual_seed(0)).tolist()
+    batches = [order[i : i + 6] for i in range(0, 70, 6)]  # examples in no order within
+    first, second = CacheWriter(tmp_path, "a", d, seed=3), CacheWriter(tmp_path, "b", d, seed=3)
+    expected: dict[str, list[list[int]]] = {"a": [], "b": []}
+    fed(first, data, batches[:3], expected["a"])
+    saved = first.state_dict()
+    first.update(batch_of(data, batches[3]))  # after the checkpoint: dropped on resume
+    first = CacheWriter(tmp_path, "a", d, seed=3, state=saved)
+    fed(first, data, batches[3:7], expected["a"])
+    fed(second, data, batches[7:], expected["b"])
+    for w in (second, first):
+        w.finish()
+    reader = CacheReader(tmp_path, names=["a", "b"])
+    replayed = list(reader.replay())
+    wanted = expected["a"] + expected["b"]
+    assert len(replayed) == len(wanted)
+    for got, examples in zip(replayed, wanted, strict=True):
+        examples = sorted(examples)
+        lengths = [data.lengths[e] for e in examples]
+        assert got.example_index.tolist() == examples
+        assert got.lengths.tolist() == lengths
+        assert got.input_ids.shape == (len(examples), max(lengths))
+        rows = torch.cat([torch.arange(data.rows(e).start, data.rows(e).stop) for e in examples])
+        assert torch.equal(got.x, data.x[rows])  # exact: float32 round trip
+        for row, e in enumerate(examples):
+            assert got.input_ids[row, : lengths[row]].tolist() == data.ids[data.rows(e)].tolist()
+        # real: the flat positions of the tokens, row by row, in position order
+        starts = [row * max(lengths) for row in range(len(examples))]
+        assert got.real.tolist() == [
+            s + t for s, n in zip(starts, lengths, strict=True) for t in range(n)
+        ]
+    # The replay's tokens are the cache's, the dropped batch aside.
+    assert sum(len(b.x) for b in replayed) == reader.num_tokens
+
+
+def test_replay_refuses_a_damaged_log(tmp_path):
+    data = make_data(12, 3)
+    w = CacheWriter(tmp_path, "w", 3, seed=0)
+    write(w, data, list(range(12)), rows=4)
+    w.finish()
+    log = tmp_path / "w.batches.i32"
+    log.write_bytes(log.read_bytes()[:-4])
+    with pytest.raises(UserError, match="a damaged cache") as e:
+        list(CacheReader(tmp_path).replay())
+    assert "\n" not in str(e.value)
