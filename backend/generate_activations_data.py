@@ -25,8 +25,6 @@ from pathlib import Path
 if not __package__:  # run as a script: import `backend` from the repo root, not backend/ itself
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-import torch
-
 from backend import OptionError, UserError
 from backend.analysis import Interrupted, count_windows
 from backend.atomic import check_writable
@@ -45,7 +43,7 @@ from backend.loading import (
 from backend.output import build_document, write_json_atomic
 from backend.pipeline import analyze, finish, rows_read, tokenize
 from backend.processes import gather_states, init_processes
-from backend.sae_run import check_sae_options, read_sae
+from backend.sae_run import check_sae_options
 from backend.state import RunState, check_shards, load_state, merge_states
 
 PROG = "generate_activations_data.py"  # as --help and usage errors name the command
@@ -256,11 +254,9 @@ def merge(args: argparse.Namespace) -> int:
     merged = merge_states(states, names)
     config = replace(data_config(merged.run), output=args.output, keep_cache=args.keep_cache)
     rows, _ = open_rows(config)
-    if merged.effects is None:
+    if merged.effects is None and not config.sae:
         count_windows(merged, tokenize(rows, run_tokenizer(merged.run), config))
-        if config.sae:
-            read_sae(merged, config, args.output, torch.device(default_device()), True)
-    else:  # the pinned samples need the model
+    else:  # the pinned samples and the SAE's features need the model
         device = default_device()
         dtype = resolve_dtype(merged.run["dtype"], device)
         model, tokenizer = load_model(
@@ -289,7 +285,7 @@ def data_config(run: dict) -> RunConfig:
     options = (
         "base_model", "lora_path", "text_field", "num_examples", "max_length", "effects",
         "effects_max_length", "steer_directions", "steer_prompts", "sae", "sae_latents", "sae_k",
-        "sae_lr", "sae_batch", "sae_seed", "sae_from", "cache_dtype",
+        "sae_lr", "sae_batch", "sae_seed", "sae_from", "cache_dtype", "min_token_count",
     )  # fmt: skip
     return RunConfig(**{key: run[key] for key in options}, **where)
 

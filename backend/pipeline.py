@@ -27,7 +27,6 @@ from backend.analysis import (
 )
 from backend.config import RunConfig
 from backend.data import Row, Sequence, iter_batches, iter_sequences
-from backend.loading import input_device
 from backend.sae_run import close_writer, open_writer, read_sae
 from backend.state import RunState, load_state
 
@@ -98,7 +97,7 @@ def finish(
     if state.effects is not None:
         pin_directions(state, model, tokenizer, rows, config)
     if config.sae:
-        read_sae(state, config, config.output, input_device(model), progress)
+        read_sae(state, model, token_decoder(tokenizer), config, progress)
 
 
 def tokenize(

@@ -64,20 +64,24 @@ class Writes:
     n: int  # tokens listed per side
 
 
-def residual_writes(modules: list[LoraModule]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(B [D, hidden], scaling [D]) of the directions in document order (the modules in order,
-    their components), B = 0 for modules that do not write the residual stream
+def residual_writes(
+    modules: list[LoraModule], labels: list[dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B [D, hidden], scaling [D]) of the directions `labels` names ({layer, module,
+    component}, in cache order), B = 0 for modules that do not write the residual stream
     (contract.writes_residual); None where none does."""
+    by_site = {(m.layer, m.module): m for m in modules}
     writers = [m for m in modules if writes_residual(m.module)]
     if not writers:
         return None
-    hidden = writers[0].B.shape[0]
-    rows, scaling = [], []
-    for m in modules:
-        b = m.B.T.float() if writes_residual(m.module) else torch.zeros(m.rank, hidden)
-        rows.append(b.cpu())
-        scaling += [m.scaling] * m.rank
-    return torch.cat(rows), torch.tensor(scaling)
+    b = torch.zeros(len(labels), writers[0].B.shape[0])
+    scaling = torch.zeros(len(labels))
+    for d, label in enumerate(labels):
+        m = by_site[label["layer"], label["module"]]
+        scaling[d] = m.scaling
+        if writes_residual(m.module):
+            b[d] = m.B[:, label["component"]].detach().float().cpu()
+    return b, scaling
 
 
 @dataclass

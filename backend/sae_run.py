@@ -17,15 +17,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from backend.adapter_cache import CacheReader, CacheWriter, check_disk, remove_cache
 from backend.config import RunConfig
+from backend.directions import find_lora_modules
+from backend.loading import input_device
 from backend.sae import SAE, Training, check_options, evaluate, input_scale, load_sae, train_sae
+from backend.sae_features import Writes, residual_writes, sweep_features
 from backend.state import RunState
 
 
@@ -81,14 +86,32 @@ def close_writer(state: RunState) -> None:
     writer.finish()
 
 
+class Decoded(dict):
+    """Token id -> string: the run's table, decoding (and keeping) an id it lacks."""
+
+    def __init__(self, table: dict[int, str], decode: Callable[[int], str]) -> None:
+        super().__init__(table)
+        self.decode = decode
+
+    def __missing__(self, token: int) -> str:
+        self[token] = text = self.decode(token)
+        return text
+
+
 def read_sae(
-    state: RunState, config: RunConfig, output: Path, device: torch.device, progress: bool
+    state: RunState,
+    model: nn.Module,
+    decode: Callable[[int], str],
+    config: RunConfig,
+    progress: bool,
 ) -> None:
-    """On the state of the whole run: train the SAE (or load --sae-from), save it, measure
-    it, into `state.sae` (the document's `sae`); then remove the cache unless --keep-cache.
-    A state that has its SAE already (a resumed run) is left as it is."""
+    """On the state of the whole run: train the SAE (or load --sae-from), save it beside
+    config.output, measure it, and read its features (backend.sae_features), into `state.sae`
+    (the document's `sae`); then remove the cache unless --keep-cache. A state that has its
+    SAE already (a resumed run) is left as it is."""
     if state.sae is not None:
         return
+    device = input_device(model)
     folder, names = Path(state.cache["folder"]), sorted(state.cache["writers"])
     reader = CacheReader(folder, names, run=run_id(state.run))
     labels = direction_labels(state.layers)
@@ -99,9 +122,15 @@ def read_sae(
     quality = evaluate(sae, reader, device)
     sae.figures |= quality.figures()
     if path is None:
-        path = output.with_name(output.name + ".sae.safetensors")
+        path = config.output.with_name(config.output.name + ".sae.safetensors")
         sae.save(path)
-    state.sae = section(sae, quality.firing, path)
+    shape = state.tracker.shape
+    found = sweep_features(
+        sae, reader, Decoded(state.tokens, decode), shape.vocab_size, shape.top_k,
+        shape.window, shape.bins, config.min_token_count, writes(model, labels, config),
+        device=device,
+    )  # fmt: skip
+    state.sae = section(sae, path) | {"features": found.features, "dead": found.dead}
     if not config.keep_cache:
         remove_cache(folder, names)
         with contextlib.suppress(OSError):  # the folder too, unless something else is in it
@@ -127,7 +156,19 @@ def train(
         return train_sae(reader, mean, scale, labels, recipe, device, progress=bar.update)
 
 
-def section(sae: SAE, firing: torch.Tensor, path: Path) -> dict[str, Any]:
+def writes(model: nn.Module, labels: list[dict[str, Any]], config: RunConfig) -> Writes | None:
+    """What the features' residual writes and their logit effects are made of (None where no
+    direction writes the residual stream, or the model has no final norm to read them by)."""
+    found = residual_writes(find_lora_modules(model), labels)
+    norm = getattr(model.get_base_model().get_decoder(), "norm", None)
+    unembed = model.get_output_embeddings()
+    if found is None or unembed is None or getattr(norm, "weight", None) is None:
+        return None
+    weight = unembed.weight.detach()
+    return Writes(*found, weight, norm.weight.detach(), config.logit_tokens)
+
+
+def section(sae: SAE, path: Path) -> dict[str, Any]:
     """The document's `sae`, the features aside."""
     figures = sae.figures
     training = ("steps", "warmup_steps", "lr", "batch", "seed", "training_seconds")
@@ -140,6 +181,4 @@ def section(sae: SAE, firing: torch.Tensor, path: Path) -> dict[str, Any]:
         "path": path.name,
         "error_share": figures["error_share"],
         "training": {key: figures[key] for key in training if key in figures},
-        "features": [],
-        "dead": (firing == 0).nonzero().flatten().tolist(),
     }

@@ -85,7 +85,7 @@ def brute_features(sae: SAE, data: Data) -> np.ndarray:
 
 
 def sweep(sae: SAE, reader: CacheReader, budget: int = 2**30):
-    b, scaling = residual_writes(modules())
+    b, scaling = residual_writes(modules(), sae.labels)
     g = torch.Generator().manual_seed(9)
     unembed, gain = torch.randn(VOCAB, HIDDEN, generator=g), torch.rand(HIDDEN, generator=g) + 0.5
     writes = Writes(b, scaling, unembed, gain, LOGITS)

@@ -83,6 +83,18 @@ def test_the_cache_holds_peft_activations_and_the_quality_is_the_saved_sae_s(
     assert sae_doc["error_share"] == pytest.approx({m: s / total for m, s in shares.items()})
     assert 0 < sae_doc["fvu"] < 1.5 and math.isfinite(sae_doc["fvu_heldout"])
     assert sae_doc["training"]["steps"] == math.ceil(int((~held).sum()) / 64)  # one epoch
+    # Its features, read from the cache (backend.sae_features: tested there against the brute
+    # force in full): each live latent once, its frequency and largest activation the saved
+    # SAE's on the cached tokens.
+    features = sae_doc["features"]
+    assert [f["index"] for f in features] == (firing > 0).nonzero().flatten().tolist()
+    for feature in features:
+        column = f[:, feature["index"]]
+        assert feature["frequency"] == pytest.approx(float((column > 0).double().mean()))
+        top = feature["top_positive"][0]
+        assert top["activation"] == pytest.approx(float(column.max()), rel=1e-6)
+        assert len(feature["composition"]) == min(16, len(labels))
+        assert feature["logit_effects"]["top"]  # the rank-1 down_proj writes the residual
 
 
 def test_a_saved_sae_reads_the_same(trained, tmp_path, qwen2_base, rank1_adapter, text_file):
