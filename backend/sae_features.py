@@ -31,7 +31,7 @@ from backend.contract import writes_residual
 from backend.directions import LoraModule, top_logits
 from backend.output import Document
 from backend.sae import SAE
-from backend.summaries import Range
+from backend.summaries import Range, Summary
 from backend.tracking import Tracker
 
 MEMORY = 2**30  # default bytes for one chunk of latents' summaries and a batch's features
@@ -105,13 +105,16 @@ def sweep_features(
     writes: Writes | None = None,
     budget: int = MEMORY,
     device: torch.device | str = "cpu",
+    below_median: int = 0,
 ) -> FeatureSweep:
     """Every feature of `sae` over the cache, in the document's field names (the explanations
     aside). tokens: id -> string for every id of the cache and, with `writes`, of the logit
-    effects (the run's token table). vocab_size: 0 for no top tokens."""
+    effects (the run's token table). vocab_size: 0 for no top tokens. below_median: contexts
+    the lowest quantile range shows (Shape.below_median), for scoring explanations."""
     model, device = sae.to(device), torch.device(device)
     latents = sae.num_latents
-    per_latent, fixed = tracker_bytes(top_k, window, bins, vocab_size)
+    options = (top_k, window, bins, vocab_size, below_median)
+    per_latent, fixed = tracker_bytes(*options)
     sizes = reader.batch_sizes()  # [batches] tokens
     largest = int(sizes.max()) if len(sizes) else 1
     cost = per_latent + TRANSIENT * largest
@@ -120,7 +123,7 @@ def sweep_features(
     frequency = torch.zeros(latents, dtype=torch.float64)
     for start in range(0, latents, chunk):
         part = slice(start, min(latents, start + chunk))
-        tracker, firing = track(model, reader, part, top_k, window, bins, vocab_size, device)
+        tracker, firing = track(model, reader, part, *options, device)
         frequency[part] = firing.double() / max(reader.num_tokens, 1)
         document = Document([], tracker, tokens, min_token_count)
         for j in firing.nonzero()[:, 0].tolist():
@@ -155,12 +158,15 @@ def track(
     window: int,
     bins: int,
     vocab_size: int,
+    below_median: int,
     device: torch.device,
 ) -> tuple[Tracker, torch.Tensor]:
     """A tracker of latents `latents` over one replay of the cache, and how many tokens each
     fires on ([F'] int64, on the CPU)."""
     size = latents.stop - latents.start
-    tracker = Tracker(size, top_k, window, bins, device, vocab_size=vocab_size)
+    tracker = Tracker(
+        size, top_k, window, bins, device, vocab_size=vocab_size, below_median=below_median
+    )
     firing = torch.zeros(size, dtype=torch.long, device=device)
     for batch in reader.replay():
         f = sae.encode(batch.x.to(device), latents)  # [N, F']
@@ -173,25 +179,34 @@ def track(
     return tracker, firing.cpu()
 
 
-def tracker_bytes(top_k: int, window: int, bins: int, vocab_size: int) -> tuple[int, int]:
+def tracker_bytes(
+    top_k: int, window: int, bins: int, vocab_size: int, below_median: int
+) -> tuple[int, int]:
     """(bytes per latent, bytes besides) a Tracker of these options holds, measured from
     trackers of one and two latents (every summary's memory is linear in the latents)."""
+    cpu = torch.device("cpu")
     one, two = (
-        held_bytes(Tracker(n, top_k, window, bins, torch.device("cpu"), vocab_size=vocab_size))
+        sum(
+            held_bytes(s)
+            for s in Tracker(
+                n, top_k, window, bins, cpu, vocab_size=vocab_size, below_median=below_median
+            ).summaries.values()
+        )
         for n in (1, 2)
     )
     return two - one, 2 * one - two
 
 
-def held_bytes(tracker: Tracker) -> int:
-    """Bytes of the tensors a tracker's summaries hold (their Ranges' too)."""
+def held_bytes(summary: Summary) -> int:
+    """Bytes of the tensors a summary holds (its Ranges' and inner summaries' too)."""
     total = 0
-    for summary in tracker.summaries.values():
-        for value in vars(summary).values():
-            held = [value] if isinstance(value, torch.Tensor) else []
-            if isinstance(value, Range):
-                held = [value.min, value.max]
-            total += sum(t.nbytes for t in held)
+    for value in vars(summary).values():
+        if isinstance(value, torch.Tensor):
+            total += value.nbytes
+        elif isinstance(value, Range):
+            total += value.min.nbytes + value.max.nbytes
+        elif isinstance(value, Summary):
+            total += held_bytes(value)
     return total
 
 

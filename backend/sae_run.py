@@ -128,7 +128,7 @@ def read_sae(
     found = sweep_features(
         sae, reader, Decoded(state.tokens, decode), shape.vocab_size, shape.top_k,
         shape.window, shape.bins, config.min_token_count, writes(model, labels, config),
-        device=device,
+        device=device, below_median=shape.below_median,
     )  # fmt: skip
     state.sae = section(sae, path) | {"features": found.features, "dead": found.dead}
     if not config.keep_cache:
@@ -171,7 +171,11 @@ def writes(model: nn.Module, labels: list[dict[str, Any]], config: RunConfig) ->
 def section(sae: SAE, path: Path) -> dict[str, Any]:
     """The document's `sae`, the features aside."""
     figures = sae.figures
-    training = ("steps", "warmup_steps", "lr", "batch", "seed", "training_seconds")
+    # The file's figures by the document's names (a loaded SAE's are those of its training).
+    training = {
+        "steps": "steps", "warmup_steps": "warmup_steps", "batch_size": "batch",
+        "learning_rate": "lr", "seed": "seed", "seconds": "training_seconds",
+    }  # fmt: skip
     return {
         "num_latents": sae.num_latents,
         "k": figures["k"],
@@ -180,5 +184,5 @@ def section(sae: SAE, path: Path) -> dict[str, Any]:
         "num_tokens": figures["num_tokens"],
         "path": path.name,
         "error_share": figures["error_share"],
-        "training": {key: figures[key] for key in training if key in figures},
+        "training": {name: figures[key] for name, key in training.items()},
     }

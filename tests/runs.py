@@ -69,7 +69,7 @@ def sae_results(doc: dict) -> dict | None:
     if "sae" not in doc:
         return None
     sae = {k: v for k, v in doc["sae"].items() if k != "path"}
-    sae["training"] = {k: v for k, v in sae["training"].items() if k != "training_seconds"}
+    sae["training"] = {k: v for k, v in sae["training"].items() if k != "seconds"}
     return sae
 
 
