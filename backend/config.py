@@ -84,6 +84,7 @@ EXPLAIN_NEURONS = 8  # baseline neurons per layer when explaining, unless --base
 EXPLAIN_OPTIONS = (
     "explainer_url", "explainer_model", "explainer_key_env", "scorer_url", "scorer_model",
     "scorer_key_env", "explain_contexts", "explain_context_tokens", "explain_cache",
+    "explain_features",
 )  # fmt: skip
 
 
@@ -300,6 +301,14 @@ class RunConfig:
         parse=non_negative_int,
         metavar="T",
         shown="the whole --context-window",
+    )
+    explain_features: int | None = option(
+        "explain",
+        "the SAE's features explained and scored (with --sae), the N most frequent",
+        None,
+        parse=non_negative_int,
+        metavar="N",
+        shown="all",
     )
     explain_cache: Path | None = option(
         "explain",

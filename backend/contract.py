@@ -530,7 +530,11 @@ DIFFERENCE = Obj(
 )
 EXPLANATION_SUMMARY = Obj(
     {"lora": GROUP, "shuffled": GROUP},
-    optional={"neurons": GROUP, "lora_minus_neurons": Obj(dict.fromkeys(SCORES, DIFFERENCE))},
+    optional={
+        "neurons": GROUP,
+        "lora_minus_neurons": Obj(dict.fromkeys(SCORES, DIFFERENCE)),
+        "sae": GROUP,  # runs with --sae: its explained features
+    },
     rules=(_differences_with_neurons,),
 )
 EXPLANATION_SETTINGS = Obj(

@@ -29,7 +29,7 @@ from typing import Any
 
 from backend import UserError, warn
 from backend.chat import Cache, Chat, LocalChat, MeteredChat
-from backend.contract import iter_directions, neuron_key
+from backend.contract import feature_key, iter_directions, iter_features, neuron_key
 from backend.endpoint import EndpointChat
 from backend.features import (
     SIGN_NAMES,
@@ -69,8 +69,14 @@ def _features(items: list[tuple[str, dict]], contexts: int) -> list[tuple[dict, 
         (item, feature(item, key, sign, contexts))
         for key, item in items
         for sign, top in TOP_LISTS.items()
-        if item[top]
+        if item.get(top)  # an SAE feature has no negative side
     ]
+
+
+def most_frequent(document: dict[str, Any], n: int | None) -> list[dict]:
+    """The document's n most frequent SAE features (all of them for None), by index."""
+    ranked = sorted(iter_features(document), key=lambda f: (-f["frequency"], f["index"]))
+    return sorted(ranked[:n], key=lambda f: f["index"])
 
 
 @dataclass
@@ -115,18 +121,28 @@ def _score(questions: list[_Question], judgements: list, seed: int, resamples: i
     return result
 
 
-def explain(document: dict[str, Any], explainer: Chat, scorer: Chat, settings: Settings) -> dict:
-    """Explain and score every feature of `document` in place (each direction's and baseline
-    neuron's `explanations`); returns the top-level `explanations` without the usage fields."""
+def explain(
+    document: dict[str, Any],
+    explainer: Chat,
+    scorer: Chat,
+    settings: Settings,
+    sae_features: int | None = None,
+) -> dict:
+    """Explain and score every feature of `document` in place (each direction's, baseline
+    neuron's and, of the `sae_features` most frequent, SAE feature's `explanations`); returns
+    the top-level `explanations` without the usage fields."""
     directions = [(ref.key, ref.direction) for ref in iter_directions(document)]
     neurons = [
         (neuron_key(n["layer"], n["neuron"]), n) for n in document.get("baseline_neurons", [])
     ]
-    for _, item in directions + neurons:  # a file explained before is explained afresh
+    latents = [(feature_key(f["index"]), f) for f in most_frequent(document, sae_features)]
+    # A file explained before is explained afresh (its features beyond sae_features too).
+    for item in [item for _, item in directions + neurons] + list(iter_features(document)):
         item.pop("explanations", None)
     lora = _features(directions, settings.contexts_per_class)
     baseline = _features(neurons, settings.contexts_per_class)
-    features = [f for _, f in lora + baseline]
+    sae = _features(latents, settings.contexts_per_class)
+    features = [f for _, f in lora + baseline + sae]
     context = settings.context_tokens  # the explainer reads as much context as the scorers
     prompts = [explainer_messages(f.explain, f.sign, f.extreme, context) for f in features]
     answers = explainer.generate(prompts, EXPLANATION_TOKENS)
@@ -157,18 +173,18 @@ def explain(document: dict[str, Any], explainer: Chat, scorer: Chat, settings: S
             for kind in KINDS
         }
 
-    for pairs, baselines in ((lora, True), (baseline, False)):
+    for pairs, baselines in ((lora, True), (baseline, False), (sae, False)):
         for item, f in pairs:
             entry = {"text": texts[f.key], **scores(f, "own")}
             if baselines:
                 entry["shuffled"] = scores(f, "shuffled")
             item.setdefault("explanations", {})[SIGN_NAMES[f.sign]] = entry
-    return {"summary": _summary(lora, baseline, settings), "settings": asdict(settings)}
+    return {"summary": _summary(lora, baseline, sae, settings), "settings": asdict(settings)}
 
 
-def _summary(lora: list, baseline: list, settings: Settings) -> dict:
-    """Means over features with bootstrap intervals: LoRA, neurons, shuffled, and the headline
-    LoRA minus neurons."""
+def _summary(lora: list, baseline: list, sae: list, settings: Settings) -> dict:
+    """Means over features with bootstrap intervals: LoRA, neurons, shuffled, the headline
+    LoRA minus neurons, and the SAE's features."""
 
     def values(pairs: list, kind: str, variant: str | None = None) -> list[float]:
         found = []
@@ -197,6 +213,8 @@ def _summary(lora: list, baseline: list, settings: Settings) -> dict:
             )
             for kind in KINDS
         }
+    if sae:
+        summary["sae"] = group(sae)
     return summary
 
 
@@ -266,7 +284,9 @@ def explain_document(
         context_tokens=document["metadata"]["context_window"] if context is None else context,
     )
     started = time.perf_counter()
-    found = explain(document, cached[id(explainer)], cached[id(scorer)], settings)
+    found = explain(
+        document, cached[id(explainer)], cached[id(scorer)], settings, options.explain_features
+    )
     usage = [chat.usage() for chat in cached.values()]
     document["explanations"] = {
         "explainer": explainer.name,
