@@ -76,6 +76,11 @@ def neuron_key(layer: int, neuron: int) -> str:
     return f"L{layer}.neuron[{neuron}]"
 
 
+def feature_key(index: int) -> str:
+    """An SAE feature's name in every file of one run (links): "SAE.feature[17]" (latent 17)."""
+    return f"SAE.feature[{index}]"
+
+
 def vector_label(module: str, side: str, component: int, layer: int | None = None) -> str:
     """A read (side "A") or write ("B") vector: "gate_proj.A[0]", or "L3.gate_proj.A[0]"
     across layers."""
