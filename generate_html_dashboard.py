@@ -66,6 +66,7 @@ JS_PARTS = (
     "effects.js",
     "explanations.js",
     "cards.js",
+    "features.js",
     "heatmap.js",
     "main.js",
 )

@@ -3,12 +3,24 @@ and the page's Features view in Chromium."""
 
 from __future__ import annotations
 
+import base64
+import gzip
+import json
+import math
 from collections.abc import Callable
 
 import pytest
 
-from backend.contract import ContractError, example_holders, iter_examples, validate
+import generate_html_dashboard as dashboard
+from backend.contract import (
+    ContractError,
+    direction_key,
+    example_holders,
+    iter_examples,
+    validate,
+)
 from backend.output import examples_shown
+from tests.browser import rendered
 from tests.synthetic import make_activations
 
 ALL_MODULES = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -216,3 +228,73 @@ def test_an_sae_explanation_needs_the_runs_explaining():
     feature(0)(data)["explanations"] = explanation
     with pytest.raises(ContractError, match=r"^sae\.features\[0\]\.explanations: unexpected"):
         validate(data)
+
+
+# ---- what the page embeds -----------------------------------------------------------------
+
+
+def page_blobs_of(data: dict) -> dict[str, object]:
+    return {
+        name: json.loads(gzip.decompress(base64.b85decode(text.replace(".", "<"))))
+        for name, text in dashboard.page_blobs(dashboard.compact_data(data))
+    }
+
+
+def test_the_index_holds_the_header_and_the_features_are_in_their_own_blobs():
+    data = with_sae()
+    found = page_blobs_of(data)
+    header = found["index"]["sae"]
+    sae = data["sae"]
+    assert header["num_features"] == 80 and header["num_dead"] == 2
+    assert header["num_latents"] == sae["num_latents"] and header["k"] == sae["k"]
+    assert header["fvu_heldout"] == dashboard._round(sae["fvu_heldout"])
+    assert "features" not in header and "sae-list" not in found["index"]
+    chunk = header["chunk"]
+    names = [f"sae-{i}" for i in range(math.ceil(80 / chunk))]
+    assert [name for name in found if name.startswith("sae-") and name != "sae-list"] == names
+    cards = [feature for name in names for feature in found[name]]
+    assert [c["index"] for c in cards] == [f["index"] for f in sae["features"]]
+    assert all("top_negative" not in c and "bottom_tokens" not in c for c in cards)
+
+
+def test_the_list_names_each_compositions_direction_by_its_number_in_the_page():
+    data = with_sae()
+    found = page_blobs_of(data)
+    keys = [d["key"] for layer in found["index"]["overview"] for d in layer["directions"]]
+    strings = found["index"]["strings"]
+    for row, feature in zip(found["sae-list"], data["sae"]["features"], strict=True):
+        assert row["index"] == feature["index"]
+        named = [keys[number] for number, _ in row["composition"]]
+        assert named == [
+            direction_key(e["layer"], e["module"], e["component"]) for e in feature["composition"]
+        ]
+        assert [w for _, w in row["composition"]] == [
+            dashboard._round(e["weight"]) for e in feature["composition"]
+        ]
+        assert [strings[i] for i in row["tokens"]] == [t["token"] for t in feature["top_tokens"]]
+        explanation = feature.get("explanations", {}).get("positive")
+        assert row["text"] == (explanation["text"] if explanation else None)
+
+
+def test_evenly_spaced_edges_are_embedded_as_first_and_step():
+    data = with_sae()
+    found = page_blobs_of(data)
+    card = found["sae-0"][0]
+    edges = data["sae"]["features"][0]["histogram"]["edges"]
+    hist = card["histogram"]
+    expanded = [hist["first"] + i * hist["step"] for i in range(len(hist["counts"]) + 1)]
+    assert expanded == pytest.approx(edges, rel=1e-5, abs=1e-5 * edges[-1])
+    uneven = {"edges": [0.0, 1.0, 3.0], "counts": [1, 1]}
+    assert dashboard._uniform_histogram(uneven) is uneven
+
+
+def test_a_page_of_the_demos_shape_stays_within_3_mb(tmp_path):
+    """The demo: 30 layers × gate/up/down (D = 90), k=16, W=10, 8 × D = 720 features, its
+    most frequent 32 explained, a baseline neuron per layer."""
+    data = make_activations(
+        n_layers=30, k=16, window=10, bins=50, seed=3, sae=720, explanations=True,
+        baseline_neurons=1,
+    )  # fmt: skip
+    assert len(data["sae"]["features"]) == 720
+    page = rendered(tmp_path, data).path
+    assert page.stat().st_size <= 3_000_000
