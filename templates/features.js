@@ -191,8 +191,8 @@ const Features = (() => {
     let first = 0;
     const body = el("tbody");
     const position = el("span", "muted");
-    const prev = el("button", "", "◀");
-    const next = el("button", "", "▶");
+    const prev = el("button", "page-prev", "◀");
+    const next = el("button", "page-next", "▶");
 
     function drawPage() {
       const shown = sorted.slice(first, first + PAGE);
@@ -237,6 +237,8 @@ const Features = (() => {
         drawPage();
       });
       prev.type = next.type = "button";
+      prev.title = `the ${PAGE} before`;
+      next.title = `the next ${PAGE}`;
       prev.addEventListener("click", () => { first -= PAGE; drawPage(); });
       next.addEventListener("click", () => { first += PAGE; drawPage(); });
       toolbar.append(order, prev, position, next);

@@ -10,17 +10,19 @@ import math
 from collections.abc import Callable
 
 import pytest
+from playwright.sync_api import Locator, Page, expect
 
 import generate_html_dashboard as dashboard
 from backend.contract import (
     ContractError,
     direction_key,
     example_holders,
+    iter_directions,
     iter_examples,
     validate,
 )
 from backend.output import examples_shown
-from tests.browser import rendered
+from tests.browser import Rendered, card, open_sections, rendered, searched, settled
 from tests.synthetic import make_activations
 
 ALL_MODULES = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
@@ -298,3 +300,169 @@ def test_a_page_of_the_demos_shape_stays_within_3_mb(tmp_path):
     assert len(data["sae"]["features"]) == 720
     page = rendered(tmp_path, data).path
     assert page.stat().st_size <= 3_000_000
+
+
+# ---- the page, in Chromium --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sae_page(tmp_path_factory) -> Rendered:
+    return rendered(tmp_path_factory.mktemp("sae"), with_sae())
+
+
+@pytest.fixture(scope="module")
+def sae_full(tmp_path_factory) -> Rendered:
+    """The study's adapter (rank 1 on all seven projections of 64 layers: D = 448), k=16, W=10,
+    and its SAE's 3,584 features."""
+    data = make_activations(
+        n_layers=64, modules=ALL_MODULES, k=16, window=10, bins=50, seed=7, sae=3584
+    )
+    return rendered(tmp_path_factory.mktemp("sae-full"), data)
+
+
+def open_features(page: Page) -> None:
+    page.click("#features details > summary")
+    settled(page)
+
+
+def listed(page: Page) -> list[int]:
+    rows = page.locator(".feature-table tbody tr")
+    return [int(i) for i in rows.evaluate_all("rows => rows.map(r => r.dataset.index)")]
+
+
+def open_feature(page: Page, index: int) -> Locator:
+    page.locator(f'.feature-table a[data-feature="{index}"]').click()
+    settled(page)
+    return page.locator(".feature-card .card")
+
+
+def test_the_features_view_opens_and_sorts(open_page, sae_page):
+    page = open_page(sae_page.url).page
+    features = sae_page.data["sae"]["features"]
+    meta = page.locator("#features .sae-meta").inner_text()
+    for label in ("FVU", "FVU held-out", "L0", "dead", "latents", "k"):
+        assert f"{label}\n" in meta
+    assert page.locator(".feature-table").count() == 0  # nothing decoded before it opens
+    open_features(page)
+    assert listed(page) == [f["index"] for f in features]
+    page.click('.sort button:text("frequency")')
+    by_frequency = sorted(features, key=lambda f: -dashboard._round(f["frequency"]))
+    assert listed(page) == [f["index"] for f in by_frequency]
+    page.click('.sort button:text("score")')
+    scored = [f for f in features if "explanations" in f]
+    by_score = sorted(scored, key=lambda f: -f["explanations"]["positive"]["detection"]["score"])
+    assert listed(page)[: len(scored)] == [f["index"] for f in by_score]
+    page.click('.sort button:text("composition")')
+    assert listed(page) == [f["index"] for f in sorted(features, key=by_top(sae_page.data))]
+
+
+def by_top(data: dict) -> Callable[[dict], tuple[int, float]]:
+    """A feature's place by its composition: its first direction's in the page, then the
+    largest |weight| (as embedded) first."""
+    order = [(ref.layer, ref.module, ref.component) for ref in iter_directions(data)]
+
+    def key(feature: dict) -> tuple[int, float]:
+        top = feature["composition"][0]
+        place = order.index((top["layer"], top["module"], top["component"]))
+        return place, -abs(dashboard._round(top["weight"]))
+
+    return key
+
+
+def test_a_feature_card_shows_its_parts(open_page, sae_page):
+    page = open_page(sae_page.url).page
+    features = sae_page.data["sae"]["features"]
+    feature = next(f for f in features if "explanations" in f)
+    open_features(page)
+    card = open_feature(page, feature["index"])
+    assert card.locator("h3").text_content() == f"feature {feature['index']}"
+    assert card.locator(".card-hist svg").count() == 1
+    assert card.locator(".examples").count() == 1  # positive only
+    assert card.locator(".examples.pos .example").count() == len(feature["top_positive"])
+    text = feature["explanations"]["positive"]["text"]
+    assert card.locator(".examples.pos .explanation-text").text_content() == text
+    assert card.locator(".composition-grid .cell").count() == 20  # 5 layers × 4 modules
+    assert card.locator(".composition-grid .cell[data-open]").count() == 16
+    assert card.locator(".composition-list a").count() == 16
+    more = card.locator("details.more")
+    assert more.locator("summary").all_text_contents() == [
+        "Quantile samples", "Top tokens", "Logit effects", "Position profile",
+    ]  # fmt: skip
+    open_sections(more)
+    samples = sum(len(r["examples"]) for r in feature["quantile_samples"])
+    assert card.locator(".quantiles .example").count() == samples
+    assert card.locator(".value-table tbody tr").count() == len(feature["top_tokens"]) + 20
+    assert card.locator("svg.profile circle").count() > 3
+
+
+def contributors(data: dict, key: str) -> list[tuple[int, float]]:
+    """Brute force: the features whose composition holds direction `key`, largest |weight|
+    first (as embedded), then by index; at most 10."""
+    found = [
+        (f["index"], dashboard._round(e["weight"]))
+        for f in data["sae"]["features"]
+        for e in f["composition"]
+        if direction_key(e["layer"], e["module"], e["component"]) == key
+    ]
+    return sorted(found, key=lambda x: (-abs(x[1]), x[0]))[:10]
+
+
+def test_a_direction_links_to_its_features_and_back(open_page, sae_page):
+    page = open_page(sae_page.url + "#layer-3").page
+    key = "L3.down_proj[0]"
+    direction = card(page, key)
+    section = direction.locator("details.more", has_text="SAE features")
+    section.locator("summary").click()
+    links = section.locator("a.feature-link")
+    expected = contributors(sae_page.data, key)
+    assert expected
+    expect(links).to_have_count(len(expected))
+    assert [int(i) for i in links.evaluate_all("ls => ls.map(l => l.dataset.feature)")] == [
+        i for i, _ in expected
+    ]
+    links.first.click()
+    settled(page)
+    feature = page.locator(".feature-card .card")
+    assert feature.locator("h3").text_content() == f"feature {expected[0][0]}"
+    back = feature.locator(f'.composition-list a[data-open="{key}"]')
+    assert back.count() == 1
+    back.click()
+    settled(page)
+    assert page.locator(".card.opened").get_attribute("data-key") == key
+    assert page.evaluate("location.hash") == "#layer-3"
+    cell = page.locator(f'.feature-card .composition-grid .cell[data-open="{key}"]')
+    assert cell.count() == 1  # the chart's cells open directions too
+
+
+def test_search_finds_a_feature_by_its_explanation(open_page, sae_page):
+    page = open_page(sae_page.url).page
+    feature = next(f for f in sae_page.data["sae"]["features"] if "explanations" in f)
+    text = feature["explanations"]["positive"]["text"]
+    searched(page, text)
+    found = page.locator("#search-results .features-found a.feature-link")
+    assert f"feature {feature['index']}" in found.all_text_contents()
+    page.locator(f'#search-results .features-found a[data-feature="{feature["index"]}"]').click()
+    settled(page)
+    assert page.locator(".feature-card .card h3").text_content() == f"feature {feature['index']}"
+
+
+def test_the_full_size_page_stays_within_25_mb_and_opens_its_features(open_page, sae_full):
+    assert sae_full.path.stat().st_size <= 25_000_000
+    page = open_page(sae_full.url).page
+    assert page.locator(".card").count() == 7  # the first paint: one layer
+    open_features(page)
+    assert len(listed(page)) == 100  # a page of the list at a time
+    page.click('.sort button:text("frequency")')
+    page.click("button.page-next")
+    features = sae_full.data["sae"]["features"]
+    by_frequency = sorted(features, key=lambda f: -dashboard._round(f["frequency"]))
+    assert listed(page) == [f["index"] for f in by_frequency[100:200]]
+    page.click('.sort button:text("index")')
+    while page.locator("button.page-next").is_enabled():
+        page.click("button.page-next")
+    assert listed(page) == [f["index"] for f in features[3500:]]
+    last = features[-1]["index"]
+    card_ = open_feature(page, last)
+    assert card_.locator("h3").text_content() == f"feature {last}"
+    assert card_.locator(".composition-grid .cell").count() == 448
+    assert card_.locator(".composition-grid .cell[data-open]").count() == 16
