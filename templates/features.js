@@ -197,8 +197,8 @@ const Features = (() => {
     function drawPage() {
       const shown = sorted.slice(first, first + PAGE);
       body.replaceChildren(...shown.map(listRow));
-      position.textContent = `${fmtCount(first + 1)}–${fmtCount(first + shown.length)} of ` +
-        `${fmtCount(sorted.length)}`;
+      position.textContent = shown.length ? `${fmtCount(first + 1)}–` +
+        `${fmtCount(first + shown.length)} of ${fmtCount(sorted.length)}` : "no feature fires";
       prev.disabled = first === 0;
       next.disabled = first + PAGE >= sorted.length;
     }
