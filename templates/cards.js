@@ -188,7 +188,8 @@ const Cards = (() => {
         const list = el("ol", "feature-links");
         for (const { index, weight } of found) {
           const item = el("li");
-          item.append(featureLink(index), " ", el("span", weight < 0 ? "neg" : "pos", fmt(weight)));
+          const value = el("span", `value ${weight < 0 ? "neg" : "pos"}`, fmt(weight));
+          item.append(featureLink(index), " ", value);
           list.append(item);
         }
         box.append(list);

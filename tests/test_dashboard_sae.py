@@ -23,7 +23,7 @@ from backend.contract import (
 )
 from backend.output import examples_shown
 from tests.browser import Rendered, card, open_sections, rendered, searched, settled
-from tests.synthetic import make_activations
+from tests.synthetic import HOSTILE_EXPLANATION, HOSTILE_TOKENS, make_activations
 
 ALL_MODULES = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -466,3 +466,22 @@ def test_the_full_size_page_stays_within_25_mb_and_opens_its_features(open_page,
     assert card_.locator("h3").text_content() == f"feature {last}"
     assert card_.locator(".composition-grid .cell").count() == 448
     assert card_.locator(".composition-grid .cell[data-open]").count() == 16
+
+
+def test_markup_in_a_features_explanation_and_tokens_is_shown_as_text(open_page, tmp_path):
+    data = with_sae()
+    at = explained_index(data)
+    feature = data["sae"]["features"][at]
+    feature["explanations"]["positive"]["text"] = HOSTILE_EXPLANATION
+    feature["top_tokens"][0]["token"] = HOSTILE_TOKENS[0]
+    page = open_page(rendered(tmp_path, data).url).page  # no dialog, no script error
+    open_features(page)
+    row = page.locator(f'.feature-table tr[data-index="{feature["index"]}"]')
+    assert row.locator(".explanation-text").text_content() == HOSTILE_EXPLANATION
+    shown = open_feature(page, feature["index"])
+    assert shown.locator(".examples.pos .explanation-text").text_content() == HOSTILE_EXPLANATION
+    open_sections(shown.locator("details.more"))
+    assert page.locator("#features img").count() == 0
+    searched(page, HOSTILE_TOKENS[0])
+    found = page.locator("#search-results .features-found a.feature-link")
+    assert f"feature {feature['index']}" in found.all_text_contents()
