@@ -858,12 +858,28 @@ def assert_consistent(data: dict) -> None:
             _assert_within(example["activations"], stats)
             for module, values in example.get("sibling_activations", {}).items():
                 _assert_within(values, siblings[module])
-        for samples in direction["quantile_samples"]:
-            lo, hi = samples["value_range"]
-            assert stats["min"] <= lo <= hi <= stats["max"]
-            assert all(lo <= e["activation"] <= hi for e in samples["examples"])
+        _assert_samples(direction)
         _assert_token_tables(direction, meta)
         _assert_position_profile(direction["position_profile"], stats)
+    for feature in data.get("sae", {}).get("features", []):  # >= 0: positive lists only
+        stats = feature["stats"]
+        assert 0 <= stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
+        top = [e["activation"] for e in feature["top_positive"]]
+        assert all(v > 0 for v in top) and top == sorted(top, reverse=True)
+        for example in iter_examples(feature):
+            _assert_within(example["activations"], stats)
+        _assert_samples(feature)
+        _assert_token_tables(feature, meta)
+        _assert_position_profile(feature["position_profile"], stats)
+
+
+def _assert_samples(direction: dict) -> None:
+    """Each quantile range's examples lie within its values, and those within the stats."""
+    stats = direction["stats"]
+    for samples in direction["quantile_samples"]:
+        lo, hi = samples["value_range"]
+        assert stats["min"] <= lo <= hi <= stats["max"]
+        assert all(lo <= e["activation"] <= hi for e in samples["examples"])
 
 
 def _assert_within(values: list[float | None], stats: dict) -> None:

@@ -23,7 +23,12 @@ from backend.contract import (
 )
 from backend.output import examples_shown
 from tests.browser import Rendered, card, open_sections, rendered, searched, settled
-from tests.synthetic import HOSTILE_EXPLANATION, HOSTILE_TOKENS, make_activations
+from tests.synthetic import (
+    HOSTILE_EXPLANATION,
+    HOSTILE_TOKENS,
+    assert_consistent,
+    make_activations,
+)
 
 ALL_MODULES = ("gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -51,6 +56,18 @@ def test_a_file_with_an_sae_is_valid_and_its_features_hold_examples():
     shown = {e["example_index"] for f in features for e in iter_examples(f)}
     assert shown and shown <= examples_shown(data)
     assert all(len(list(iter_examples(f))) == 4 + 5 * 2 for f in features)  # k + ranges × 2
+
+
+@pytest.mark.parametrize("shape", [{}, {"n_layers": 0, "sae": 3}, {"rank": 2, "effects": True}])
+def test_the_synthetic_sae_is_consistent_and_leaves_the_rest_of_the_file_alone(shape):
+    data = with_sae(**shape)
+    validate(data)
+    assert_consistent(data)
+    assert json.loads(json.dumps(data)) == data  # plain JSON, no NaN
+    del data["sae"]
+    args = {"n_layers": 5, "modules": ("gate_proj", "up_proj", "down_proj", "o_proj")} | shape
+    args.pop("sae", None)
+    assert data == make_activations(explanations=True, **args)
 
 
 def feature(i: int = 0) -> Callable[[dict], dict]:
