@@ -4,16 +4,16 @@ The page's script is the parts in JS_PARTS (templates/), joined in that order. I
 layer at a time from the data embedded in one inert <script type="application/octet-stream">
 element: one gzip-compressed JSON blob (in base 85) for what the overview needs, one per layer and
 one each for the cross-layer cosines, the stored sequences, (runs with --effects) the
-per-token KL vs base and (runs with --baseline-neurons) the baseline neurons, which the page
-decompresses (DecompressionStream) when it first needs
-them. To keep a full-size run small, the data is the input with its floats rounded for display
-(DISPLAY_DIGITS significant digits; the page shows values exactly as embedded), the keys the
-page does not use dropped, each token string stored once in a table that examples, token
-tables, logit effects and pinned samples index into, and examples written as rows of
-EXAMPLE_FIELDS (attribution examples: ATTRIBUTION_FIELDS) rather than objects. Every contract
-fact the page shows (direction keys and names, module order, write scales, which direction a
-vector label names, the clamps' order) is computed here with backend/contract.py, so the script
-derives none.
+per-token KL vs base, (runs with --baseline-neurons) the baseline neurons and (runs with
+--sae) the SAE's feature list and its features' cards, FEATURE_CHUNK a blob, which the page
+decompresses (DecompressionStream) when it first needs them. To keep a full-size run small,
+the data is the input with its floats rounded for display (DISPLAY_DIGITS significant
+digits; the page shows values exactly as embedded), the keys the page does not use dropped,
+each token string stored once in a table that examples, token tables, logit effects and
+pinned samples index into, and examples written as rows of EXAMPLE_FIELDS (attribution
+examples: ATTRIBUTION_FIELDS) rather than objects. Every contract fact the page shows
+(direction keys and names, module order, write scales, which direction a vector label names,
+the clamps' order) is computed here with backend/contract.py, so the script derives none.
 """
 
 from __future__ import annotations
