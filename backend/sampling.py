@@ -44,11 +44,11 @@ OCTAVE = 1 << 23  # a float32's bit pattern grows by 2**23 per octave
 # bulk of a distribution within an octave of its largest value, lie a few tenths of a percent
 # apart. It depends on the largest |x| alone, and slides up with it by ALIGN buckets at a time.
 TAIL_SHIFT = 18
-TAIL_BUCKETS = 32 + ALIGN
+TAIL_ALIGN = 8
+TAIL_BUCKETS = 16 + TAIL_ALIGN
 EMPTY = 2**62  # key of an empty slot: every real key is below it
 KEY_BITS = EMPTY - 1
 MAGNITUDE = 0x7FFFFFFF  # the bits of |x| in a float32's bits
-_PAIR_MIX = 0x9E3779B97F4A7C15 - 2**64  # odd: for one row, a bijection of window keys
 # Ranges of |activation| shown, as quantiles of each sign; each snaps to a bucket edge near it.
 QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
 
@@ -159,7 +159,7 @@ class QuantileSamples(Summary):
     def _tail_start(high: torch.Tensor) -> torch.Tensor:
         """[D, 2]: the tail's first bucket, as (bits >> TAIL_SHIFT) of its lower edge: a multiple
         of ALIGN at least TAIL_BUCKETS - ALIGN buckets below the largest |x|'s."""
-        return ((high >> TAIL_SHIFT) - (TAIL_BUCKETS - ALIGN - 1)) & -ALIGN
+        return ((high >> TAIL_SHIFT) - (TAIL_BUCKETS - TAIL_ALIGN - 1)) & -TAIL_ALIGN
 
     def _tail_to(self, start: torch.Tensor, new_start: torch.Tensor) -> torch.Tensor:
         """[D * 2 * TAIL_BUCKETS]: the row that each tail row of tail start `start` moves to
@@ -183,9 +183,34 @@ class QuantileSamples(Summary):
         """Rebuild the blocks of `size` rows that start at rows `firsts`, each row's slots going
         to row target[row - offset] (-1: leaving)."""
         rows = (firsts[:, None] + torch.arange(size, device=firsts.device)).flatten()
+        dest = target[rows - offset]  # [Rm]
+        filled = (self.key.index_select(0, rows)[:, 0] < EMPTY) & (dest >= 0)
+        if self._permute(rows, dest, filled):
+            return
         none = torch.empty(0, dtype=torch.long, device=rows.device)
-        moved = target[rows - offset].repeat_interleave(SAMPLES)
+        moved = dest.repeat_interleave(SAMPLES)
         self._rebuild(rows, moved, none, self._empty_meta(0)[:, 0], None, None)
+
+    def _permute(self, rows: torch.Tensor, dest: torch.Tensor, filled: torch.Tensor) -> bool:
+        """Move the slots of `rows` [Rm] to rows `dest` (within `rows`), where no two filled
+        rows meet (a slide of the tail, a grid that only moves its start down): each row's
+        slots as they are, no ranking. Returns False, changing nothing, where two would meet."""
+        into = dest[filled]
+        hits = torch.zeros(self.meta.shape[0], dtype=torch.long, device=rows.device)
+        if int(hits.index_add_(0, into, torch.ones_like(into)).max()) > 1:
+            return False
+        among = torch.full_like(hits, -1)
+        among[rows] = torch.arange(len(rows), device=rows.device)
+        at = among.index_select(0, into)  # [F] where each filled row goes, among `rows`
+        meta, slot = self.meta.index_select(0, rows), self.slot.index_select(0, rows)
+        new_meta, new_slot = self._empty_meta(len(rows)), torch.empty_like(slot)
+        new_meta[at], new_slot[at] = meta[filled], slot[filled]
+        # The rows that receive none take the pool entries of those that left or were empty.
+        receiving = torch.zeros_like(filled).index_fill_(0, at, True)
+        new_slot[~receiving] = slot[~filled]
+        self.meta.index_copy_(0, rows, new_meta)
+        self.slot.index_copy_(0, rows, new_slot)
+        return True
 
     def _fit(self, low: torch.Tensor, high: torch.Tensor, shift: torch.Tensor) -> None:
         tail_start = self._tail_start(self.high)
@@ -257,7 +282,7 @@ class QuantileSamples(Summary):
             ids, acts, siblings = batch.contexts(d, n)
             return ids, torch.cat([x[d, n, None], acts, siblings.flatten(1)], 1)
 
-        rows = torch.unique(row)
+        rows = self._touched(row)
         self._rebuild(rows, rows.repeat_interleave(SAMPLES), row, meta, None, contexts)
 
     @staticmethod
@@ -277,6 +302,11 @@ class QuantileSamples(Summary):
         high = torch.stack([bits(hi).where(hi >= 0, -1), bits(lo).where(lo <= 0, -1)], 1)
         return low, high
 
+    def _touched(self, row: torch.Tensor) -> torch.Tensor:
+        """The distinct rows of `row`, sorted (a mask over all rows: no sort)."""
+        mask = torch.zeros(self.meta.shape[0], dtype=torch.bool, device=row.device)
+        return mask.index_fill_(0, row, True).nonzero().squeeze(1)
+
     def _rebuild(self, rows, target, row, meta, ref, contexts) -> None:
         """Refill `rows` [T] (sorted, unique) from their slots and candidates, each row with the
         SAMPLES windows of smallest key, every window at its token of smallest key.
@@ -294,7 +324,9 @@ class QuantileSamples(Summary):
         where = torch.cat([target[valid], row])  # [E] each entry's row
         meta = torch.cat([old[valid], meta])  # [E, 4]
         source = torch.cat([place[valid], -1 - candidates])  # >= 0: a slot; < 0: a candidate
-        at = torch.searchsorted(rows, where)  # [E] each entry's row among `rows`
+        among = torch.full((self.meta.shape[0],), -1, dtype=torch.long, device=rows.device)
+        among[rows] = torch.arange(len(rows), device=rows.device)
+        at = among.index_select(0, where)  # [E] each entry's row among `rows` (no sort)
         best, rank = self._best(at, meta, len(rows))
         at, meta, source = at[best], meta[best], source[best]
         new_meta = self._empty_meta(len(rows))
@@ -322,25 +354,30 @@ class QuantileSamples(Summary):
         where: torch.Tensor, meta: torch.Tensor, rows: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Of entries in rows `where` [E] (numbered in [0, rows)) with meta [E, 4]: per row,
-        each window's entry of smallest key, and of those the SAMPLES of smallest key. Returns
-        their indices [K] and each one's rank in its row [K].
+        the SAMPLES windows of smallest key, each at its token of smallest key. Returns their
+        indices [K] and each one's rank in its row [K].
 
-        (row, window) pairs are told apart by a 64-bit mix of both, as windows are by their
-        64-bit keys: a collision, about one in 2**64 per pair, would merge two windows. One
-        sort (to group the pairs) and SAMPLES + 1 scatters of least keys find them, where
-        sorting by row and key took three sorts.
+        Rank r is the row's entry of least key whose window is none of ranks < r: the window
+        whose best token has the least key holds the row's least key, and so on. SAMPLES
+        scatters of least keys, no sort (a sort of a few thousand entries costs as much as
+        the whole batch's passes over [D, N]).
         """
-        key = meta[:, 0]
-        pair = meta[:, 3] ^ (where * _PAIR_MIX)
-        _, group = torch.unique(pair, return_inverse=True)  # [E] each entry's (row, window)
-        chosen = QuantileSamples._first_least(group, key, len(key))  # one entry a pair
-        row, key = where[chosen], key[chosen]
-        rank = torch.full_like(row, SAMPLES)
-        for r in range(SAMPLES):  # the r-th least key of each row among those not yet ranked
-            left = key.where(rank == SAMPLES, EMPTY)
-            rank.index_fill_(0, QuantileSamples._first_least(row, left, rows), r)
-        keep = (rank < SAMPLES).nonzero().squeeze(1)
-        return chosen[keep], rank[keep]
+        key, window = meta[:, 0], meta[:, 3]
+        shown = window.new_zeros(rows, SAMPLES)  # each row's windows ranked so far
+        found = torch.zeros(rows, SAMPLES, dtype=torch.bool, device=key.device)
+        chosen, ranks = [], []
+        left = key
+        for r in range(SAMPLES):
+            for j in range(r):  # a window ranked already is out of this rank's race
+                taken = found[:, j].index_select(0, where)
+                left = left.where(~taken | (window != shown[:, j].index_select(0, where)), EMPTY)
+            first = QuantileSamples._first_least(where, left, rows)  # [<= rows]
+            row = where.index_select(0, first)
+            shown[row, r] = window.index_select(0, first)
+            found[row, r] = True
+            chosen.append(first)
+            ranks.append(torch.full_like(first, r))
+        return torch.cat(chosen), torch.cat(ranks)
 
     @staticmethod
     def _first_least(group: torch.Tensor, key: torch.Tensor, groups: int) -> torch.Tensor:
@@ -365,7 +402,7 @@ class QuantileSamples(Summary):
         row = torch.cat([target, tail_target]).repeat_interleave(SAMPLES)
         valid = (slots[:, 0] < EMPTY) & (row >= 0)
         row = row[valid]
-        rows = torch.unique(row)
+        rows = self._touched(row)
         ref = other.slot.flatten()[valid]
         contexts = lambda i: (other.ids[i], other.floats[i])  # noqa: E731
         self._rebuild(rows, rows.repeat_interleave(SAMPLES), row, slots[valid], ref, contexts)
