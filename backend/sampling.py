@@ -228,7 +228,7 @@ class QuantileSamples(Summary):
         # Each token's row: its bucket, clamped (the fold, and non-finite tokens, which are
         # counted with weight 0 and never sampled), in its sign's block of rows.
         shift, start, base = (t[:, :1].int() for t in (self.shift, self.start, self.base))
-        row = (magnitude >> shift).sub_(start).clamp_(0, BUCKETS - 1).add_(base)
+        row = (magnitude >> shift).clamp_(start, start + BUCKETS - 1).add_(base - start)
         row = row.sub_(bits >> 31, alpha=BUCKETS)  # [D, N]; bits >> 31 is -1 on a negative
         if batch.all_finite:
             per_row = occurrences(row, self.counts.numel(), torch.long)
@@ -279,8 +279,9 @@ class QuantileSamples(Summary):
 
         def contexts(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             d, n = direction[i], token[i]
-            ids, acts, siblings = batch.contexts(d, n)
-            return ids, torch.cat([x[d, n, None], acts, siblings.flatten(1)], 1)
+            ids, acts, siblings = batch.contexts(d, n)  # acts[:, W]: the token's own
+            w = self.shape.window
+            return ids, torch.cat([acts[:, w : w + 1], acts, siblings.flatten(1)], 1)
 
         rows = self._touched(row)
         self._rebuild(rows, rows.repeat_interleave(SAMPLES), row, meta, None, contexts)
