@@ -7,8 +7,9 @@ grid covers the sign's occupied span, from its least |x| (or from 2**-FOLD_OCTAV
 largest, whichever is higher: everything below folds into the bottom bucket) to its largest; when
 the span outgrows the grid, the shift rises and adjacent buckets merge, as the histogram coarsens.
 The grid is a function of the data's extremes alone, so every split of a run ends on the same one.
-A second window, the tail, bins the top octave below the largest |x| finer (TAIL_BUCKETS buckets
-of 2**TAIL_SHIFT bits); above the first grid edge inside it, the export uses its buckets instead.
+A second window, the tail, bins at least the top half-octave below the largest |x| finer
+(TAIL_BUCKETS buckets of 2**TAIL_SHIFT bits); above the first grid edge inside it, the export
+uses its buckets instead.
 
 Each bucket keeps, of each distinct context window, only its token of smallest key, and the
 SAMPLES windows of smallest such key, with their context. The tokens of smallest key in a set are
@@ -39,10 +40,11 @@ FOLD_OCTAVES = 20  # |x| below 2**-20 times the sign's largest folds into the bo
 ALIGN = 16
 BUCKETS = PER_OCTAVE * FOLD_OCTAVES + 1 + ALIGN  # per sign: the span, and spare for its alignment
 OCTAVE = 1 << 23  # a float32's bit pattern grows by 2**23 per octave
-# The tail: the top octave below each sign's largest |x| again, in buckets of 1/32 octave
-# (2**18 bits), where the grid is coarser: the cuts 0.99 and 0.999 of a light tail, and the
-# bulk of a distribution within an octave of its largest value, lie a few tenths of a percent
-# apart. It depends on the largest |x| alone, and slides up with it by ALIGN buckets at a time.
+# The tail: at least the top half-octave below each sign's largest |x| again, in buckets of
+# 1/32 octave (2**18 bits), where the grid is coarser: the cut 0.999 of a light tail, and the
+# few largest values of a small sample, lie a few percent apart. It depends on the largest |x|
+# alone, and slides up with it by TAIL_ALIGN buckets at a time. (A full octave held several
+# times the tokens, each a candidate, and the tests' cuts hold with half.)
 TAIL_SHIFT = 18
 TAIL_ALIGN = 8
 TAIL_BUCKETS = 16 + TAIL_ALIGN
@@ -158,7 +160,7 @@ class QuantileSamples(Summary):
     @staticmethod
     def _tail_start(high: torch.Tensor) -> torch.Tensor:
         """[D, 2]: the tail's first bucket, as (bits >> TAIL_SHIFT) of its lower edge: a multiple
-        of ALIGN at least TAIL_BUCKETS - ALIGN buckets below the largest |x|'s."""
+        of TAIL_ALIGN at least TAIL_BUCKETS - TAIL_ALIGN buckets below the largest |x|'s."""
         return ((high >> TAIL_SHIFT) - (TAIL_BUCKETS - TAIL_ALIGN - 1)) & -TAIL_ALIGN
 
     def _tail_to(self, start: torch.Tensor, new_start: torch.Tensor) -> torch.Tensor:
