@@ -33,7 +33,9 @@ from backend.contexts import BatchTokens, unpack
 from backend.summaries import Exporter, Shape, Summary, occurrences
 
 SAMPLES = 2  # windows kept per bucket, and shown per range
-PER_OCTAVE = 6  # the grid's resolution where a sign spans the widest grid: 1/6 octave a bucket
+# The grid's span: PER_OCTAVE * FOLD_OCTAVES buckets. Its buckets are 2**shift bits, so where a
+# sign spans up to 15 octaves they are 2**20 bits (8 an octave), up to 20 octaves 2**21 (4).
+PER_OCTAVE = 6
 FOLD_OCTAVES = 20  # |x| below 2**-20 times the sign's largest folds into the bottom bucket
 # The grid's start is a multiple of ALIGN buckets, so that it moves (a rebuild of every row of the
 # direction) only when the least |x| falls by ALIGN buckets, not at each new least |x|.
