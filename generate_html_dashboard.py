@@ -492,6 +492,7 @@ def _fixed(values: list[float | None], anchor: float | None = None) -> list[int 
 def _compact_quantile_samples(samples: list[dict], strings: dict[str, int]) -> list[dict]:
     return [
         {
+            "sign": s["sign"],
             "quantile_range": _round_all(s["quantile_range"]),
             "value_range": _round_all(s["value_range"]),
             "examples": _compact_examples(s["examples"], strings),

@@ -40,6 +40,8 @@ ATTRIBUTION_LISTS = ("top_attribution", "bottom_attribution")
 # What a pinned direction's activation is clamped to in effects.steering: its observed minimum,
 # zero, its observed maximum, or nothing (the plain continuation, to compare against).
 CLAMPS = ("min", "zero", "max", "none")
+# The nominal quantiles of |activation| at which a sign's quantile ranges start (QuantileRange.cut).
+QUANTILE_CUTS = (0.0, 0.5, 0.9, 0.99, 0.999)
 
 
 def module_order(module: str) -> tuple[int, str]:
@@ -436,6 +438,8 @@ HISTOGRAM = Obj(
 )
 QUANTILE_RANGE = Obj(
     {
+        "sign": Scalar("1 or -1", lambda v: type(v) is int and v in (1, -1)),
+        "cut": Scalar(f"one of {QUANTILE_CUTS}", lambda v: v in QUANTILE_CUTS),
         "quantile_range": list_of(NUMBER),
         "value_range": list_of(NUMBER),
         "examples": list_of(EXAMPLE),

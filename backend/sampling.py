@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from backend.contexts import BatchTokens, unpack
+from backend.contract import QUANTILE_CUTS
 from backend.summaries import Exporter, Shape, Summary, occurrences
 
 SAMPLES = 2  # windows kept per bucket, and shown per range
@@ -54,7 +55,7 @@ EMPTY = 2**62  # key of an empty slot: every real key is below it
 KEY_BITS = EMPTY - 1
 MAGNITUDE = 0x7FFFFFFF  # the bits of |x| in a float32's bits
 # Ranges of |activation| shown, as quantiles of each sign; each snaps to a bucket edge near it.
-QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+QUANTILES = (*QUANTILE_CUTS, 1.0)
 
 
 def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -227,13 +228,18 @@ class QuantileSamples(Summary):
     def update(self, batch: BatchTokens) -> None:
         x = batch.x
         bits = x.view(torch.int32)  # [D, N]
-        magnitude = bits & MAGNITUDE
-        self._fit(*self._extremes(magnitude, batch), self.shift)
-        # Each token's row: its bucket, clamped (the fold, and non-finite tokens, which are
-        # counted with weight 0 and never sampled), in its sign's block of rows.
+        magnitude = x.abs().view(torch.int32)  # [D, N] the bits of |x|, in |x| order
+        low, high = self._extremes(magnitude, batch)
+        if bool(((low < self.low) | (high > self.high)).any()):  # else the grid stays
+            self._fit(low, high, self.shift)
+        # Each token's row: its bucket, the fold's below the grid (and for non-finite tokens,
+        # which are counted with weight 0 and never sampled, clamped), in its sign's rows.
         shift, start, base = (t[:, :1].int() for t in (self.shift, self.start, self.base))
-        row = (magnitude >> shift).clamp_(start, start + BUCKETS - 1).add_(base - start)
-        row = row.sub_(bits >> 31, alpha=BUCKETS)  # [D, N]; bits >> 31 is -1 on a negative
+        row = torch.maximum(magnitude >> shift, start)
+        if not batch.all_finite:
+            row = torch.minimum(row, start + BUCKETS - 1)
+        row += base - start
+        row += (bits >> 31) & BUCKETS  # [D, N]; bits >> 31 is -1 on a negative
         if batch.all_finite:
             per_row = occurrences(row, self.counts.numel(), torch.long)
         else:
@@ -443,10 +449,12 @@ class QuantileSamples(Summary):
                 continue
             below = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
             fraction = (below.double() / total).tolist()  # of the sign's tokens below each edge
-            for first, stop in self._cuts(fraction):
+            for (first, stop), cut in self._cuts(fraction):
                 bounds = [edges[first], edges[stop]]
                 ranges.append(
                     {
+                        "sign": int(sign),
+                        "cut": cut,
                         "quantile_range": [fraction[first], fraction[stop]],
                         "value_range": bounds if sign > 0 else [-bounds[1], -bounds[0]],
                         "examples": self._sample(rows[first:stop], siblings),
@@ -477,20 +485,22 @@ class QuantileSamples(Summary):
         return rows, counts, edges.view(torch.float32).tolist()
 
     @staticmethod
-    def _cuts(fraction: list[float]) -> list[tuple[int, int]]:
-        """Ranges of whole buckets, [first, stop) each, from edges near the QUANTILES: for each
-        cut q, the edge whose fraction of tokens above it is nearest in ratio to 1 - q, among
-        those that leave tokens on both sides in the ranges left; where buckets are coarse, two
-        quantiles share a range rather than leave one empty."""
+    def _cuts(fraction: list[float]) -> list[tuple[tuple[int, int], float]]:
+        """Ranges of whole buckets, [first, stop) each, from edges near the QUANTILES, each with
+        the cut its lower edge stands for: for each cut q, the edge whose fraction of tokens
+        above it is nearest in ratio to 1 - q, among those that leave tokens on both sides in
+        the ranges left; where buckets are coarse, two quantiles share a range (the lower cut
+        names it) rather than leave one empty."""
         buckets = len(fraction) - 1
-        cuts = [0]
+        cuts, names = [0], [QUANTILES[0]]
         for q in QUANTILES[1:-1]:
             inside = [
                 e for e in range(cuts[-1] + 1, buckets) if fraction[cuts[-1]] < fraction[e] < 1
             ]
             if inside:
                 cuts.append(min(inside, key=lambda e: abs(math.log((1 - fraction[e]) / (1 - q)))))
-        return list(itertools.pairwise([*cuts, buckets]))
+                names.append(q)
+        return list(zip(itertools.pairwise([*cuts, buckets]), names, strict=True))
 
     def _sample(self, rows: list[int], siblings: list[int]):
         """The SAMPLES distinct windows of smallest key in buckets `rows`, each at its token of

@@ -300,8 +300,9 @@ const Cards = (() => {
 
     function quantileSamples(samples, card) {
       const box = el("div", "quantiles");
-      for (const { quantile_range: [q0, q1], value_range: [lo, hi], examples } of samples) {
-        const heading = el("h5", "", `quantiles ${q0}–${q1} · values ${lo} … ${hi}`);
+      for (const { sign, quantile_range: [q0, q1], value_range: [lo, hi], examples } of samples) {
+        const side = sign > 0 ? "positive" : "negative";
+        const heading = el("h5", "", `${side} · quantiles ${q0}–${q1} · values ${lo} … ${hi}`);
         box.append(heading, examplesOrNone(examples, card));
       }
       return box;

@@ -19,6 +19,7 @@ from backend.contract import (
     ATTRIBUTION_LISTS,
     CLAMPS,
     MODULE_ORDER,
+    QUANTILE_CUTS,
     iter_directions,
     iter_examples,
     spaces,
@@ -64,7 +65,7 @@ READ_SITES = {
 }
 # Quantile ranges over |activation| that the samples are drawn from (one entry per sign), as
 # the backend writes them, and where their value bounds sit as fractions of the extreme value.
-QUANTILES = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+QUANTILES = (*QUANTILE_CUTS, 1.0)
 VALUE_FRACTIONS = (0.0, 0.1, 0.3, 0.6, 0.85, 1.0)
 MIN_TOKEN_COUNT = 5
 SCALING = 2.0
@@ -262,8 +263,8 @@ def _add_direction_extras(
     direction["write_norm_scale"] = SCALING * direction["b_norm"]
     direction["quantile_samples"] = [
         _quantile_range(rng, q, f, sign, bounds, shape, tokens)
-        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
         for sign in (1, -1)
+        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
     ]
     direction["top_tokens"] = _token_table(rng, stats["max"], shape.vocabulary)
     direction["bottom_tokens"] = _token_table(rng, stats["min"], shape.vocabulary)
@@ -322,6 +323,8 @@ def _quantile_range(
     lo, hi = sorted(f * extreme for f in fractions)
     places = _distinct_places(rng, shape.samples, shape.num_examples)
     return {
+        "sign": sign,
+        "cut": quantiles[0],
         "quantile_range": list(quantiles),
         "value_range": [lo, hi],
         "examples": [

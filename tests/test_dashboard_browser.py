@@ -646,7 +646,9 @@ def test_position_profile_quantiles_token_tables_and_logit_effects(open_page, qw
     expect(down.locator(".quantiles h5")).to_have_count(len(ranges))
     headings = down.locator(".quantiles h5").all_text_contents()
     q, v = ranges[1]["quantile_range"], [four(x) for x in ranges[1]["value_range"]]
-    assert headings[1] == f"quantiles {js(q[0])}–{js(q[1])} · values {js(v[0])} … {js(v[1])}"
+    side = "positive" if ranges[1]["sign"] > 0 else "negative"
+    quantiles = f"quantiles {js(q[0])}–{js(q[1])}"
+    assert headings[1] == f"{side} · {quantiles} · values {js(v[0])} … {js(v[1])}"
     assert down.locator(".quantiles .example").count() == sum(len(r["examples"]) for r in ranges)
     sampled = down.locator(".quantiles .example").first
     assert sampled.locator(".value").text_content() == js(
