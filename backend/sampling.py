@@ -34,9 +34,11 @@ from backend.contract import QUANTILE_CUTS
 from backend.summaries import Exporter, Shape, Summary, occurrences
 
 SAMPLES = 2  # windows kept per bucket, and shown per range
-# The grid's span: PER_OCTAVE * FOLD_OCTAVES buckets. Its buckets are 2**shift bits, so where a
-# sign spans up to 15 octaves they are 2**20 bits (8 an octave), up to 20 octaves 2**21 (4).
-PER_OCTAVE = 6
+# The grid's span: PER_OCTAVE * FOLD_OCTAVES buckets. Its buckets are 2**shift bits (a power of
+# two, so that buckets merge in pairs), so where a sign spans up to 20 octaves they are 2**20 bits
+# (8 an octave), up to 10 octaves 2**19 (16), and so on. (At 4 an octave, the demo's signs of 17
+# to 20 octaves missed the cuts 0.5 and 0.9 by a few hundredths where one bucket held 11%.)
+PER_OCTAVE = 8
 FOLD_OCTAVES = 20  # |x| below 2**-20 times the sign's largest folds into the bottom bucket
 # The grid's start is a multiple of ALIGN buckets, so that it moves (a rebuild of every row of the
 # direction) only when the least |x| falls by ALIGN buckets, not at each new least |x|.
@@ -44,13 +46,13 @@ ALIGN = 16
 BUCKETS = PER_OCTAVE * FOLD_OCTAVES + 1 + ALIGN  # per sign: the span, and spare for its alignment
 OCTAVE = 1 << 23  # a float32's bit pattern grows by 2**23 per octave
 # The tail: at least the top half-octave below each sign's largest |x| again, in buckets of
-# 1/32 octave (2**18 bits), where the grid is coarser: the cut 0.999 of a light tail, and the
-# few largest values of a small sample, lie a few percent apart. It depends on the largest |x|
-# alone, and slides up with it by TAIL_ALIGN buckets at a time. (A full octave held several
-# times the tokens, each a candidate, and the tests' cuts hold with half.)
-TAIL_SHIFT = 18
+# 1/64 octave (2**17 bits), where the grid is coarser: the cut 0.999 of a light tail, and the
+# few largest values of a small sample, lie a percent or two apart (1/32 octave missed 0.999 on
+# 6 of the demo's signs). It depends on the largest |x| alone, and slides up with it by
+# TAIL_ALIGN buckets at a time.
+TAIL_SHIFT = 17
 TAIL_ALIGN = 8
-TAIL_BUCKETS = 16 + TAIL_ALIGN
+TAIL_BUCKETS = 32 + TAIL_ALIGN
 EMPTY = 2**62  # key of an empty slot: every real key is below it
 KEY_BITS = EMPTY - 1
 MAGNITUDE = 0x7FFFFFFF  # the bits of |x| in a float32's bits

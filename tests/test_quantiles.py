@@ -198,8 +198,8 @@ def test_the_rule_holds_on_tiny_random_models(tmp_path, arch, qwen2_base, llama_
 
     The cuts 0.5 and 0.999 are left out here (README: the limits of the rule): a tiny model's
     30-word vocabulary piles |x| into spikes, and a spike of 10% of the tokens within one bucket
-    at the median (1/4 octave, where the grid spans 20 octaves) misses it by more than 0.05;
-    its largest few values, repeated, can lie within one tail bucket (1/32 octave)."""
+    at the median (1/8 octave) misses it by more than 0.05; its largest few values, repeated,
+    can lie within one tail bucket (1/64 octave)."""
     base = qwen2_base if arch == "qwen2" else llama_base
     adapter = save_adapter(base, tmp_path / "adapter", seed=3)
     data = tmp_path / "texts.jsonl"
