@@ -159,8 +159,11 @@ class QuantileSamples(Summary):
         counts = torch.zeros_like(self.counts).view(-1)
         self.counts = counts.index_add_(0, target, self.counts.flatten()).view_as(self.counts)
         changed = (new_shift != self.shift) | (new_start != self.start)  # [D, 2], equal columns
+        # A start that only moves down shifts each row up whole: no two rows meet.
+        down = changed & (new_shift == self.shift) & (new_start < self.start)
+        self._roll(self.base[down], BUCKETS, (self.start - new_start)[down])
+        self._move(self.base[changed & ~down], BUCKETS, target)
         self.shift, self.start = new_shift, new_start
-        self._move(self.base[changed], BUCKETS, target)
 
     @staticmethod
     def _tail_start(high: torch.Tensor) -> torch.Tensor:
@@ -184,40 +187,31 @@ class QuantileSamples(Summary):
         into = (target - self.tail_base.flatten()[0]).clamp(min=0)
         tail = torch.zeros_like(self.tail).view(-1)
         self.tail = tail.index_add_(0, into, self.tail.flatten() * (target >= 0)).view_as(self.tail)
-        self._move(self.tail_base[new_start != start], TAIL_BUCKETS, target, self.tail_base[0, 0])
+        moved = new_start != start
+        self._roll(self.tail_base[moved], TAIL_BUCKETS, (start - new_start)[moved])
 
-    def _move(self, firsts: torch.Tensor, size: int, target: torch.Tensor, offset=0) -> None:
-        """Rebuild the blocks of `size` rows that start at rows `firsts`, each row's slots going
-        to row target[row - offset] (-1: leaving)."""
-        rows = (firsts[:, None] + torch.arange(size, device=firsts.device)).flatten()
-        dest = target[rows - offset]  # [Rm]
-        filled = (self.key.index_select(0, rows)[:, 0] < EMPTY) & (dest >= 0)
-        if self._permute(rows, dest, filled):
+    def _roll(self, firsts: torch.Tensor, size: int, by: torch.Tensor) -> None:
+        """Shift each block of `size` rows at rows `firsts` [B] by `by` [B] rows (row j to
+        j + by): the rows shifted out leave, those shifted in are empty. Each row's slots move
+        with their pool entries, so no context is copied and no row is ranked again."""
+        j = torch.arange(size, device=firsts.device)
+        source = j - by[:, None]  # [B, size] the row of the block that lands on row j
+        rows = (firsts[:, None] + j).flatten()
+        src = (firsts[:, None] + source % size).flatten()
+        meta = self.meta.index_select(0, src)
+        meta[((source < 0) | (source >= size)).flatten()] = meta.new_tensor(self.EMPTY_SLOT)
+        self.meta.index_copy_(0, rows, meta)
+        self.slot.index_copy_(0, rows, self.slot.index_select(0, src))
+
+    def _move(self, firsts: torch.Tensor, size: int, target: torch.Tensor) -> None:
+        """Rebuild the blocks of `size` grid rows that start at rows `firsts`, each row's slots
+        going to row target[row]."""
+        if len(firsts) == 0:
             return
+        rows = (firsts[:, None] + torch.arange(size, device=firsts.device)).flatten()
         none = torch.empty(0, dtype=torch.long, device=rows.device)
-        moved = dest.repeat_interleave(SAMPLES)
+        moved = target[rows].repeat_interleave(SAMPLES)
         self._rebuild(rows, moved, none, self._empty_meta(0)[:, 0], None, None)
-
-    def _permute(self, rows: torch.Tensor, dest: torch.Tensor, filled: torch.Tensor) -> bool:
-        """Move the slots of `rows` [Rm] to rows `dest` (within `rows`), where no two filled
-        rows meet (a slide of the tail, a grid that only moves its start down): each row's
-        slots as they are, no ranking. Returns False, changing nothing, where two would meet."""
-        into = dest[filled]
-        hits = torch.zeros(self.meta.shape[0], dtype=torch.long, device=rows.device)
-        if int(hits.index_add_(0, into, torch.ones_like(into)).max()) > 1:
-            return False
-        among = torch.full_like(hits, -1)
-        among[rows] = torch.arange(len(rows), device=rows.device)
-        at = among.index_select(0, into)  # [F] where each filled row goes, among `rows`
-        meta, slot = self.meta.index_select(0, rows), self.slot.index_select(0, rows)
-        new_meta, new_slot = self._empty_meta(len(rows)), torch.empty_like(slot)
-        new_meta[at], new_slot[at] = meta[filled], slot[filled]
-        # The rows that receive none take the pool entries of those that left or were empty.
-        receiving = torch.zeros_like(filled).index_fill_(0, at, True)
-        new_slot[~receiving] = slot[~filled]
-        self.meta.index_copy_(0, rows, new_meta)
-        self.slot.index_copy_(0, rows, new_slot)
-        return True
 
     def _fit(self, low: torch.Tensor, high: torch.Tensor, shift: torch.Tensor) -> None:
         tail_start = self._tail_start(self.high)
@@ -230,18 +224,17 @@ class QuantileSamples(Summary):
     def update(self, batch: BatchTokens) -> None:
         x = batch.x
         bits = x.view(torch.int32)  # [D, N]
-        magnitude = x.abs().view(torch.int32)  # [D, N] the bits of |x|, in |x| order
-        low, high = self._extremes(magnitude, batch)
+        row = bits & MAGNITUDE  # [D, N] the bits of |x|, in |x| order; then each token's row
+        low, high = self._extremes(row, batch)
         if bool(((low < self.low) | (high > self.high)).any()):  # else the grid stays
             self._fit(low, high, self.shift)
         # Each token's row: its bucket, the fold's below the grid (and for non-finite tokens,
-        # which are counted with weight 0 and never sampled, clamped), in its sign's rows.
+        # which are counted with weight 0 and never sampled, the top's), in its sign's rows.
+        # In place: each pass over [D, N] that allocates costs twice one that does not.
         shift, start, base = (t[:, :1].int() for t in (self.shift, self.start, self.base))
-        row = torch.maximum(magnitude >> shift, start)
-        if not batch.all_finite:
-            row = torch.minimum(row, start + BUCKETS - 1)
+        row.bitwise_right_shift_(shift).clamp_(start, start + BUCKETS - 1)
         row += base - start
-        row += (bits >> 31) & BUCKETS  # [D, N]; bits >> 31 is -1 on a negative
+        row.sub_(bits >> 31, alpha=BUCKETS)  # bits >> 31 is -1 on a negative
         if batch.all_finite:
             per_row = occurrences(row, self.counts.numel(), torch.long)
         else:
@@ -273,8 +266,9 @@ class QuantileSamples(Summary):
         token = flat - direction * n
         row = row.flatten().index_select(0, flat).long()
         # Of those, the tail's tokens, at or above their sign's tail edge, with their tail rows.
-        sign = direction * 2 + (bits.flatten().index_select(0, flat) < 0)  # [M] into [D * 2]
-        fine = magnitude.flatten().index_select(0, flat)
+        fine = bits.flatten().index_select(0, flat)  # [M]
+        sign = direction * 2 + (fine < 0)  # [M] into [D * 2]
+        fine &= MAGNITUDE
         inside = (fine >= edge.view(-1).index_select(0, sign)).nonzero().squeeze(1)  # [M']
         first = (self.tail_base - tail).view(-1)  # [D * 2] the row of tail bucket 0
         in_row = first.index_select(0, sign[inside]) + (fine[inside] >> TAIL_SHIFT)
