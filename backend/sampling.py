@@ -153,16 +153,19 @@ class QuantileSamples(Summary):
 
     def _regrid(self, new_shift: torch.Tensor, new_start: torch.Tensor) -> None:
         """Move counts and samples onto the new grid (merging buckets), where it changed."""
-        if torch.equal(new_shift, self.shift) and torch.equal(new_start, self.start):
-            return  # the usual case once the extremes are known
-        target = self._buckets_to(self.shift, self.start, new_shift, new_start)
-        counts = torch.zeros_like(self.counts).view(-1)
-        self.counts = counts.index_add_(0, target, self.counts.flatten()).view_as(self.counts)
         changed = (new_shift != self.shift) | (new_start != self.start)  # [D, 2], equal columns
-        # A start that only moves down shifts each row up whole: no two rows meet.
+        # A start that only moves down shifts each row up whole: no two rows meet. (The usual
+        # change once the extremes are known: the least |x| of a sign that folds nothing.)
         down = changed & (new_shift == self.shift) & (new_start < self.start)
-        self._roll(self.base[down], BUCKETS, (self.start - new_start)[down])
-        self._move(self.base[changed & ~down], BUCKETS, target)
+        rest = changed & ~down
+        if bool(rest.any()):
+            shift, start = new_shift.where(rest, self.shift), new_start.where(rest, self.start)
+            target = self._buckets_to(self.shift, self.start, shift, start)  # others stay
+            counts = torch.zeros_like(self.counts).view(-1)
+            counts.index_add_(0, target, self.counts.flatten())
+            self.counts = counts.view_as(self.counts)
+            self._move(self.base[rest], BUCKETS, target)
+        self._roll(self.base[down], BUCKETS, (self.start - new_start)[down], self.counts, 0)
         self.shift, self.start = new_shift, new_start
 
     @staticmethod
@@ -177,47 +180,50 @@ class QuantileSamples(Summary):
         j = torch.arange(TAIL_BUCKETS, device=start.device) + (start - new_start)[..., None]
         return torch.where(j >= 0, j + self.tail_base[..., None], -1).flatten()
 
-    def _slide(self, start: torch.Tensor) -> None:
-        """Slide the tail up from tail start `start` to the current one: the buckets that fall
+    def _slide(self, start: torch.Tensor, new_start: torch.Tensor) -> None:
+        """Slide the tail up from tail start `start` to `new_start`: the buckets that fall
         below it leave (their tokens are in the grid's buckets too)."""
-        new_start = self._tail_start(self.high)
-        if torch.equal(new_start, start):
-            return
-        target = self._tail_to(start, new_start)
-        into = (target - self.tail_base.flatten()[0]).clamp(min=0)
-        tail = torch.zeros_like(self.tail).view(-1)
-        self.tail = tail.index_add_(0, into, self.tail.flatten() * (target >= 0)).view_as(self.tail)
         moved = new_start != start
-        self._roll(self.tail_base[moved], TAIL_BUCKETS, (start - new_start)[moved])
+        by = (start - new_start)[moved]
+        self._roll(self.tail_base[moved], TAIL_BUCKETS, by, self.tail, self.counts.numel())
 
-    def _roll(self, firsts: torch.Tensor, size: int, by: torch.Tensor) -> None:
+    def _roll(self, firsts, size: int, by, counts: torch.Tensor, offset: int) -> None:
         """Shift each block of `size` rows at rows `firsts` [B] by `by` [B] rows (row j to
-        j + by): the rows shifted out leave, those shifted in are empty. Each row's slots move
-        with their pool entries, so no context is copied and no row is ranked again."""
+        j + by), and their counts (row r's at counts.view(-1)[r - offset]): the rows shifted out
+        leave, those shifted in are empty. Each row's slots move with their pool entries, so no
+        context is copied and no row is ranked again."""
         j = torch.arange(size, device=firsts.device)
         source = j - by[:, None]  # [B, size] the row of the block that lands on row j
+        out = ((source < 0) | (source >= size)).flatten()  # [B * size] rows shifted in
         rows = (firsts[:, None] + j).flatten()
         src = (firsts[:, None] + source % size).flatten()
-        meta = self.meta.index_select(0, src)
-        meta[((source < 0) | (source >= size)).flatten()] = meta.new_tensor(self.EMPTY_SLOT)
-        self.meta.index_copy_(0, rows, meta)
+        empty = self.meta.new_tensor(self.EMPTY_SLOT)
+        self.meta.index_copy_(
+            0, rows, self.meta.index_select(0, src).where(~out[:, None, None], empty)
+        )
         self.slot.index_copy_(0, rows, self.slot.index_select(0, src))
+        flat = counts.view(-1)
+        flat.index_copy_(0, rows - offset, flat.index_select(0, src - offset).where(~out, 0))
 
     def _move(self, firsts: torch.Tensor, size: int, target: torch.Tensor) -> None:
         """Rebuild the blocks of `size` grid rows that start at rows `firsts`, each row's slots
         going to row target[row]."""
-        if len(firsts) == 0:
-            return
         rows = (firsts[:, None] + torch.arange(size, device=firsts.device)).flatten()
         none = torch.empty(0, dtype=torch.long, device=rows.device)
         moved = target[rows].repeat_interleave(SAMPLES)
         self._rebuild(rows, moved, none, self._empty_meta(0)[:, 0], None, None)
 
     def _fit(self, low: torch.Tensor, high: torch.Tensor, shift: torch.Tensor) -> None:
+        """Extend the extremes to low, high [D, 2]; refit the grid (no finer than `shift`) and
+        the tail to them where they change (one host sync where neither does)."""
         tail_start = self._tail_start(self.high)
         self.low, self.high = torch.minimum(self.low, low), torch.maximum(self.high, high)
-        self._regrid(*self._grid(self.low, self.high, shift))
-        self._slide(tail_start)
+        new_shift, new_start = self._grid(self.low, self.high, shift)
+        new_tail = self._tail_start(self.high)
+        moved = (new_shift != self.shift) | (new_start != self.start) | (new_tail != tail_start)
+        if bool(moved.any()):
+            self._regrid(new_shift, new_start)
+            self._slide(tail_start, new_tail)
 
     # ------------------------------------------------------------------ updates
 
@@ -273,7 +279,7 @@ class QuantileSamples(Summary):
         first = (self.tail_base - tail).view(-1)  # [D * 2] the row of tail bucket 0
         in_row = first.index_select(0, sign[inside]) + (fine[inside] >> TAIL_SHIFT)
         counts = torch.ones_like(in_row)
-        self.tail.view(-1).index_add_(0, in_row - int(self.tail_base[0, 0]), counts)
+        self.tail.view(-1).index_add_(0, in_row - self.counts.numel(), counts)
         row = torch.cat([row, in_row])
         direction = torch.cat([direction, direction[inside]])
         token = torch.cat([token, token[inside]])
@@ -402,8 +408,7 @@ class QuantileSamples(Summary):
         target = other._buckets_to(other.shift, other.start, self.shift, self.start)
         self.counts.view(-1).index_add_(0, target, other.counts.flatten())
         tail_target = other._tail_to(other._tail_start(other.high), self._tail_start(self.high))
-        first = int(self.tail_base[0, 0])
-        into = (tail_target - first).clamp(min=0)
+        into = (tail_target - self.counts.numel()).clamp(min=0)
         self.tail.view(-1).index_add_(0, into, other.tail.flatten() * (tail_target >= 0))
         slots = other.meta.flatten(0, 1)  # [R * SAMPLES, 4]
         row = torch.cat([target, tail_target]).repeat_interleave(SAMPLES)
