@@ -187,7 +187,9 @@ class QuantileSamples(Summary):
         by = (start - new_start)[moved]
         self._roll(self.tail_base[moved], TAIL_BUCKETS, by, self.tail, self.counts.numel())
 
-    def _roll(self, firsts, size: int, by, counts: torch.Tensor, offset: int) -> None:
+    def _roll(
+        self, firsts: torch.Tensor, size: int, by: torch.Tensor, counts: torch.Tensor, offset: int
+    ) -> None:
         """Shift each block of `size` rows at rows `firsts` [B] by `by` [B] rows (row j to
         j + by), and their counts (row r's at counts.view(-1)[r - offset]): the rows shifted out
         leave, those shifted in are empty. Each row's slots move with their pool entries, so no
