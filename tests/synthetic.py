@@ -307,8 +307,8 @@ def _add_summaries(
     )
     direction["quantile_samples"] = [
         _quantile_range(rng, q, f, sign, bounds, shape, tokens)
-        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
         for sign in (1, -1)
+        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
     ]
     direction["top_tokens"] = _token_table(rng, stats["max"], shape.vocabulary)
     direction["bottom_tokens"] = _token_table(rng, stats["min"], shape.vocabulary)
