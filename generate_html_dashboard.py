@@ -4,16 +4,16 @@ The page's script is the parts in JS_PARTS (templates/), joined in that order. I
 layer at a time from the data embedded in one inert <script type="application/octet-stream">
 element: one gzip-compressed JSON blob (in base 85) for what the overview needs, one per layer and
 one each for the cross-layer cosines, the stored sequences, (runs with --effects) the
-per-token KL vs base and (runs with --baseline-neurons) the baseline neurons, which the page
-decompresses (DecompressionStream) when it first needs
-them. To keep a full-size run small, the data is the input with its floats rounded for display
-(DISPLAY_DIGITS significant digits; the page shows values exactly as embedded), the keys the
-page does not use dropped, each token string stored once in a table that examples, token
-tables, logit effects and pinned samples index into, and examples written as rows of
-EXAMPLE_FIELDS (attribution examples: ATTRIBUTION_FIELDS) rather than objects. Every contract
-fact the page shows (direction keys and names, module order, write scales, which direction a
-vector label names, the clamps' order) is computed here with backend/contract.py, so the script
-derives none.
+per-token KL vs base, (runs with --baseline-neurons) the baseline neurons and (runs with
+--sae) the SAE's feature list and its features' cards, FEATURE_CHUNK a blob, which the page
+decompresses (DecompressionStream) when it first needs them. To keep a full-size run small,
+the data is the input with its floats rounded for display (DISPLAY_DIGITS significant
+digits; the page shows values exactly as embedded), the keys the page does not use dropped,
+each token string stored once in a table that examples, token tables, logit effects and
+pinned samples index into, and examples written as rows of EXAMPLE_FIELDS (attribution
+examples: ATTRIBUTION_FIELDS) rather than objects. Every contract fact the page shows
+(direction keys and names, module order, write scales, which direction a vector label names,
+the clamps' order) is computed here with backend/contract.py, so the script derives none.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from backend.contract import (
     ContractError,
     direction_key,
     direction_name,
+    feature_key,
     iter_directions,
     iter_examples,
     module_order,
@@ -65,6 +66,7 @@ JS_PARTS = (
     "effects.js",
     "explanations.js",
     "cards.js",
+    "features.js",
     "heatmap.js",
     "main.js",
 )
@@ -87,6 +89,11 @@ EXAMPLE_FIELDS = (
 # activations, which the page does not show for them (their tokens show attr or activation).
 ATTRIBUTION_FIELDS = (*EXAMPLE_FIELDS[:-1], "attributions")
 EFFECT_MEASURES = ("ablation_kl", "ablation_dloss", "attribution")  # of each direction
+# Runs with --sae: the features' cards are in blobs of this many features each ("sae-<i>"),
+# decoded when one of them is opened; their list (what it sorts, searches and links by) is
+# the blob "sae-list", decoded when the Features view opens.
+FEATURE_CHUNK = 128
+SAE_HEADER = ("num_latents", "k", "threshold", "fvu", "fvu_heldout", "l0", "dead_fraction")
 HEADER_FIELDS = (
     ("model", "base_model"),
     ("adapter", "adapter"),
@@ -217,7 +224,7 @@ def page_blobs(page: dict) -> list[tuple[str, str]]:
     the i-th layer, "cross-layer-cosine", "sequences", "kl-tokens" and "baseline-neurons" where
     the page has them."""
     lazy = ("layers", "cross_layer_cosine", "sequences", "kl_tokens", "baseline_neurons")
-    index = {key: value for key, value in page.items() if key not in lazy}
+    index = {key: value for key, value in page.items() if key not in (*lazy, "sae")}
     index["overview"] = [_overview(layer) for layer in page["layers"]]
     if "cross_layer_cosine" in page:  # its title gives the number of vectors
         index["cross_layer_vectors"] = len(page["cross_layer_cosine"]["labels"])
@@ -226,6 +233,14 @@ def page_blobs(page: dict) -> list[tuple[str, str]]:
     blobs = [("index", index)]
     blobs += [(f"layer-{i}", layer) for i, layer in enumerate(page["layers"])]
     blobs += [(key.replace("_", "-"), page[key]) for key in lazy[1:] if key in page]
+    if "sae" in page:  # the header in the index; the list and the chunks of cards on demand
+        sae = page["sae"]
+        index["sae"] = sae["header"]
+        blobs.append(("sae-list", sae["list"]))
+        chunks = range(0, len(sae["features"]), FEATURE_CHUNK)
+        blobs += [
+            (f"sae-{c // FEATURE_CHUNK}", sae["features"][c : c + FEATURE_CHUNK]) for c in chunks
+        ]
     return [(name, _compressed(value)) for name, value in blobs]
 
 
@@ -300,7 +315,75 @@ def compact_data(data: dict) -> dict:
         page["explanations"] = _malformed_as_error(
             "explanations", _compact_explanations, data["explanations"], data
         )
+    if "sae" in data:
+        page["sae"] = _malformed_as_error("sae", _compact_sae, data["sae"], data, strings)
     return page | {"strings": list(strings)}
+
+
+def _compact_sae(sae: dict, data: dict, strings: dict[str, int]) -> dict:
+    """The SAE as the page uses it: its header (the figures, FEATURE_CHUNK, the number of
+    features); its list, one row per feature (what the view sorts and the search finds, and
+    its composition, each direction as its number in the page's order of directions); its
+    features' cards, as directions' are."""
+    number = {
+        (ref.layer, ref.module, ref.component): i for i, ref in enumerate(iter_directions(data))
+    }
+    header = {key: sae[key] for key in ("num_latents", "k", "num_tokens", "path")} | {
+        key: _round(sae[key]) for key in SAE_HEADER[2:]
+    }
+    header |= {
+        "num_features": len(sae["features"]),
+        "num_dead": len(sae["dead"]),
+        "chunk": FEATURE_CHUNK,
+        "error_share": _rounded(sae.get("error_share", {})),
+        "training": _rounded(sae.get("training", {})),
+    }
+    rows = [_feature_row(f, number, strings) for f in sae["features"]]
+    features = [_compact_sae_feature(f, strings) for f in sae["features"]]
+    return {"header": header, "list": rows, "features": features}
+
+
+def _feature_row(feature: dict, number: dict[tuple, int], strings: dict[str, int]) -> dict:
+    explanation = feature.get("explanations", {}).get("positive")
+    return {
+        "index": feature["index"],
+        "frequency": _round(feature["frequency"]),
+        "max": _round(feature["stats"]["max"]),
+        "text": explanation["text"] if explanation else None,
+        "detection": _rounded(explanation["detection"]["score"]) if explanation else None,
+        "tokens": [_intern(row["token"], strings) for row in feature.get("top_tokens", [])],
+        "composition": [
+            [number[(e["layer"], e["module"], e["component"])], _round(e["weight"])]
+            for e in feature["composition"]
+        ],
+    }
+
+
+def _uniform_histogram(histogram: dict) -> dict:
+    """Evenly spaced edges (the backend's are) as their first and their step, which the page
+    expands: thousands of features' edges would otherwise be a tenth of their cards."""
+    edges, bins = histogram["edges"], len(histogram["counts"])
+    first, step = edges[0], _round((edges[-1] - edges[0]) / bins, EDGE_DIGITS + 2)
+    widest = max(abs(edges[0]), abs(edges[-1])) or 1.0
+    tolerance = 10.0 ** (math.floor(math.log10(widest)) + 1 - EDGE_DIGITS)  # its last digit
+    if any(abs(first + i * step - edge) > tolerance for i, edge in enumerate(edges)):
+        return histogram
+    return {"first": first, "step": step, "counts": histogram["counts"]}
+
+
+def _compact_sae_feature(feature: dict, strings: dict[str, int]) -> dict:
+    """A feature as the cards draw a direction: its key and name, its summaries (positive
+    only), its explanation (with the scores of a direction's), its logit effects."""
+    index = feature["index"]
+    page = {"key": feature_key(index), "name": f"feature {index}", "index": index}
+    page |= _compact_summaries(feature, strings)
+    page["histogram"] = _uniform_histogram(page["histogram"])
+    if "logit_effects" in feature:
+        page["logit_effects"] = _compact_logit_effects(feature["logit_effects"], strings)
+    explanation = feature.get("explanations", {}).get("positive")
+    if explanation:
+        page["explanation"] = _feature(page["key"], page["name"], "sae", "positive", explanation)
+    return page
 
 
 def _compact_neuron(neuron: dict, strings: dict[str, int]) -> dict:
@@ -511,9 +594,10 @@ def _compact_direction(direction: dict, strings: dict[str, int]) -> dict:
 
 
 def _compact_summaries(direction: dict, strings: dict[str, int]) -> dict:
-    """What a direction and a baseline neuron both carry: statistics, examples, profiles."""
+    """What a direction, a baseline neuron and an SAE feature all carry: statistics, examples,
+    profiles (a feature, >= 0, has no top_negative, and so no bottom_tokens)."""
     stats, hist = direction["stats"], direction["histogram"]
-    return {
+    page = {
         "stats": {key: _round(stats[key]) for key in ("min", "max", "mean", "std")}
         | {key: stats[key] for key in ("count", "nonfinite")},
         "histogram": {
@@ -521,12 +605,14 @@ def _compact_summaries(direction: dict, strings: dict[str, int]) -> dict:
             "counts": hist["counts"],
         },
         "top_positive": _compact_examples(direction["top_positive"], strings),
-        "top_negative": _compact_examples(direction["top_negative"], strings),
         "quantile_samples": _compact_quantile_samples(direction["quantile_samples"], strings),
         "top_tokens": _compact_token_table(direction.get("top_tokens", []), strings),
-        "bottom_tokens": _compact_token_table(direction.get("bottom_tokens", []), strings),
         "position_profile": _compact_position_profile(direction["position_profile"]),
     }
+    if "top_negative" in direction:
+        page["top_negative"] = _compact_examples(direction["top_negative"], strings)
+        page["bottom_tokens"] = _compact_token_table(direction.get("bottom_tokens", []), strings)
+    return page
 
 
 def _compact_examples(examples: list[dict], strings: dict[str, int]) -> list[list]:

@@ -57,15 +57,20 @@ def _mixed(padded: torch.Tensor, window: int, length: int) -> torch.Tensor:
 
 
 EMPTY = 2**62  # the key of an empty slot: every token's key (token_keys) is below it
+KEY_BITS = EMPTY - 1
 
 
 def token_keys(example: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """A pseudo-random key in [0, 2**62) per token, from its example index and position only."""
-    h = (example << 24) ^ position  # int64; the multiplications below wrap around
+    """A pseudo-random key in [0, 2**62) per token, from its example index and position only.
+
+    A bijection of (example, position) for positions below 2**24 and examples below 2**38
+    (multiplications by odd numbers and xor-shifts, modulo 2**62): distinct tokens never tie.
+    """
+    h = (example << 24) | position
     for multiplier, shift in ((0x9E3779B97F4A7C1, 31), (0x3C6EF372FE94F82B, 29)):
-        h = h * multiplier
-        h = h ^ ((h >> shift) & ((1 << (64 - shift)) - 1))  # a logical shift right
-    return h & (EMPTY - 1)
+        h = (h * multiplier) & KEY_BITS  # int64 wraps around; modulo 2**62 stays exact
+        h = h ^ (h >> shift)  # h >= 0: a logical shift
+    return h
 
 
 @dataclass

@@ -76,6 +76,11 @@ def neuron_key(layer: int, neuron: int) -> str:
     return f"L{layer}.neuron[{neuron}]"
 
 
+def feature_key(index: int) -> str:
+    """An SAE feature's name in every file of one run (links): "SAE.feature[17]" (latent 17)."""
+    return f"SAE.feature[{index}]"
+
+
 def vector_label(module: str, side: str, component: int, layer: int | None = None) -> str:
     """A read (side "A") or write ("B") vector: "gate_proj.A[0]", or "L3.gate_proj.A[0]"
     across layers."""
@@ -116,15 +121,23 @@ def iter_directions(document: dict[str, Any]) -> Iterator[DirectionRef]:
 
 def example_holders(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Everything of the document that carries Examples (what iter_examples reads): every
-    direction (iter_directions' order), then every baseline neuron (--baseline-neurons)."""
+    direction (iter_directions' order), then every baseline neuron (--baseline-neurons), then
+    every SAE feature (--sae)."""
     for ref in iter_directions(document):
         yield ref.direction
     yield from document.get("baseline_neurons", ())
+    yield from iter_features(document)
+
+
+def iter_features(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every SAE feature of the document (runs with --sae), by index."""
+    yield from document.get("sae", {}).get("features", ())
 
 
 def iter_examples(direction: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every Example a direction carries: its top lists, its quantile samples, then its
-    attribution lists (runs with --effects)."""
+    """Every Example a direction (or a neuron, or an SAE feature) carries: its top lists (a
+    feature has no top_negative), its quantile samples, then its attribution lists (runs with
+    --effects)."""
     for _, example in examples_at(direction):
         yield example
 
@@ -132,7 +145,7 @@ def iter_examples(direction: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def examples_at(direction: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
     """iter_examples with each Example's path below the direction's `path`."""
     for side in EXAMPLE_LISTS:
-        for j, example in enumerate(direction[side]):
+        for j, example in enumerate(direction.get(side, ())):
             yield f"{path}.{side}[{j}]", example
     for r, samples in enumerate(direction["quantile_samples"]):
         for j, example in enumerate(samples["examples"]):
@@ -399,6 +412,55 @@ def _counts_sum_to_count(direction: dict, path: str) -> None:
         )
 
 
+def _non_negative(feature: dict, path: str) -> None:
+    """An SAE feature is relu(...) >= 0: never below 0, sampled on the positive side only."""
+    if feature["stats"]["min"] < 0:
+        _fail(f"{path}.stats.min", f"expected >= 0, got {_show(feature['stats']['min'])}")
+    for r, samples in enumerate(feature["quantile_samples"]):
+        if samples["sign"] != 1:
+            _fail(f"{path}.quantile_samples[{r}].sign", "expected 1 (a feature is >= 0)")
+    if "negative" in feature.get("explanations", {}):
+        _fail(f"{path}.explanations.negative", "unexpected: a feature is >= 0")
+
+
+def _by_weight(feature: dict, path: str) -> None:
+    """The composition: by decreasing |weight|, each direction once."""
+    entries = feature["composition"]
+    for j in range(1, len(entries)):
+        if abs(entries[j]["weight"]) > abs(entries[j - 1]["weight"]):
+            _fail(f"{path}.composition[{j}].weight", "expected |weight| at most the one before")
+    named = {(e["layer"], e["module"], e["component"]) for e in entries}
+    if len(named) != len(entries):
+        _fail(f"{path}.composition", "expected each direction once")
+
+
+def _latents_once(sae: dict, path: str) -> None:
+    """features (by index) and dead (ascending) are latents of the SAE, each in one of them;
+    dead_fraction is the dead's share."""
+    n, indices = sae["num_latents"], [f["index"] for f in sae["features"]]
+    if sae["k"] >= n:
+        _fail(_field(path, "k"), f"expected less than num_latents {n}, got {sae['k']}")
+    for key, values in (("features", indices), ("dead", sae["dead"])):
+        for j, index in enumerate(values):
+            where = f"{_field(path, key)}[{j}]" + (".index" if key == "features" else "")
+            if index >= n:
+                _fail(where, f"expected a latent below num_latents {n}, got {index}")
+            if j and index <= values[j - 1]:
+                _fail(where, f"expected after {values[j - 1]}, in ascending order, each once")
+    both = set(indices) & set(sae["dead"])
+    if both:
+        _fail(_field(path, "dead"), f"expected no latent of features, got {min(both)}")
+    share = len(sae["dead"]) / n
+    if not math.isclose(sae["dead_fraction"], share, rel_tol=1e-6, abs_tol=1e-9):
+        _fail(_field(path, "dead_fraction"), f"expected len(dead) / num_latents {share:g}")
+
+
+def _shares_sum_to_one(sae: dict, path: str) -> None:
+    shares = sae.get("error_share", {})
+    if shares and not math.isclose(sum(shares.values()), 1.0, abs_tol=1e-6):
+        _fail(_field(path, "error_share"), f"expected a sum of 1, got {sum(shares.values()):g}")
+
+
 def _components(projection: dict, path: str) -> None:
     directions = projection["directions"]
     if len(directions) != projection["rank"]:
@@ -634,6 +696,54 @@ METADATA = Obj(
         "below_median_contexts": COUNT,
     }
 )
+# ---- the SAE of the whole adapter state (runs with --sae) ----------------------------------
+# A feature is read like a direction (its summaries, the same specs), but it is >= 0: it has
+# positive top examples and quantile ranges only, and a positive explanation at most.
+COMPOSITION_SIZE = 16  # a feature's directions of largest |W_dec[f, d]| (fewer where D is)
+FRACTION = Scalar("a number inside [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
+COMPOSITION_ENTRY = Obj({"layer": COUNT, "module": STRING, "component": COUNT, "weight": NUMBER})
+FEATURE = Obj(
+    {
+        "index": COUNT,
+        "frequency": FRACTION,  # of the tokens where it is > 0
+        **{key: DIRECTION.fields[key] for key in ("stats", "histogram", "top_positive")},
+        "quantile_samples": DIRECTION.fields["quantile_samples"],
+        "position_profile": DIRECTION.fields["position_profile"],
+        "composition": list_of(COMPOSITION_ENTRY),
+    },
+    optional={  # top tokens: runs with a token profile; logit effects: adapters that write
+        "top_tokens": DIRECTION.optional["top_tokens"],  # the residual stream
+        "logit_effects": DIRECTION.optional["logit_effects"],
+        "explanations": Obj({}, optional={"positive": EXPLANATION}),  # runs with --explain
+    },
+    rules=(*DIRECTION.rules, _non_negative, _by_weight),
+)
+TRAINING = Obj(
+    {
+        "steps": COUNT,
+        "batch_size": POSITIVE,
+        "learning_rate": NON_NEGATIVE,
+        "seed": COUNT,
+        "seconds": NON_NEGATIVE,
+    }
+)
+SAE = Obj(
+    {
+        "num_latents": POSITIVE,
+        "k": POSITIVE,
+        "threshold": NUMBER,
+        "fvu": NON_NEGATIVE,
+        "fvu_heldout": NON_NEGATIVE,
+        "l0": NON_NEGATIVE,
+        "dead_fraction": FRACTION,
+        "num_tokens": COUNT,
+        "path": STRING,
+        "features": list_of(FEATURE),
+        "dead": list_of(COUNT),
+    },
+    optional={"error_share": map_of(FRACTION), "training": TRAINING},
+    rules=(_latents_once, _shares_sum_to_one),
+)
 SEQUENCE = Obj({"tokens": list_of(STRING), "source": STRING})
 EXAMPLE_INDEX = Scalar("an example index", lambda k: k.isdigit() and str(int(k)) == k)
 GROUP_EFFECT = {"ablation_kl": NUMBER, "ablation_dloss": NUMBER}
@@ -677,6 +787,7 @@ DOCUMENT = Obj(
         "effects": EFFECTS,  # runs with --effects
         "explanations": EXPLANATIONS,  # runs with --explain
         "baseline_neurons": list_of(BASELINE_NEURON),  # runs with --baseline-neurons
+        "sae": SAE,  # runs with --sae
     },
 )
 
@@ -709,6 +820,8 @@ def _agreements(document: dict[str, Any]) -> None:
         _effects_agree(document["effects"], document)
     if "baseline_neurons" in document:
         _neurons_agree(document)
+    if "sae" in document:
+        _sae_agrees(document)
     summary = document.get("explanations", {}).get("summary", {})
     if "neurons" in summary and "baseline_neurons" not in document:
         _fail("explanations.summary.neurons", "unexpected: the document has no baseline_neurons")
@@ -727,6 +840,35 @@ def _neurons_agree(document: dict[str, Any]) -> None:
             _fail(path, "expected after the neuron before it, by layer, then neuron, each once")
         _summaries_agree(neuron, path, meta, set())
         _explained_in(document, neuron, path)
+
+
+def _sae_agrees(document: dict[str, Any]) -> None:
+    """The SAE's features against the metadata as a direction is, each counting the SAE's
+    tokens, each composed of directions of the layers (as many as COMPOSITION_SIZE allows),
+    and its error shares over the adapted modules."""
+    meta, sae = document["metadata"], document["sae"]
+    directions = {(ref.layer, ref.module, ref.component) for ref in iter_directions(document)}
+    size = min(COMPOSITION_SIZE, len(directions))
+    for i, feature in enumerate(sae["features"]):
+        path = f"sae.features[{i}]"
+        _summaries_agree(feature, path, meta, set())
+        _explained_in(document, feature, path)
+        stats = feature["stats"]
+        if stats["count"] + stats["nonfinite"] != sae["num_tokens"]:
+            _fail(f"{path}.stats.count", "expected count + nonfinite = sae.num_tokens")
+        if feature["frequency"] == 0:
+            _fail(f"{path}.frequency", "expected > 0 (a latent that never fires is in dead)")
+        if len(feature["composition"]) != size:
+            _fail(f"{path}.composition", f"expected {size} entries (largest |weight|)")
+        for j, entry in enumerate(feature["composition"]):
+            if (entry["layer"], entry["module"], entry["component"]) not in directions:
+                _fail(f"{path}.composition[{j}]", "expected a direction of the layers")
+    strangers = set(sae.get("error_share", {})) - set(meta["modules"])
+    if strangers:
+        _fail(
+            "sae.error_share",
+            f"expected modules of metadata.modules, got {_show(sorted(strangers))}",
+        )
 
 
 def _explained_in(document: dict[str, Any], direction: dict[str, Any], path: str) -> None:
@@ -783,7 +925,7 @@ def _summaries_agree(
     bins = meta["histogram_bins"]
     if len(direction["histogram"]["counts"]) != bins:
         _fail(f"{path}.histogram.counts", f"expected {bins} entries (metadata.histogram_bins)")
-    lists = [(side, direction[side]) for side in EXAMPLE_LISTS]
+    lists = [(side, direction[side]) for side in EXAMPLE_LISTS if side in direction]
     if "effects" in direction:
         lists += [(f"effects.{side}", direction["effects"][side]) for side in ATTRIBUTION_LISTS]
     for side, examples in lists:

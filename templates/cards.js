@@ -1,5 +1,6 @@
 // A layer on screen: one card per direction (its examples, histogram and sections), and the
-// layer's statistics and cosines; the baseline neurons' cards, drawn by the same code.
+// layer's statistics and cosines; the baseline neurons' and SAE features' cards, drawn by the
+// same code.
 /* global Contexts, Dom, Effects, Explanations, Format, Plots */
 /* exported Cards */
 const Cards = (() => {
@@ -24,8 +25,9 @@ const Cards = (() => {
   // page: {strings, metadata, example_fields, overview, and where the run has them,
   // attribution_fields, effects and explanations} of the index; settings: the page's {width,
   // logCounts, statsOpen, sequences, colourKL, kl}, read whenever something is drawn; notes:
-  // Notes.create's.
-  function create(page, settings, notes) {
+  // Notes.create's; sae (runs with --sae): Features.data's, whose contributors(key) gives the
+  // features a direction weighs most in.
+  function create(page, settings, notes, sae) {
     const strings = page.strings;
     const klRanks = page.effects && Effects.ranks(page.overview, "ablation_kl");
     const explained = Explanations.byKey(page.explanations?.features ?? []);
@@ -34,6 +36,7 @@ const Cards = (() => {
     // and the page's settings redraw.
     let cards = [];
     const neuronCards = [];
+    let featureCards = []; // the SAE feature's card on screen
     const marks = new Map(); // direction key -> draws a value on that direction's histogram
 
     const redraw = (card) => card.redraws.forEach((draw) => draw());
@@ -172,7 +175,34 @@ const Cards = (() => {
           `write scale ${fmt(direction.write_norm_scale)}`,
       );
       const viewsOf = (examples) => cardViews(layer, d, examples);
-      return featureCard(direction, meta, viewsOf, { list: cards, notes: true });
+      const more = sae ? [lazySection("more", "SAE features", () => contributions(direction))] : [];
+      return featureCard(direction, meta, viewsOf, { list: cards, notes: true, more });
+    }
+
+    // The SAE features whose composition weighs this direction most, each a link to its card.
+    function contributions(direction) {
+      const box = el("div", "contributions");
+      sae.contributors(direction.key).then((found) => {
+        if (!found.length) box.append(el("p", "empty", "in no feature's 16 largest weights"));
+        else box.append(el("p", "muted", "features whose decoder weighs this direction most"));
+        const list = el("ol", "feature-links");
+        for (const { index, weight } of found) {
+          const item = el("li");
+          const value = el("span", `value ${weight < 0 ? "neg" : "pos"}`, fmt(weight));
+          item.append(featureLink(index), " ", value);
+          list.append(item);
+        }
+        box.append(list);
+      });
+      return box;
+    }
+
+    // A link to an SAE feature: opens its card in the Features view.
+    function featureLink(index, text = `feature ${index}`) {
+      const link = el("a", "feature-link", text);
+      link.href = "#features";
+      link.dataset.feature = String(index);
+      return link;
     }
 
     // A baseline neuron: a direction whose A is a unit vector, without B, siblings or effects.
@@ -183,13 +213,29 @@ const Cards = (() => {
       return featureCard(neuron, meta, viewsOf, { list: neuronCards, notes: false });
     }
 
-    // The card of a direction or of anything shaped like one (a baseline neuron): `meta` its
-    // line under the title, viewsOf(examples) what its tokens can show (the first on at
-    // first); `list` gets the card, and where `notes` is set, the card has a star and a note.
-    function featureCard(direction, meta, viewsOf, { list, notes: withNotes }) {
+    // An SAE feature (>= 0: no negative side, siblings or effects), with its explanation and
+    // `sections` (its composition) under its histogram; it replaces the one drawn before.
+    function saeFeatureView(feature, meta, sections) {
+      for (const card of featureCards) marks.delete(card.key);
+      featureCards = [];
+      const viewsOf = () => [ownView(feature, "feature")];
+      const explanation = { positive: feature.explanation };
+      return featureCard(feature, meta, viewsOf, {
+        list: featureCards, notes: false, explanation, sections,
+      });
+    }
+
+    // The card of a direction or of anything shaped like one (a baseline neuron, an SAE
+    // feature, which has no top_negative): `meta` its line under the title, viewsOf(examples)
+    // what its tokens can show (the first on at first); `list` gets the card, and where `notes`
+    // is set, the card has a star and a note; `explanation` ({positive, negative}) overrides
+    // the run's explanations of its key; `sections` go after its histogram, `more` (collapsed
+    // sections) after its own.
+    function featureCard(direction, meta, viewsOf, options) {
+      const { list, notes: withNotes, explanation: given, sections = [], more = [] } = options;
       const toExample = (row) => Contexts.exampleOf(row, page.example_fields, direction.siblings);
       const positive = direction.top_positive.map(toExample);
-      const negative = direction.top_negative.map(toExample);
+      const negative = (direction.top_negative ?? []).map(toExample);
       const samples = direction.quantile_samples.map((s) => ({
         ...s, examples: s.examples.map(toExample),
       }));
@@ -223,18 +269,22 @@ const Cards = (() => {
       if (views.length > 1) head.append(viewSwitch(views, showView));
       showView(card.view);
 
-      const explanation = explained.get(direction.key) ?? {};
+      const explanation = given ?? explained.get(direction.key) ?? {};
       node.append(
         head,
         cardHistogram(direction, card),
+        ...sections,
         exampleSection("Top positive", positive, card, "pos", undefined, explanation.positive),
-        exampleSection("Top negative", negative, card, "neg", undefined, explanation.negative),
       );
+      if (direction.top_negative) {
+        node.append(
+          exampleSection("Top negative", negative, card, "neg", undefined, explanation.negative));
+      }
       if (direction.effects) {
         meta.after(effectsLine(direction));
         node.append(...attributionSections(direction, views[0], card));
       }
-      node.append(...moreSections(direction, samples, card));
+      node.append(...moreSections(direction, samples, card), ...more);
       return node;
     }
 
@@ -315,7 +365,8 @@ const Cards = (() => {
       const sections = [];
       const add = (title, build) => sections.push(lazySection("more", title, build));
       if (samples.length) add("Quantile samples", () => quantileSamples(samples, card));
-      add("Top and bottom tokens", () => tokenTables(direction));
+      add(direction.bottom_tokens ? "Top and bottom tokens" : "Top tokens",
+        () => tokenTables(direction));
       if (direction.logit_effects) add("Logit effects", () => logitEffects(direction.logit_effects));
       const pinned = direction.effects?.pinned ?? [];
       if (pinned.length) add("Pinned samples", () => pinnedSamples(pinned));
@@ -417,10 +468,10 @@ const Cards = (() => {
       );
       const box = el("div", "pair");
       const seen = `, seen ≥ ${page.metadata.min_token_count}×`;
-      box.append(
-        scroller(table(`highest mean${seen}`, direction.top_tokens)),
-        scroller(table(`lowest mean${seen}`, direction.bottom_tokens)),
-      );
+      box.append(scroller(table(`highest mean${seen}`, direction.top_tokens)));
+      if (direction.bottom_tokens) {
+        box.append(scroller(table(`lowest mean${seen}`, direction.bottom_tokens)));
+      }
       return box;
     }
 
@@ -544,8 +595,8 @@ const Cards = (() => {
       for (const [k, draw] of marks) draw(k === key ? value : null);
     }
 
-    const redrawAll = () => [...cards, ...neuronCards].forEach(redraw);
-    return { layerView, neuronView, redrawAll, tokenTip, mark };
+    const redrawAll = () => [...cards, ...neuronCards, ...featureCards].forEach(redraw);
+    return { layerView, neuronView, saeFeatureView, featureLink, redrawAll, tokenTip, mark };
   }
 
   return { create };

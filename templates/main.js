@@ -3,8 +3,8 @@
 // and a card's collapsed sections are built when first opened, so first paint does not grow
 // with the run. #layer's data-state is "loading" while something is being decoded or drawn,
 // "ready" once it is on screen.
-/* global Cards, Contexts, Data, Dom, Effects, Explanations, Format, Heatmap, Notes, Plots, Search,
-   Tooltip */
+/* global Cards, Contexts, Data, Dom, Effects, Explanations, Features, Format, Heatmap, Notes, Plots,
+   Search, Tooltip */
 (async () => {
   const $ = (id) => document.getElementById(id);
   const { el } = Dom;
@@ -56,7 +56,9 @@
 
   const notesElements = { count: $("notes-count"), status: $("notes-status"), list: $("notes-list") };
   const notes = Notes.create(META, notesElements, directionLink);
-  const cards = Cards.create(page, settings, notes);
+  const sae = page.sae && Features.data(page, store); // runs with --sae: decoded on demand
+  const cards = Cards.create(page, settings, notes, sae);
+  const features = sae && Features.view(sae, cards, { busy, directionLink, strings: page.strings });
   const tooltip = Tooltip.create($("tooltip"), () => cards.mark(null, null));
 
   // ---- layers and navigation ------------------------------------------------------------
@@ -121,6 +123,12 @@
 
   // Heatmap cells and links carry the key of the direction they open.
   document.addEventListener("click", (event) => {
+    const feature = features && event.target.closest?.("[data-feature]");
+    if (feature) {
+      event.preventDefault();
+      features.open(Number(feature.dataset.feature));
+      return;
+    }
     const opener = event.target.closest && event.target.closest("[data-open]");
     if (!opener) return;
     event.preventDefault();
@@ -136,8 +144,9 @@
   }
 
   const tokenAt = (event) => event.target.closest && event.target.closest(".tok");
-  const inCards = (span) => main.contains(span) || neuronBox.contains(span);
-  for (const box of [main, neuronBox]) {
+  const boxes = [main, neuronBox, ...(features ? [features.section] : [])];
+  const inCards = (span) => boxes.some((box) => box.contains(span));
+  for (const box of boxes) {
     box.addEventListener("pointerover", (event) => {
       const span = event.pointerType === "mouse" && tokenAt(event);
       if (span) showTokenTooltip(span);
@@ -173,6 +182,7 @@
     searchIndex ??= Promise.all(OVERVIEW.map((_, i) => layerData(i)))
       .then((layers) => Search.buildIndex(page.strings, layers, page.example_fields));
     const found = (await searchIndex).find(query);
+    const featuresFound = features ? await features.search(query) : [];
     if (searchInput.value !== query) return; // typed on meanwhile
     const explained = Explanations.matching(page.explanations?.features ?? [], query);
     const total = found.reduce((n, f) => n + f.hits.length, 0);
@@ -198,6 +208,7 @@
     }
     results.replaceChildren(el("p", "muted", summary), list);
     if (explained.length) results.append(...explanationResults(explained));
+    results.append(...featuresFound);
     results.dataset.query = query;
   }
 
@@ -340,6 +351,7 @@
     ($("effects") ?? $("overview")).after(Explanations.section(page.explanations));
   }
   if (neuronKeys.size) neuronSection();
+  if (features) (neuronBox.isConnected ? neuronBox : main).after(features.section);
   if (!OVERVIEW.length) {
     main.replaceChildren(el("p", "empty", "This file has no layers."));
     prev.disabled = next.disabled = select.disabled = true;

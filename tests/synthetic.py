@@ -18,6 +18,7 @@ from itertools import pairwise
 from backend.contract import (
     ATTRIBUTION_LISTS,
     CLAMPS,
+    COMPOSITION_SIZE,
     MODULE_ORDER,
     NEURON_SUMMARIES,
     QUANTILE_CUTS,
@@ -88,6 +89,7 @@ def make_activations(
     effects: bool = False,
     explanations: bool = False,
     baseline_neurons: int = 0,
+    sae: int = 0,
 ) -> dict:
     """Build a schema_version 1 activations dict with every field of the format, `samples`
     examples per quantile range.
@@ -147,6 +149,8 @@ def make_activations(
         _add_baseline_neurons(random.Random(f"neurons-{seed}"), data, baseline_neurons, shape)
     if explanations:
         _add_explanations(random.Random(f"explanations-{seed}"), data, hostile_tokens)
+    if sae:
+        _add_sae(random.Random(f"sae-{seed}"), data, sae, shape, explanations)
     return data
 
 
@@ -303,8 +307,8 @@ def _add_summaries(
     )
     direction["quantile_samples"] = [
         _quantile_range(rng, q, f, sign, bounds, shape, tokens)
-        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
         for sign in (1, -1)
+        for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
     ]
     direction["top_tokens"] = _token_table(rng, stats["max"], shape.vocabulary)
     direction["bottom_tokens"] = _token_table(rng, stats["min"], shape.vocabulary)
@@ -627,6 +631,126 @@ def _add_explanations(rng: random.Random, data: dict, hostile: bool) -> None:
     }
 
 
+# --sae: one latent in DEAD_EVERY never fires; the demo explains its most frequent features.
+DEAD_EVERY = 40
+EXPLAINED_FEATURES = 32
+SPARSITY = 0.75  # the share of a feature's context tokens where it is 0
+
+
+def _add_sae(
+    rng: random.Random, data: dict, n_features: int, shape: Shape, explained: bool
+) -> None:
+    """An SAE of `n_features` live latents (and a dead one after every DEAD_EVERY - 1), each
+    summarised as a direction is but >= 0 and sparse in its contexts, composed of
+    COMPOSITION_SIZE random directions of the layers; its own token stream."""
+    tokens = _token_stream(rng, hostile=False)
+    refs = list(iter_directions(data))
+    num_latents = n_features + n_features // (DEAD_EVERY - 1)
+    dead = list(range(DEAD_EVERY - 1, num_latents, DEAD_EVERY))[: num_latents - n_features]
+    live = sorted(set(range(num_latents)) - set(dead))
+    residual = any(writes_residual(ref.module) for ref in refs)
+    features = [_feature(rng, index, refs, shape, tokens, residual) for index in live]
+    if explained:
+        frequent = sorted(features, key=lambda f: -f["frequency"])[:EXPLAINED_FEATURES]
+        for feature in frequent:
+            explanation = _explanation(rng, hostile=False)
+            del explanation["shuffled"]
+            feature["explanations"] = {"positive": explanation}
+    modules = data["metadata"]["modules"]
+    weights = [rng.uniform(0.1, 1.0) for _ in modules]
+    fvu = rng.uniform(0.05, 0.3)
+    data["sae"] = {
+        "num_latents": num_latents,
+        "k": min(16, num_latents - 1),
+        "threshold": rng.uniform(0.01, 0.5),
+        "fvu": fvu,
+        "fvu_heldout": fvu * rng.uniform(1.0, 1.2),
+        "l0": rng.uniform(8, 24),
+        "dead_fraction": len(dead) / num_latents,
+        "num_tokens": shape.num_tokens,
+        "path": "synthetic.sae.safetensors",
+        "features": features,
+        "dead": dead,
+        "error_share": {m: w / sum(weights) for m, w in zip(modules, weights, strict=True)},
+        "training": {
+            "steps": shape.num_tokens // 512,
+            "batch_size": 512,
+            "learning_rate": 5e-4,
+            "seed": 0,
+            "seconds": round(rng.uniform(1, 100), 1),
+        },
+    }
+
+
+def _feature(
+    rng: random.Random, index: int, refs: list, shape: Shape, tokens: Iterator[str], residual: bool
+) -> dict:
+    """One latent: 0 on all but `frequency` of the tokens, its top examples and quantile
+    samples on the positive side only."""
+    k, bins, count = shape.k, shape.bins, shape.num_tokens
+    frequency = 10 ** rng.uniform(-4, -0.5)
+    hi = rng.uniform(0.5, 20.0)
+    edges = [hi * i / bins for i in range(bins)] + [hi]
+    fired = max(bins, round(frequency * count))
+    decay = [math.exp(-3 * i / bins) for i in range(bins)]
+    counts = [max(1, int(fired * w / sum(decay))) for w in decay]
+    counts[0] += count - sum(counts)  # the zeros
+    centers = [(a + b) / 2 for a, b in pairwise(edges)]
+    centers[0] = 0.0
+    mean = sum(c * x for c, x in zip(counts, centers, strict=True)) / count
+    var = sum(c * (x - mean) ** 2 for c, x in zip(counts, centers, strict=True)) / count
+    top = sorted([hi] + [rng.uniform(hi / 2, hi) for _ in range(k - 1)], reverse=True)
+    bounds = (0.0, top[-1])
+    places = _distinct_places(rng, k, shape.num_examples)
+    feature = {
+        "index": index,
+        "frequency": frequency,
+        "stats": {
+            "count": count,
+            "min": 0.0,
+            "max": hi,
+            "mean": mean,
+            "std": math.sqrt(var),
+            "nonfinite": 0,
+        },
+        "histogram": {"edges": edges, "counts": counts},
+        "top_positive": [
+            _example(rng, v, place, shape.window, bounds, tokens)
+            for v, place in zip(top, places, strict=True)
+        ],
+        "quantile_samples": [
+            _quantile_range(rng, q, f, 1, bounds, shape, tokens)
+            for q, f in zip(pairwise(QUANTILES), pairwise(VALUE_FRACTIONS), strict=True)
+        ],
+        "top_tokens": _token_table(rng, hi, shape.vocabulary),
+        "position_profile": _position_profile(rng, {"min": 0.0, "max": hi}, shape.num_examples),
+        "composition": _composition(rng, refs),
+    }
+    for example in iter_examples(feature):  # sparse: mostly 0 around its token
+        values = example["activations"]
+        for j in range(len(values)):
+            if j != example["target"] and rng.random() < SPARSITY:
+                values[j] = 0.0
+    if residual:
+        feature["logit_effects"] = {
+            "top": _logit_effects(rng, 1, shape.vocabulary),
+            "bottom": _logit_effects(rng, -1, shape.vocabulary),
+        }
+    return feature
+
+
+def _composition(rng: random.Random, refs: list) -> list[dict]:
+    """COMPOSITION_SIZE distinct directions (all, where there are fewer) with signed weights,
+    largest |weight| first."""
+    chosen = rng.sample(refs, min(COMPOSITION_SIZE, len(refs)))
+    entries = [
+        {"layer": r.layer, "module": r.module, "component": r.component,
+         "weight": rng.choice((1, -1)) * rng.uniform(0.01, 1.0)}
+        for r in chosen
+    ]  # fmt: skip
+    return sorted(entries, key=lambda e: -abs(e["weight"]))
+
+
 def _explanation(rng: random.Random, hostile: bool) -> dict:
     words = [w.strip() or "space" for w in rng.sample(WORDS, 3)]
     text = HOSTILE_EXPLANATION if hostile else f'"{words[0]}" after {words[1]} and {words[2]}'
@@ -734,12 +858,28 @@ def assert_consistent(data: dict) -> None:
             _assert_within(example["activations"], stats)
             for module, values in example.get("sibling_activations", {}).items():
                 _assert_within(values, siblings[module])
-        for samples in direction["quantile_samples"]:
-            lo, hi = samples["value_range"]
-            assert stats["min"] <= lo <= hi <= stats["max"]
-            assert all(lo <= e["activation"] <= hi for e in samples["examples"])
+        _assert_samples(direction)
         _assert_token_tables(direction, meta)
         _assert_position_profile(direction["position_profile"], stats)
+    for feature in data.get("sae", {}).get("features", []):  # >= 0: positive lists only
+        stats = feature["stats"]
+        assert 0 <= stats["min"] <= stats["mean"] <= stats["max"] and stats["std"] >= 0
+        top = [e["activation"] for e in feature["top_positive"]]
+        assert all(v > 0 for v in top) and top == sorted(top, reverse=True)
+        for example in iter_examples(feature):
+            _assert_within(example["activations"], stats)
+        _assert_samples(feature)
+        _assert_token_tables(feature, meta)
+        _assert_position_profile(feature["position_profile"], stats)
+
+
+def _assert_samples(direction: dict) -> None:
+    """Each quantile range's examples lie within its values, and those within the stats."""
+    stats = direction["stats"]
+    for samples in direction["quantile_samples"]:
+        lo, hi = samples["value_range"]
+        assert stats["min"] <= lo <= hi <= stats["max"]
+        assert all(lo <= e["activation"] <= hi for e in samples["examples"])
 
 
 def _assert_within(values: list[float | None], stats: dict) -> None:

@@ -3,7 +3,6 @@ write magnitude, logit effects, cross-layer cosines, NaN handling) against brute
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 
@@ -13,15 +12,14 @@ import torch
 
 from backend.analysis import token_decoder
 from backend.config import RunConfig
-from backend.contexts import token_keys
 from backend.contract import iter_directions, iter_examples
 from backend.data import iter_sequences, read_rows
 from backend.directions import find_lora_modules
 from backend.generate_activations_data import main
 from backend.output import build_document
 from backend.pipeline import analyze
-from backend.sampling import SAMPLES
 from tests.runs import K, W, load, reference, run_cli
+from tests.test_quantiles import check_direction, windows
 from tests.tiny import save_adapter
 
 
@@ -53,31 +51,19 @@ def flat(values, seqs, key):
 
 
 def test_quantile_samples_are_the_seeded_sample_of_their_range(run):
+    """Exact quantiles per sign, the seeded sample of distinct windows, and each sample's
+    activation and context (the rule's resolution: tests/test_quantiles.py)."""
     doc, values, seqs, _ = run
+    sequences = {s.example_index: list(s.input_ids) for s in seqs}
     for key, direction in directions(doc):
         acts, example, position, _ = flat(values, seqs, key)
-        magnitude, negative = np.abs(acts), np.signbit(acts)
-        keys = token_keys(torch.tensor(example), torch.tensor(position)).numpy()
-        entries = direction["quantile_samples"]
-        ranges = sorted({tuple(e["quantile_range"]) for e in entries})
-        assert ranges[0][0] == 0.0 and ranges[-1][1] == 1.0
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous
-        bottoms = [*sorted({min(abs(v) for v in e["value_range"]) for e in entries}), math.inf]
-        for entry in entries:
+        window = windows(example, position, sequences, W)
+        check_direction(direction["quantile_samples"], acts, example, position, window)
+        for entry in direction["quantile_samples"]:
             lo, hi = entry["value_range"]
-            side = lo < 0 or math.copysign(1, hi) < 0
-            bottom = -hi if side else lo
-            top = bottoms[bottoms.index(bottom) + 1]  # the next range's bottom edge
-            assert entry["quantile_range"][0] == np.mean(magnitude < bottom)
-            inside = (negative == side) & (magnitude >= bottom) & (magnitude < top)
-            expected = np.argsort(np.where(inside, keys, np.iinfo(np.int64).max), kind="stable")
-            expected = expected[: min(SAMPLES, int(inside.sum()))]
-            got = entry["examples"]
-            assert [(e["example_index"], e["token_index"]) for e in got] == [
-                (int(example[i]), int(position[i])) for i in expected
-            ]
-            for e, i in zip(got, expected, strict=True):
-                assert e["activation"] == pytest.approx(float(acts[i]), rel=1e-5, abs=1e-6)
+            for e in entry["examples"]:
+                i = np.flatnonzero((example == e["example_index"]) & (position == e["token_index"]))
+                assert e["activation"] == pytest.approx(float(acts[i[0]]), rel=1e-5, abs=1e-6)
                 assert lo <= e["activation"] <= hi
                 assert e["tokens"] and e["activations"][e["target"]] == e["activation"]
 
