@@ -14,7 +14,7 @@ import pytest
 
 import backend.explain_directions as standalone
 from backend.chat import LocalChat
-from backend.contract import SIGNS, iter_directions, neuron_key
+from backend.contract import SIGNS, feature_key, iter_directions, iter_features, neuron_key
 from backend.explain import SIGN_OF, Settings, _questions, _score
 from backend.features import feature
 from backend.generate_activations_data import main
@@ -23,18 +23,22 @@ from tests.runs import SCRIPT, K, W, load, run_cli, subprocess_env
 
 EXPLAIN = ["--explain", "--baseline-neurons", "2", "--explain-contexts", "4"]
 EXPLAIN += ["--explain-context-tokens", "2"]
+SAE = ["--sae", "--sae-latents", "12", "--sae-k", "2"]  # and its 3 most frequent features
+EXPLAIN += [*SAE, "--explain-features", "3"]
 
 
 def features_of(doc: dict) -> list[tuple[str, dict, str]]:
     """(key, direction or neuron, sign) of every explained feature."""
     items = [(ref.key, ref.direction) for ref in iter_directions(doc)]
     items += [(neuron_key(n["layer"], n["neuron"]), n) for n in doc["baseline_neurons"]]
+    items += [(feature_key(f["index"]), f) for f in iter_features(doc)]
     return [(key, item, sign) for key, item in items for sign in item.get("explanations", {})]
 
 
 def without_time(doc: dict) -> dict:
     doc = copy.deepcopy(doc)
     del doc["metadata"]["created_at"], doc["explanations"]["seconds"]
+    del doc["sae"]["training"]["seconds"]
     return doc
 
 
@@ -69,7 +73,7 @@ def test_every_direction_and_neuron_sign_is_explained_and_scored(explained, qwen
         "bootstrap_resamples": 1000,
         "seed": 0,
     }
-    assert set(run["summary"]) == {"lora", "neurons", "shuffled", "lora_minus_neurons"}
+    assert set(run["summary"]) == {"lora", "neurons", "shuffled", "lora_minus_neurons", "sae"}
     features = features_of(doc)
     # One explanation per feature, then every detection and fuzzing question, own and shuffled.
     questions = sum(
@@ -127,11 +131,12 @@ def test_the_standalone_step_explains_a_written_file_alike(
     _, doc = explained
     plain = run_cli(
         tmp_path, qwen2_base, rank1_adapter, text_file, "--baseline-neurons", "2",
-        "--below-median-contexts", "4",
+        "--below-median-contexts", "4", *SAE,
     )  # fmt: skip
     assert "explanations" not in plain
     data, out = tmp_path / "out.json", tmp_path / "explained.json"
     options = ["--explain-contexts", "4", "--explain-context-tokens", "2", "--quiet"]
+    options += ["--explain-features", "3"]
     assert standalone.main(["--data", str(data), "--output", str(out), *options]) == 0
     written = json.loads(out.read_text())
     assert [(k, s, i["explanations"][s]) for k, i, s in features_of(written)] == [
@@ -193,6 +198,26 @@ def test_a_missing_key_variable_is_one_line(tmp_path, qwen2_base, rank1_adapter,
     assert err == [
         "error: the environment variable LORA_TEST_NO_SUCH_KEY (the endpoint's key) is not set"
     ]
+
+
+def test_the_most_frequent_sae_features_are_explained_and_summarised(explained):
+    _, doc = explained
+    features = doc["sae"]["features"]
+    ranked = sorted(features, key=lambda f: (-f["frequency"], f["index"]))
+    explained_ = [f["index"] for f in features if "explanations" in f]
+    assert explained_ == sorted(f["index"] for f in ranked[:3])
+    for f in features:
+        if "explanations" in f:
+            entry = f["explanations"]["positive"]
+            assert set(f["explanations"]) == {"positive"} and isinstance(entry["text"], str)
+            assert entry["detection"]["n"] > 0 and "shuffled" not in entry
+    group = doc["explanations"]["summary"]["sae"]
+    scores = [f["explanations"]["positive"]["detection"]["score"] for f in features
+              if "explanations" in f]  # fmt: skip
+    assert group["detection"]["n"] == len([s for s in scores if s is not None])
+    assert group["detection"]["mean"] == pytest.approx(
+        sum(s for s in scores if s is not None) / group["detection"]["n"]
+    )
 
 
 def test_as_many_non_activating_contexts_as_activating(explained):
