@@ -1,5 +1,7 @@
 # `make demo`: the whole pipeline on the embedded SmolLM2 + the committed rank-1 adapter; its
-# causal effects on 2 rows of 256 tokens only (each costs about half a forward per ablation).
+# causal effects on 2 rows of 256 tokens only (each costs about half a forward per ablation);
+# an SAE of the adapter state at 4 times the study's learning rate (its few tokens make few
+# steps), the 32 most frequent of its features explained.
 # `make test`: every test; `make lint`: ruff and eslint. They create .venv (and node_modules, for
 # eslint, from package-lock.json) and install what they need.
 PYTHON ?= python3
@@ -38,6 +40,7 @@ demo: $(VENV)/.installed
 		--num-examples all --store-sequences \
 		--effects 2 --effects-max-length 256 \
 		--explain --baseline-neurons 1 --explain-contexts 3 --explain-context-tokens 3 \
+		--sae --sae-lr 0.002 --explain-features 32 \
 		--output backend/activations_data.json
 	$(BIN)/python generate_html_dashboard.py \
 		--data backend/activations_data.json \
