@@ -80,7 +80,7 @@ def parts(state, w, config) -> dict[str, float]:
 
 def child(args: argparse.Namespace) -> None:
     """A run with --sae over `--scale` times the data, lazily; prints its peak RSS."""
-    spec = size(args.model, quick=False, device="cpu")
+    spec = size(args.model, quick=args.quick, device="cpu")
     w = build_model(args.model, spec, torch.device("cpu"), None)
     rows = Lazily(lambda: token_rows(stream_sequences(w.name, spec, args.scale, spec.memory)))
     with tempfile.TemporaryDirectory() as scratch:
@@ -93,7 +93,7 @@ def child(args: argparse.Namespace) -> None:
 
 def memory(args: argparse.Namespace, scale: int) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--scale", str(scale)]
-    command += ["--model", args.model]
+    command += ["--model", args.model] + (["--quick"] if args.quick else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the {scale}x memory run failed:\n{done.stderr[-3000:]}")
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="deep-narrow", choices=["deep-narrow"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="the workload's smallest size")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the 1x/4x RAM runs")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(args)
         return 0
-    spec = size(args.model, quick=False, device="cpu")
+    spec = size(args.model, quick=args.quick, device="cpu")
     w = build_model(args.model, spec, torch.device("cpu"), None)
     w.sequences = list(stream_sequences(args.model, spec))
     w.rows = list(token_rows(w.sequences))

@@ -142,6 +142,21 @@ def test_page_benchmark_reports_every_figure(tmp_path):
         assert all(math.isfinite(page[t]) and page[t] > 0 for t in times)
 
 
+def test_sae_benchmark_reports_every_figure(tmp_path):
+    """benchmarks/bench_sae.py's smallest run: each figure is there (none checked against a
+    time: on a shared machine it says nothing)."""
+    report = tmp_path / "sae.json"
+    run(sys.executable, "benchmarks/bench_sae.py", "--quick", "--repeats", "1", "--threads",
+        "1", "--json", report, timeout=600)  # fmt: skip
+    found = json.loads(report.read_text())
+    assert found["directions"] == 144 and found["latents"] == 8 * 144 and found["tokens"] > 0
+    assert found["pass_seconds"] > 0 and found["with_sae_seconds"] > 0
+    assert set(found["parts_seconds"]) == {"training", "quality", "features"}
+    assert all(v > 0 for v in found["parts_seconds"].values())
+    memory = found["memory"]
+    assert memory["4"]["tokens"] == 4 * memory["1"]["tokens"] and memory["ratio_4x"] > 0
+
+
 def test_benchmark_quick_run_reports_every_figure(tmp_path):
     """benchmarks/bench_pipeline.py's smallest run, every part of it (the tracker alone, the
     pipeline, the floor, the seed, the memory runs in their own processes): its report has
