@@ -31,7 +31,7 @@ SCRIPTS = {
 
 def run(*command: str | Path, timeout: float = 300) -> str:
     """stdout of a command that must succeed, run from the repo root, its --help unwrapped."""
-    env = {**os.environ, "COLUMNS": "1000", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "COLUMNS": "100000", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [str(c) for c in command], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=timeout,
