@@ -151,7 +151,7 @@ def test_sae_benchmark_reports_every_figure(tmp_path):
     found = json.loads(report.read_text())
     assert found["directions"] == 144 and found["latents"] == 8 * 144 and found["tokens"] > 0
     assert found["pass_seconds"] > 0 and found["with_sae_seconds"] > 0
-    assert set(found["parts_seconds"]) == {"training", "quality", "features"}
+    assert set(found["parts_seconds"]) == {"cache writes", "training", "quality", "features"}
     assert all(v > 0 for v in found["parts_seconds"].values())
     memory = found["memory"]
     assert memory["4"]["tokens"] == 4 * memory["1"]["tokens"] and memory["ratio_4x"] > 0
