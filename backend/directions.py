@@ -132,6 +132,16 @@ def top_logits(
     return logits.topk(n, dim=1), logits.topk(n, dim=1, largest=False)
 
 
+def readout(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(unembedding [V, hidden], final norm's weight [hidden]) through which a residual-stream
+    write is read as logits; None where the model has no final norm with a weight."""
+    norm = getattr(model.get_base_model().get_decoder(), "norm", None)
+    unembed = model.get_output_embeddings()
+    if unembed is None or getattr(norm, "weight", None) is None:
+        return None
+    return unembed.weight.detach(), norm.weight.detach()
+
+
 def logit_effects(model: nn.Module, modules: list[LoraModule], n: int) -> dict[str, list[dict]]:
     """For each module writing into the residual stream, per component: the n token ids whose
     logits its write vector B raises most and lowers most, read through the final norm's weight
@@ -142,13 +152,12 @@ def logit_effects(model: nn.Module, modules: list[LoraModule], n: int) -> dict[s
     "bottom": [...]}, ...]}; empty when the model has no final norm with a weight.
     """
     writers = [m for m in modules if writes_residual(m.module)]
-    norm = getattr(model.get_base_model().get_decoder(), "norm", None)
-    unembed = model.get_output_embeddings()
-    if not writers or unembed is None or getattr(norm, "weight", None) is None:
+    found = readout(model)
+    if not writers or found is None:
         return {}
-    weight = unembed.weight.detach()  # [V, hidden]
+    weight, gain = found
     b = torch.cat([m.B.detach().to(weight.device, torch.float32) for m in writers], 1)  # [h, R]
-    top, bottom = top_logits(weight, norm.weight.detach(), b.T, n)
+    top, bottom = top_logits(weight, gain, b.T, n)
     effects, row = {}, 0
     for m in writers:
         effects[m.name] = [

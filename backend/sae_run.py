@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from backend.adapter_cache import CacheReader, CacheWriter, check_disk, remove_cache
 from backend.config import RunConfig
-from backend.directions import find_lora_modules
+from backend.directions import find_lora_modules, readout
 from backend.loading import input_device
 from backend.sae import SAE, Training, check_options, evaluate, input_scale, load_sae, train_sae
 from backend.sae_features import Writes, residual_writes, sweep_features
@@ -159,13 +159,10 @@ def train(
 def writes(model: nn.Module, labels: list[dict[str, Any]], config: RunConfig) -> Writes | None:
     """What the features' residual writes and their logit effects are made of (None where no
     direction writes the residual stream, or the model has no final norm to read them by)."""
-    found = residual_writes(find_lora_modules(model), labels)
-    norm = getattr(model.get_base_model().get_decoder(), "norm", None)
-    unembed = model.get_output_embeddings()
-    if found is None or unembed is None or getattr(norm, "weight", None) is None:
+    found, read = residual_writes(find_lora_modules(model), labels), readout(model)
+    if found is None or read is None:
         return None
-    weight = unembed.weight.detach()
-    return Writes(*found, weight, norm.weight.detach(), config.logit_tokens)
+    return Writes(*found, *read, config.logit_tokens)
 
 
 def section(sae: SAE, path: Path) -> dict[str, Any]:
