@@ -23,11 +23,12 @@ from collections.abc import Callable
 
 import torch
 
-from backend.contexts import EMPTY, BatchTokens, Example, token_keys, unpack
+from backend.contexts import EMPTY, BatchTokens, Example, unpack
 from backend.summaries import Shape, Summary
 
 EMPTY_SLOT = (EMPTY, -1, -1, 0)  # meta of an empty slot: key, example, position, window key
-# contexts(i) of the candidates i [E]: their window ids [E, C] and activations [E, D, C]
+# contexts(i) of the candidates i [E]: their window ids [E, C] and activations, in the form the
+# keeper stores them (here [E, D, C])
 Contexts = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -61,7 +62,7 @@ class Reservoir(Summary):
         return self.meta[:, 0].max()
 
     def update(self, batch: BatchTokens) -> None:
-        key = token_keys(batch.example, batch.position)  # [N]
+        key = batch.key  # [N]
         # After the first batches almost no key passes: the test on [N] keys is all the work.
         passing = (key < self.limit).nonzero().squeeze(1)  # [M] (a host sync)
         if len(passing) == 0:
@@ -78,16 +79,9 @@ class Reservoir(Summary):
         self._keep(meta, lambda i: self._windows(batch, passing[i]))
 
     def _windows(self, batch: BatchTokens, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The windows of real tokens n [E]: ids [E, C] and every direction's acts [E, D, C] (a
-        view of [D, E, C]: gathered direction by direction, stored token by token)."""
-        ids, _, _ = batch.contexts(torch.zeros_like(n), n)  # [E, C], -1 outside the sequence
-        w = self.shape.window
-        offsets = torch.arange(-w, w + 1, device=n.device)
-        at = (batch.real[n, None] + offsets).clamp_(0, batch.acts.shape[1] - 1)  # [E, C]
-        acts = batch.acts.index_select(1, at.flatten()).view(-1, *at.shape)  # [D, E, C]
-        # Outside the sequence the batch holds other rows' tokens, or padding: zeros instead,
-        # so that the state does not depend on how the rows were batched.
-        return ids, acts.masked_fill_(ids < 0, 0.0).transpose(0, 1)
+        """The windows of real tokens n [E]: ids [E, C] and every direction's acts [E, D, C]."""
+        every = torch.arange(self.shape.num_directions, device=n.device)
+        return batch.windows(every.expand(len(n), -1), n)
 
     def _keep(self, meta: torch.Tensor, contexts: Contexts) -> None:
         """Keep the K distinct windows of smallest key among the kept ones and the candidates

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from backend.contexts import EMPTY, BatchTokens, token_keys, unpack
+from backend.contexts import EMPTY, BatchTokens, unpack
 from backend.contract import QUANTILE_CUTS
-from backend.reservoir import Reservoir
+from backend.reservoir import Contexts, Reservoir
 from backend.summaries import Exporter, Shape, Summary, occurrences
 
 SAMPLES = 2  # windows kept per bucket, and shown per range
@@ -73,8 +73,8 @@ class QuantileSamples(Summary):
       example index, position and window key;
     - slot [rows, SAMPLES] int64: where in the pool its context lies;
     - the pool, one entry per slot: ids [R*SAMPLES, C] int32 (the window's token ids, -1 outside
-      the sequence) and floats [R*SAMPLES, 1 + C + S*C] (the activation, the window's
-      activations, and its S siblings' activations there);
+      the sequence) and floats [R*SAMPLES, (1 + S) * C] (the window's activations, the token's
+      own in the middle, then its S siblings' activations there);
     - with Shape.below_median, a Reservoir (backend.reservoir) of RESERVOIR_PER_CONTEXT windows
       per context shown, from which each sign's lowest range takes its samples where it has
       more.
@@ -97,7 +97,7 @@ class QuantileSamples(Summary):
         self.meta = self._empty_meta(rows)
         self.slot = torch.arange(rows * SAMPLES, device=device).view(rows, SAMPLES)
         self.ids = torch.full((rows * SAMPLES, c), -1, dtype=torch.int32, device=device)
-        self.floats = torch.zeros(rows * SAMPLES, 1 + c + s * c, device=device)
+        self.floats = torch.zeros(rows * SAMPLES, (1 + s) * c, device=device)
         self.shift = torch.zeros(d, 2, dtype=torch.long, device=device)
         self.start = torch.zeros(d, 2, dtype=torch.long, device=device)
         self.low = torch.full((d, 2), MAGNITUDE, dtype=torch.long, device=device)
@@ -205,11 +205,14 @@ class QuantileSamples(Summary):
 
     def _move(self, firsts: torch.Tensor, size: int, target: torch.Tensor) -> None:
         """Rebuild the blocks of `size` grid rows that start at rows `firsts`, each row's slots
-        going to row target[row]."""
+        going to row target[row]: the blocks are emptied, and their slots admitted again."""
         rows = (firsts[:, None] + torch.arange(size, device=firsts.device)).flatten()
-        none = torch.empty(0, dtype=torch.long, device=rows.device)
-        moved = target[rows].repeat_interleave(SAMPLES)
-        self._rebuild(rows, moved, none, self._empty_meta(0)[:, 0], None, None)
+        slots = self.meta.index_select(0, rows).flatten(0, 1)  # [rows * SAMPLES, 4]
+        ref = self.slot.index_select(0, rows).flatten()
+        valid = slots[:, 0] < EMPTY
+        row, slots, ref = target[rows].repeat_interleave(SAMPLES)[valid], slots[valid], ref[valid]
+        self.meta.index_copy_(0, rows, self._empty_meta(len(rows)))
+        self._admit(row, slots, lambda i: (self.ids[ref[i]], self.floats[ref[i]]))
 
     def _fit(self, low: torch.Tensor, high: torch.Tensor, shift: torch.Tensor) -> None:
         """Extend the extremes to low, high [D, 2]; refit the grid (no finer than `shift`) and
@@ -234,20 +237,23 @@ class QuantileSamples(Summary):
         low, high = self._extremes(row, batch)
         if bool(((low < self.low) | (high > self.high)).any()):  # else the grid stays
             self._fit(low, high, self.shift)
-        # Each token's row: its bucket, the fold's below the grid (and for non-finite tokens,
-        # which are counted with weight 0 and never sampled, the top's), in its sign's rows.
+        # Each token's row: its bucket, the fold's below the grid, in its sign's rows. The grid
+        # holds the largest |x| (just fitted), so only the fold clamps (a clamp to both bounds
+        # costs several times one to a lower bound). A non-finite token is counted with weight
+        # 0 and never sampled, in its direction's first row.
         # In place: each pass over [D, N] that allocates costs twice one that does not.
         shift, start, base = (t[:, :1].int() for t in (self.shift, self.start, self.base))
-        row.bitwise_right_shift_(shift).clamp_(start, start + BUCKETS - 1)
+        row.bitwise_right_shift_(shift).clamp_(min=start)
         row += base - start
         row.sub_(bits >> 31, alpha=BUCKETS)  # bits >> 31 is -1 on a negative
         if batch.all_finite:
             per_row = occurrences(row, self.counts.numel(), torch.long)
         else:
+            row = row.where(batch.finite, base)
             per_row = torch.zeros(self.counts.numel(), dtype=torch.long, device=x.device)
             per_row.index_add_(0, row.flatten(), batch.finite.flatten().long())
         self.counts += per_row.view_as(self.counts)
-        key = token_keys(batch.example, batch.position)  # [N]
+        key = batch.key  # [N]
         n = key.shape[0]
         # Only a token whose key beats the largest kept key of its bucket can enter it (a token
         # of a kept window with a larger key cannot replace it either): after the first batches
@@ -290,13 +296,10 @@ class QuantileSamples(Summary):
         )  # [M, 4]
 
         def contexts(i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            d, n = direction[i], token[i]
-            ids, acts, siblings = batch.contexts(d, n)  # acts[:, W]: the token's own
-            w = self.shape.window
-            return ids, torch.cat([acts[:, w : w + 1], acts, siblings.flatten(1)], 1)
+            ids, acts = batch.contexts(direction[i], token[i])  # acts [M, 1 + S, C]
+            return ids, acts.flatten(1)
 
-        rows = self._touched(row)
-        self._rebuild(rows, rows.repeat_interleave(SAMPLES), row, meta, None, contexts)
+        self._admit(row, meta, contexts)
 
     @staticmethod
     def _extremes(magnitude: torch.Tensor, batch: BatchTokens):
@@ -315,50 +318,55 @@ class QuantileSamples(Summary):
         high = torch.stack([bits(hi).where(hi >= 0, -1), bits(lo).where(lo <= 0, -1)], 1)
         return low, high
 
-    def _touched(self, row: torch.Tensor) -> torch.Tensor:
-        """The distinct rows of `row`, sorted (a mask over all rows: no sort)."""
-        mask = torch.zeros(self.meta.shape[0], dtype=torch.bool, device=row.device)
-        return mask.index_fill_(0, row, True).nonzero().squeeze(1)
+    def _admit(self, row: torch.Tensor, meta: torch.Tensor, contexts: Contexts) -> None:
+        """Admit candidates, in rows `row` [M] with meta [M, 4], to the rows' slots: each row
+        keeps the SAMPLES windows of smallest key among its slots and its candidates, each
+        window at its token of smallest key (a slot before a candidate of the same key: a token
+        fed twice stays). contexts(i) gives candidates i's ids and floats in the pool's form,
+        read for the entering ones only.
 
-    def _rebuild(self, rows, target, row, meta, ref, contexts) -> None:
-        """Refill `rows` [T] (sorted, unique) from their slots and candidates, each row with the
-        SAMPLES windows of smallest key, every window at its token of smallest key.
-
-        target [T * SAMPLES]: the row (among `rows`, -1: none) that each current slot goes to
-        (a regrid moves them); row [M], meta [M, 4]: the candidates; ref [M] each candidate's
-        pool entry in a merged summary (None: candidate i itself), and contexts(refs) their
-        ids and floats in the pool's form (None: there are no candidates).
+        A row's candidates are first ranked on their own (`_best`); its slots are SAMPLES
+        distinct windows already, so its kept windows are among theirs and those ranked: a
+        sort of 2 * SAMPLES entries a row. A kept slot keeps its pool entry; an entering
+        candidate takes that of a slot that leaves (as many of one as of the other).
         """
-        old = self.meta.index_select(0, rows).flatten(0, 1)  # [T * SAMPLES, 4]
-        pool = self.slot.index_select(0, rows).flatten()  # [T * SAMPLES]
-        valid = (old[:, 0] < EMPTY) & (target >= 0)
-        place = torch.arange(len(pool), device=pool.device)
-        candidates = torch.arange(len(row), device=pool.device) if ref is None else ref
-        where = torch.cat([target[valid], row])  # [E] each entry's row
-        meta = torch.cat([old[valid], meta])  # [E, 4]
-        source = torch.cat([place[valid], -1 - candidates])  # >= 0: a slot; < 0: a candidate
-        among = torch.full((self.meta.shape[0],), -1, dtype=torch.long, device=rows.device)
-        among[rows] = torch.arange(len(rows), device=rows.device)
-        at = among.index_select(0, where)  # [E] each entry's row among `rows` (no sort)
+        mask = torch.zeros(self.meta.shape[0], dtype=torch.bool, device=row.device)
+        rows = mask.index_fill_(0, row, True).nonzero().squeeze(1)  # [T] touched, sorted
+        among = torch.empty(self.meta.shape[0], dtype=torch.long, device=row.device)
+        among[rows] = torch.arange(len(rows), device=row.device)
+        at = among.index_select(0, row)  # [M] each candidate's row among `rows` (no sort)
         best, rank = self._best(at, meta, len(rows))
-        at, meta, source = at[best], meta[best], source[best]
-        new_meta = self._empty_meta(len(rows))
-        new_meta[at, rank] = meta
-        # Kept slots keep their pool entries; the others' entries go to entering candidates
-        # and to empty slots: as many of one as of the other.
-        new_pool = torch.full((len(rows), SAMPLES), -1, dtype=torch.long, device=pool.device)
-        kept = source >= 0
-        new_pool[at[kept], rank[kept]] = pool[source[kept]]
-        used = torch.zeros_like(valid)
-        used[source[kept]] = True
-        holes = (new_pool < 0).nonzero(as_tuple=True)
-        new_pool[holes] = pool[~used]
+        chosen = torch.full((len(rows), SAMPLES), -1, dtype=torch.long, device=row.device)
+        chosen[at[best], rank] = best  # [T, SAMPLES] each row's ranked candidates (-1: none)
+        ranked = meta.index_select(0, chosen.clamp(min=0).flatten()).view(len(rows), SAMPLES, 4)
+        ranked[chosen < 0] = ranked.new_tensor(self.EMPTY_SLOT)
+        entries = torch.cat([self.meta.index_select(0, rows), ranked], 1)  # [T, 2 * SAMPLES, 4]
+        # By key (stable: slots first), then per row the first entry of each new window.
+        order = entries[..., 0].argsort(dim=1, stable=True)  # [T, 2 * SAMPLES]
+        window = entries[..., 3].gather(1, order)
+        fresh = (entries[..., 0].gather(1, order) < EMPTY).clone()
+        picks = []
+        for _ in range(SAMPLES):
+            first = fresh.int().argmax(1)  # the first fresh entry (0 where none is)
+            found = fresh.gather(1, first[:, None]).squeeze(1)
+            picks.append(order.gather(1, first[:, None]).squeeze(1).where(found, -1))
+            fresh &= window != window.gather(1, first[:, None])
+        pick = torch.stack(picks, 1)  # [T, SAMPLES] entry kept in each slot, -1: empty
+        new_meta = entries.gather(1, pick.clamp(min=0)[..., None].expand(-1, -1, 4))
+        new_meta[pick < 0] = new_meta.new_tensor(self.EMPTY_SLOT)
+        pool = self.slot.index_select(0, rows)  # [T, SAMPLES]
+        kept = (pick >= 0) & (pick < SAMPLES)  # a slot that stays, with its pool entry
+        new_pool = pool.gather(1, pick.clamp(0, SAMPLES - 1))
+        stays = (pick[..., None] == torch.arange(SAMPLES, device=pick.device)).any(
+            1
+        )  # [T, SAMPLES]
+        new_pool[~kept] = pool[~stays]  # row by row, as many of one as of the other
         self.meta.index_copy_(0, rows, new_meta)
         self.slot.index_copy_(0, rows, new_pool)
-        entering = ~kept
-        if contexts is not None and bool(entering.any()):
-            free = new_pool[at[entering], rank[entering]]
-            ids, floats = contexts(-1 - source[entering])
+        entering = pick >= SAMPLES
+        if bool(entering.any()):
+            free = new_pool[entering]
+            ids, floats = contexts(chosen.gather(1, (pick - SAMPLES).clamp(min=0))[entering])
             self.ids.index_copy_(0, free, ids.to(self.ids.dtype))
             self.floats.index_copy_(0, free, floats)
 
@@ -415,11 +423,8 @@ class QuantileSamples(Summary):
         slots = other.meta.flatten(0, 1)  # [R * SAMPLES, 4]
         row = torch.cat([target, tail_target]).repeat_interleave(SAMPLES)
         valid = (slots[:, 0] < EMPTY) & (row >= 0)
-        row = row[valid]
-        rows = self._touched(row)
         ref = other.slot.flatten()[valid]
-        contexts = lambda i: (other.ids[i], other.floats[i])  # noqa: E731
-        self._rebuild(rows, rows.repeat_interleave(SAMPLES), row, slots[valid], ref, contexts)
+        self._admit(row[valid], slots[valid], lambda i: (other.ids[ref[i]], other.floats[ref[i]]))
 
     # ------------------------------------------------------------------ export
 
@@ -542,13 +547,13 @@ class QuantileSamples(Summary):
                 windows.add(window)
         chosen_t = torch.tensor(chosen, dtype=torch.long)
         meta, pool = meta[chosen_t], pool[chosen_t]
-        floats, c = self.floats[pool], self.ids.shape[1]
+        acts = self.floats[pool].unflatten(1, (-1, self.ids.shape[1]))  # [m, 1 + S, C]
         return unpack(
-            floats[:, 0],
+            acts[:, 0, self.shape.window],
             meta[:, 1],
             meta[:, 2],
             self.ids[pool],
-            floats[:, 1 : 1 + c],
-            floats[:, 1 + c :].unflatten(1, (-1, c)),
+            acts[:, 0],
+            acts[:, 1:],
             siblings,
         )

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 CPU = torch.device("cpu")
 FORMAT = "lora-activations-state"
+# 9: quantile samples keep each window's activations once, windows zero outside the sequence;
 # 8: the SAE's cache and results (--sae); 7: below-median contexts (the reservoir);
 # 6: baseline neurons; 5: the effects (--effects); 4: top-k windows keep their keys
-VERSION = 8
+VERSION = 9
 COUNTERS = ("num_examples", "num_tokens", "num_truncated", "num_skipped_rows")
 # Every process and shard reads all the rows, so each counts all skipped ones: these are not
 # summed when states merge.

@@ -405,13 +405,13 @@ class TopK(Summary):
 
         def entering(side: torch.Tensor, d: torch.Tensor, j: torch.Tensor) -> dict:
             n = token[side, d, j]
-            ids, acts, siblings = batch.contexts(d, n)
+            ids, acts = batch.contexts(d, n)  # acts [M, 1 + S, C]: the direction's, siblings'
             return {
                 "example": batch.example[n],
                 "position": batch.position[n],
                 "ids": ids,
-                "acts": acts,
-                "siblings": siblings,
+                "acts": acts[:, 0],
+                "siblings": acts[:, 1:],
                 "key": key[side, d, j],
             }
 

@@ -58,7 +58,9 @@ def test_the_cache_holds_peft_activations_and_the_quality_is_the_saved_sae_s(
             for r, p in zip(rows, tokens.position, strict=True)
         ]
     )
-    assert tokens.x.numpy() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    # Another forward pass, so equal up to rounding: 1e-5 of each direction's largest |value|.
+    tolerance = 1e-5 * np.abs(expected).max(0) + 1e-6  # [D]
+    assert (np.abs(tokens.x.numpy() - expected) <= tolerance).all()
     # The reported figures are the saved SAE's on those tokens, computed by hand.
     assert (sae_doc["num_latents"], sae_doc["k"]) == (20, 3)
     assert sae_doc["threshold"] == pytest.approx(float(sae.threshold), rel=1e-7)
