@@ -3,10 +3,13 @@
 Every token gets a pseudo-random key from (example index, position) alone, distinct for distinct
 tokens. Per direction and sign, |activation| falls into BUCKETS buckets of an adaptive grid over
 the integer bit pattern of the float32 |x| (in |x| order): bucket = (bits >> shift) - start. The
-grid covers the sign's occupied span, from its least |x| (or from 2**-FOLD_OCTAVES times its
-largest, whichever is higher: everything below folds into the bottom bucket) to its largest; when
-the span outgrows the grid, the shift rises and adjacent buckets merge, as the histogram coarsens.
-The grid is a function of the data's extremes alone, so every split of a run ends on the same one.
+grid's shift is the least that spans the sign's occupied range, from its least |x| (or from
+2**-FOLD_OCTAVES times its largest, whichever is higher) to its largest; when the range outgrows
+the grid, the shift rises and adjacent buckets merge, as the histogram coarsens. The grid reaches
+down from the largest |x| as far as its buckets do (everything below folds into the bottom
+bucket), so that it moves only when the largest |x| rises by ALIGN buckets or the shift rises, not
+with each new least |x|. It is a function of the data's extremes alone, so every split of a run
+ends on the same one.
 A second window, the tail, bins at least the top half-octave below the largest |x| finer
 (TAIL_BUCKETS buckets of 2**TAIL_SHIFT bits); above the first grid edge inside it, the export
 uses its buckets instead.
@@ -42,7 +45,7 @@ SAMPLES = 2  # windows kept per bucket, and shown per range
 PER_OCTAVE = 8
 FOLD_OCTAVES = 20  # |x| below 2**-20 times the sign's largest folds into the bottom bucket
 # The grid's start is a multiple of ALIGN buckets, so that it moves (a rebuild of every row of the
-# direction) only when the least |x| falls by ALIGN buckets, not at each new least |x|.
+# direction) only when the largest |x| rises by ALIGN buckets, not at each new largest |x|.
 ALIGN = 16
 BUCKETS = PER_OCTAVE * FOLD_OCTAVES + 1 + ALIGN  # per sign: the span, and spare for its alignment
 OCTAVE = 1 << 23  # a float32's bit pattern grows by 2**23 per octave
@@ -126,8 +129,10 @@ class QuantileSamples(Summary):
         Both signs of a direction share it (one shift and start per token row: a third of the
         work of one per sign), and so both columns of low, shift and start are equal. Its span,
         top - max(low, top - FOLD), only grows with the data, and its shift is the least with
-        span >> shift <= BUCKETS - 1 - ALIGN (so the start, aligned down to a multiple of ALIGN,
-        fits): the shift reached is the same whatever order the data came in.
+        span >> shift <= BUCKETS - 1 - ALIGN: the shift reached is the same whatever order the
+        data came in. Its start lies BUCKETS - ALIGN buckets below the top's, aligned down to a
+        multiple of ALIGN: at or below the span's bottom bucket, and the top's bucket within
+        the grid.
         """
         top = high.amax(1, keepdim=True).expand_as(high)
         bottom = torch.maximum(low, top - FOLD_OCTAVES * OCTAVE)
@@ -136,12 +141,13 @@ class QuantileSamples(Summary):
         needed = ((span[..., None] >> powers) > BUCKETS - 1 - ALIGN).sum(-1)  # the least that fits
         new_shift = torch.maximum(shift, needed)
         seen = low <= top
-        new_start = torch.where(seen, (bottom.clamp(min=0) >> new_shift) & -ALIGN, self.start)
+        lowest = ((top >> new_shift) - (BUCKETS - ALIGN)).clamp(min=0) & -ALIGN
+        new_start = torch.where(seen, lowest, self.start)
         return torch.where(seen, new_shift, shift), new_start
 
     def _buckets_to(self, shift: torch.Tensor, start: torch.Tensor, new_shift, new_start):
-        """[D * 2 * BUCKETS]: the row that each row of grid (shift, start) falls into on the
-        coarser grid (new_shift, new_start), where new_start >> ... covers the old bottom."""
+        """[D * 2 * BUCKETS]: the row that each row of grid (shift, start) falls into on the grid
+        (new_shift >= shift, new_start): rows below the new grid fold into its bottom row."""
         j = torch.arange(BUCKETS, device=shift.device)
         code = (start[..., None] + j) >> (new_shift - shift)[..., None]  # [D, 2, BUCKETS]
         bucket = (code - new_start[..., None]).clamp_(0, BUCKETS - 1)
@@ -150,18 +156,12 @@ class QuantileSamples(Summary):
     def _regrid(self, new_shift: torch.Tensor, new_start: torch.Tensor) -> None:
         """Move counts and samples onto the new grid (merging buckets), where it changed."""
         changed = (new_shift != self.shift) | (new_start != self.start)  # [D, 2], equal columns
-        # A start that only moves down shifts each row up whole: no two rows meet. (The usual
-        # change once the extremes are known: the least |x| of a sign that folds nothing.)
-        down = changed & (new_shift == self.shift) & (new_start < self.start)
-        rest = changed & ~down
-        if bool(rest.any()):
-            shift, start = new_shift.where(rest, self.shift), new_start.where(rest, self.start)
-            target = self._buckets_to(self.shift, self.start, shift, start)  # others stay
+        if bool(changed.any()):  # the start only rises (with the top) or the shift does
+            target = self._buckets_to(self.shift, self.start, new_shift, new_start)  # others stay
             counts = torch.zeros_like(self.counts).view(-1)
             counts.index_add_(0, target, self.counts.flatten())
             self.counts = counts.view_as(self.counts)
-            self._move(self.base[rest], BUCKETS, target)
-        self._roll(self.base[down], BUCKETS, (self.start - new_start)[down], self.counts, 0)
+            self._move(self.base[changed], BUCKETS, target)
         self.shift, self.start = new_shift, new_start
 
     @staticmethod
