@@ -167,19 +167,16 @@ def qwen_explained(tmp_path_factory) -> Rendered:
     return rendered(tmp_path_factory.mktemp("qwen-explained"), data)
 
 
-def test_a_full_size_page_with_explanations_and_neurons_stays_small_and_quick(
-    open_page, qwen_explained
-):
+def test_a_full_size_page_with_explanations_and_neurons_stays_small(open_page, qwen_explained):
     """The explanations add little (in the index, once), the neurons about what their cards'
     examples take (decoded when their section is opened); the table is built when opened.
-    (The same shape without either: test_qwen_32b_shaped_run_is_under_5_mb.)"""
+    (The same shape without either: test_qwen_32b_shaped_run_is_under_5_mb; how fast such a
+    page draws: benchmarks/bench_page.py, not a timed test.)"""
     assert qwen_explained.path.stat().st_size < 6_000_000
     explanations = dashboard.compact_data(qwen_explained.data)["explanations"]
     assert len(explanations["features"]) == 2 * (64 * 3 + 64 * 8)
     assert len(dashboard.page_blobs({"layers": [], "explanations": explanations})[0][1]) < 100_000
     page = open_page(qwen_explained.url).page
-    ready = page.evaluate("performance.getEntriesByName('dashboard-ready')[0].startTime")
-    assert ready < 1000, f"the first layer was drawn after {ready:.0f} ms"
     assert page.locator(".card").count() == 3  # one layer in the DOM
     open_table(page)
     assert page.locator("#feature-table tbody tr").count() == len(explanations["features"])
