@@ -194,8 +194,8 @@ class BatchTokens:
 
     @staticmethod
     def _transposed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """x.T as a contiguous tensor of `dtype`. On a CPU a copy into float64 transposes
-        several times faster than x.T.contiguous() (measured on [144, 5200] float32)."""
+        """x.T as a contiguous tensor of `dtype`: on a CPU, copying [144, 5200] float32 into
+        float64 this way took 0.7 ms, x.T.contiguous() 2 to 3.6 ms."""
         return torch.empty(x.shape[::-1], dtype=dtype, device=x.device).copy_(x.T)
 
     def contexts(

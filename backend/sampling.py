@@ -81,9 +81,10 @@ class QuantileSamples(Summary):
     - with Shape.below_median, a Reservoir (backend.reservoir) of RESERVOIR_PER_CONTEXT windows
       per context shown, from which each sign's lowest range takes its samples where it has
       more.
-    A kept context never moves in the pool: one that enters takes the pool entry of one that
-    leaves the same rows, so a rebuild rewrites keys and pool indices, and copies the contexts
-    of the entering tokens only.
+    A kept context never moves in the pool while its row keeps it: one that enters takes the
+    pool entry of one that leaves the same row, and a slide of the tail moves pool indices, not
+    contexts. Only a regrid (a coarser grid, or a start risen with the top) copies the contexts
+    of the rows it rebuilds.
     """
 
     name = "samples"
@@ -161,7 +162,7 @@ class QuantileSamples(Summary):
             counts = torch.zeros_like(self.counts).view(-1)
             counts.index_add_(0, target, self.counts.flatten())
             self.counts = counts.view_as(self.counts)
-            self._move(self.base[changed], BUCKETS, target)
+            self._move(self.base[changed], target)
         self.shift, self.start = new_shift, new_start
 
     @staticmethod
@@ -177,36 +178,30 @@ class QuantileSamples(Summary):
         return torch.where(j >= 0, j + self.tail_base[..., None], -1).flatten()
 
     def _slide(self, start: torch.Tensor, new_start: torch.Tensor) -> None:
-        """Slide the tail up from tail start `start` to `new_start`: the buckets that fall
-        below it leave (their tokens are in the grid's buckets too)."""
+        """Slide the tail up from tail start `start` to `new_start`: each moved sign's block of
+        TAIL_BUCKETS rows shifts down by the difference, with its counts, and the buckets that
+        fall below it leave (their tokens are in the grid's buckets too), the ones that come in
+        empty. Each row's slots move with their pool entries, so no context is copied and no row
+        is ranked again."""
         moved = new_start != start
-        by = (start - new_start)[moved]
-        self._roll(self.tail_base[moved], TAIL_BUCKETS, by, self.tail, self.counts.numel())
-
-    def _roll(
-        self, firsts: torch.Tensor, size: int, by: torch.Tensor, counts: torch.Tensor, offset: int
-    ) -> None:
-        """Shift each block of `size` rows at rows `firsts` [B] by `by` [B] rows (row j to
-        j + by), and their counts (row r's at counts.view(-1)[r - offset]): the rows shifted out
-        leave, those shifted in are empty. Each row's slots move with their pool entries, so no
-        context is copied and no row is ranked again."""
-        j = torch.arange(size, device=firsts.device)
-        source = j - by[:, None]  # [B, size] the row of the block that lands on row j
-        out = ((source < 0) | (source >= size)).flatten()  # [B * size] rows shifted in
+        firsts, by = self.tail_base[moved], (start - new_start)[moved]  # [B] each
+        j = torch.arange(TAIL_BUCKETS, device=firsts.device)
+        source = j - by[:, None]  # [B, TAIL_BUCKETS] the row of the block that lands on row j
+        out = ((source < 0) | (source >= TAIL_BUCKETS)).flatten()  # rows shifted in
         rows = (firsts[:, None] + j).flatten()
-        src = (firsts[:, None] + source % size).flatten()
+        src = (firsts[:, None] + source % TAIL_BUCKETS).flatten()
         empty = self.meta.new_tensor(self.EMPTY_SLOT)
         self.meta.index_copy_(
             0, rows, self.meta.index_select(0, src).where(~out[:, None, None], empty)
         )
         self.slot.index_copy_(0, rows, self.slot.index_select(0, src))
-        flat = counts.view(-1)
+        flat, offset = self.tail.view(-1), self.counts.numel()  # tail row r counts at r - offset
         flat.index_copy_(0, rows - offset, flat.index_select(0, src - offset).where(~out, 0))
 
-    def _move(self, firsts: torch.Tensor, size: int, target: torch.Tensor) -> None:
-        """Rebuild the blocks of `size` grid rows that start at rows `firsts`, each row's slots
-        going to row target[row]: the blocks are emptied, and their slots admitted again."""
-        rows = (firsts[:, None] + torch.arange(size, device=firsts.device)).flatten()
+    def _move(self, firsts: torch.Tensor, target: torch.Tensor) -> None:
+        """Rebuild the grids whose first rows are `firsts`, each row's slots going to row
+        target[row]: the grids are emptied, and their slots admitted again."""
+        rows = (firsts[:, None] + torch.arange(BUCKETS, device=firsts.device)).flatten()
         slots = self.meta.index_select(0, rows).flatten(0, 1)  # [rows * SAMPLES, 4]
         ref = self.slot.index_select(0, rows).flatten()
         valid = slots[:, 0] < EMPTY
@@ -344,7 +339,7 @@ class QuantileSamples(Summary):
         # By key (stable: slots first), then per row the first entry of each new window.
         order = entries[..., 0].argsort(dim=1, stable=True)  # [T, 2 * SAMPLES]
         window = entries[..., 3].gather(1, order)
-        fresh = (entries[..., 0].gather(1, order) < EMPTY).clone()
+        fresh = entries[..., 0].gather(1, order) < EMPTY
         picks = []
         for _ in range(SAMPLES):
             first = fresh.int().argmax(1)  # the first fresh entry (0 where none is)
@@ -357,9 +352,8 @@ class QuantileSamples(Summary):
         pool = self.slot.index_select(0, rows)  # [T, SAMPLES]
         kept = (pick >= 0) & (pick < SAMPLES)  # a slot that stays, with its pool entry
         new_pool = pool.gather(1, pick.clamp(0, SAMPLES - 1))
-        stays = (pick[..., None] == torch.arange(SAMPLES, device=pick.device)).any(
-            1
-        )  # [T, SAMPLES]
+        slots = torch.arange(SAMPLES, device=pick.device)
+        stays = (pick[..., None] == slots).any(1)  # [T, SAMPLES] the slots kept
         new_pool[~kept] = pool[~stays]  # row by row, as many of one as of the other
         self.meta.index_copy_(0, rows, new_meta)
         self.slot.index_copy_(0, rows, new_pool)
