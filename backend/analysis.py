@@ -23,7 +23,7 @@ from backend import UserError, warn
 from backend.capture import ActivationCapture, read_sites
 from backend.causal import NEW_TOKENS, EffectsState, effects_rows, pin
 from backend.config import RunConfig
-from backend.contexts import context_keys, window_keys
+from backend.contexts import count_keys, kept_window_keys, window_keys
 from backend.data import Batch, Position, Row, Sequence, collate
 from backend.directions import LoraModule, cross_layer_cosine, find_lora_modules, logit_effects
 from backend.effects import Effects, group_order
@@ -190,8 +190,7 @@ def count_windows(state: RunState, sequences: Iterable[Sequence], rows: int = 25
     windows = state.tracker.windows()  # [M, 2W+1]
     if state.effects is not None:
         windows = torch.cat([windows, state.effects.windows()])
-    windows = windows[(windows >= 0).any(1)]  # rows of -1: empty slots
-    keys = torch.unique(context_keys(windows))  # [K] sorted
+    keys = kept_window_keys(windows)  # [K] sorted
     counts = torch.zeros_like(keys)
     window = state.tracker.shape.window
     group: list[list[int]] = []
@@ -216,9 +215,7 @@ def _occurrences(keys: torch.Tensor, group: list[list[int]], window: int) -> tor
     for row, sequence in enumerate(group):
         ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
     inside = torch.arange(ids.shape[1])[None, :] < lengths[:, None]
-    found = window_keys(ids, lengths, window)[inside]  # [N] the real tokens' keys
-    at = torch.searchsorted(keys, found).clamp_(max=len(keys) - 1)
-    return torch.bincount(at[keys[at] == found], minlength=len(keys))
+    return count_keys(keys, window_keys(ids, lengths, window)[inside])
 
 
 def token_decoder(tokenizer: Any) -> Callable[[int], str]:

@@ -50,6 +50,18 @@ def context_keys(context_ids: torch.Tensor) -> torch.Tensor:
     return _mixed(context_ids, (context_ids.shape[1] - 1) // 2, 1)[:, 0]
 
 
+def kept_window_keys(windows: torch.Tensor) -> torch.Tensor:
+    """[K] sorted: the distinct window keys of kept windows [M, 2W+1] (rows of -1, empty
+    slots, left out)."""
+    return torch.unique(context_keys(windows[(windows >= 0).any(1)]))
+
+
+def count_keys(keys: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """[K]: how many of the window keys `found` [N] equal each of the sorted `keys` [K > 0]."""
+    at = torch.searchsorted(keys, found).clamp_(max=len(keys) - 1)
+    return torch.bincount(at[keys[at] == found], minlength=len(keys))
+
+
 def _mixed(padded: torch.Tensor, window: int, length: int) -> torch.Tensor:
     """[B, L]: the key of each run of 2W+1 ids of padded [B, L + 2W] (-1: outside)."""
     padded = padded + 2  # >= 1: an id, 1 outside the sequence

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from backend.adapter_cache import CacheReader
-from backend.contexts import context_keys, window_keys
+from backend.contexts import count_keys, kept_window_keys, window_keys
 from backend.contract import writes_residual
 from backend.directions import LoraModule, top_logits
 from backend.output import Document
@@ -213,13 +213,11 @@ def held_bytes(summary: Summary) -> int:
 def count_occurrences(reader: CacheReader, windows: torch.Tensor, window: int) -> dict[int, int]:
     """Window key -> tokens of the cache with that window, for the windows [M, 2W+1] kept (rows
     of -1: none): one replay, the kept keys in memory."""
-    windows = windows[(windows >= 0).any(1)]
-    keys = torch.unique(context_keys(windows))  # [K] sorted
+    keys = kept_window_keys(windows)  # [K] sorted
     counts = torch.zeros_like(keys)
     for batch in reader.replay() if len(keys) else ():
         found = window_keys(batch.input_ids, batch.lengths, window).view(-1)[batch.real]
-        at = torch.searchsorted(keys, found).clamp_(max=len(keys) - 1)
-        counts += torch.bincount(at[keys[at] == found], minlength=len(keys))
+        counts += count_keys(keys, found)
     return dict(zip(keys.tolist(), counts.tolist(), strict=True))
 
 
