@@ -262,7 +262,9 @@ const Cards = (() => {
       const showView = (view) => {
         card.view = view;
         const scale = fmt(round4(view.scale));
-        legend.replaceChildren(scaleLegend(`−${scale}`, `+${scale}`));
+        // An SAE feature is >= 0: its scale runs from 0, in the positive colour only.
+        legend.replaceChildren(direction.top_negative
+          ? scaleLegend(`−${scale}`, `+${scale}`) : scaleLegend("0", `+${scale}`, "one-sided"));
         legend.title = `colour scale of ${view.label}`;
         redraw(card);
       };

@@ -55,8 +55,9 @@ const Dom = (() => {
     node.style.setProperty("--a", alpha.toFixed(3));
   }
 
-  function scaleLegend(low, high) {
-    const legend = el("span", "scale");
+  // low to high: negative to positive colour, or from the background ("one-sided").
+  function scaleLegend(low, high, kind = "") {
+    const legend = el("span", kind ? `scale ${kind}` : "scale");
     legend.append(el("span", "", low), el("span", "scale-bar"), el("span", "", high));
     return legend;
   }

@@ -395,6 +395,10 @@ def test_a_feature_card_shows_its_parts(open_page, sae_page):
     assert card.locator("h3").text_content() == f"feature {feature['index']}"
     assert card.locator(".card-hist svg").count() == 1
     assert card.locator(".examples").count() == 1  # positive only
+    legend = card.locator(".card-title .scale")  # a feature is >= 0: its scale runs from 0
+    assert legend.get_attribute("class") == "scale one-sided"
+    assert legend.locator("span").first.text_content() == "0"
+    assert legend.locator("span").last.text_content().startswith("+")
     assert card.locator(".examples.pos .example").count() == len(feature["top_positive"])
     text = feature["explanations"]["positive"]["text"]
     assert card.locator(".examples.pos .explanation-text").text_content() == text
@@ -428,6 +432,9 @@ def test_a_direction_links_to_its_features_and_back(open_page, sae_page):
     page = open_page(sae_page.url + "#layer-3").page
     key = "L3.down_proj[0]"
     direction = card(page, key)
+    legend = direction.locator(".card-title .scale")  # a direction's, both signs
+    assert legend.get_attribute("class") == "scale"
+    assert legend.locator("span").first.text_content().startswith("−")
     section = direction.locator("details.more", has_text="SAE features")
     section.locator("summary").click()
     links = section.locator("a.feature-link")
