@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import gzip
 import hashlib
 import json
@@ -359,6 +360,24 @@ def _feature_row(feature: dict, number: dict[tuple, int], strings: dict[str, int
     }
 
 
+def _firing_histogram(feature: dict) -> tuple[dict, int]:
+    """The feature's histogram without its tokens at 0, trimmed to the bins that hold the rest,
+    and how many were at 0: most of a sparse feature's tokens, whose one bar would leave the
+    others invisible. Exact: the tokens at 0 are those where it is not > 0 (`frequency`), and
+    they lie in the bin [lo, hi) that holds 0. Where that bin holds fewer, or the feature never
+    fires, the histogram stays whole and none are left out."""
+    histogram, stats = feature["histogram"], feature["stats"]
+    zeros = stats["count"] - round(feature["frequency"] * stats["count"])
+    edges, counts = histogram["edges"], list(histogram["counts"])
+    at = bisect.bisect_right(edges, 0.0) - 1  # the bin of 0
+    if not 0 <= at < len(counts) or counts[at] < zeros or zeros == stats["count"]:
+        return histogram, 0
+    counts[at] -= zeros
+    held = [i for i, c in enumerate(counts) if c]
+    first, last = held[0], held[-1] + 1
+    return {"edges": edges[first : last + 1], "counts": counts[first:last]}, zeros
+
+
 def _uniform_histogram(histogram: dict) -> dict:
     """Evenly spaced edges (the backend's are) as their first and their step, which the page
     expands: thousands of features' edges would otherwise be a tenth of their cards."""
@@ -376,7 +395,8 @@ def _compact_sae_feature(feature: dict, strings: dict[str, int]) -> dict:
     only), its explanation (with the scores of a direction's), its logit effects."""
     index = feature["index"]
     page = {"key": feature_key(index), "name": f"feature {index}", "index": index}
-    page |= _compact_summaries(feature, strings)
+    firing, page["zeros"] = _firing_histogram(feature)
+    page |= _compact_summaries(feature | {"histogram": firing}, strings)
     page["histogram"] = _uniform_histogram(page["histogram"])
     if "logit_effects" in feature:
         page["logit_effects"] = _compact_logit_effects(feature["logit_effects"], strings)

@@ -351,12 +351,19 @@ const Cards = (() => {
       return group;
     }
 
+    // An SAE feature's histogram leaves out its tokens at 0 (`zeros`, most of them), and says so.
     function cardHistogram(direction, card) {
       const figure = el("figure", "card-hist");
+      const { zeros = 0, stats } = direction;
       const draw = () => {
         const { root, mark } = Plots.histogram(direction.histogram, settings.logCounts);
         marks.set(direction.key, mark);
         figure.replaceChildren(root);
+        if (zeros) {
+          const fires = stats.count - zeros;
+          figure.append(el("figcaption", "muted", `the ${fmtCount(fires)} tokens where it ` +
+            `fires; ${fmtCount(zeros)} at 0 not drawn`));
+        }
       };
       card.redraws.push(draw);
       draw();

@@ -307,6 +307,20 @@ def test_evenly_spaced_edges_are_embedded_as_first_and_step():
     assert dashboard._uniform_histogram(uneven) is uneven
 
 
+def test_a_features_histogram_leaves_out_its_zeros_only_where_they_lie():
+    """The tokens at 0 (those where the feature is not > 0) leave the bin of 0; the rest keep
+    their bins, trimmed to those that hold some. Where the bin of 0 holds fewer, nothing is
+    left out."""
+    feature = {"stats": {"count": 10}, "frequency": 0.4}
+    hist = {"edges": [-1.0, 0.0, 1.0, 2.0, 3.0], "counts": [0, 7, 3, 0]}
+    firing, zeros = dashboard._firing_histogram(feature | {"histogram": hist})
+    assert (firing, zeros) == ({"edges": [0.0, 1.0, 2.0], "counts": [1, 3]}, 6)
+    odd = {"edges": [-1.0, 0.0, 1.0], "counts": [5, 5]}  # 6 zeros cannot lie in [0, 1)
+    assert dashboard._firing_histogram(feature | {"histogram": odd}) == (odd, 0)
+    page = page_blobs_of(with_sae())["sae-0"][0]
+    assert page["zeros"] > 0 and page["histogram"]["counts"][0] > 0
+
+
 def test_a_page_of_the_demos_shape_stays_within_3_mb(tmp_path):
     """The demo: 30 layers × gate/up/down (D = 90), k=16, W=10, 8 × D = 720 features, its
     most frequent 32 explained, a baseline neuron per layer."""
@@ -338,7 +352,10 @@ def sae_full(tmp_path_factory) -> Rendered:
 
 
 def open_features(page: Page) -> None:
+    # The details' toggle event, which starts the decoding, comes a task after the click:
+    # until the table is there, the page may still say it is ready.
     page.click("#features details > summary")
+    page.locator(".feature-table").wait_for()
     settled(page)
 
 
@@ -394,6 +411,11 @@ def test_a_feature_card_shows_its_parts(open_page, sae_page):
     card = open_feature(page, feature["index"])
     assert card.locator("h3").text_content() == f"feature {feature['index']}"
     assert card.locator(".card-hist svg").count() == 1
+    zeros = feature["stats"]["count"] - round(feature["frequency"] * feature["stats"]["count"])
+    fires = feature["stats"]["count"] - zeros
+    assert card.locator(".card-hist figcaption").text_content() == (
+        f"the {fires:,} tokens where it fires; {zeros:,} at 0 not drawn"
+    )
     assert card.locator(".examples").count() == 1  # positive only
     legend = card.locator(".card-title .scale")  # a feature is >= 0: its scale runs from 0
     assert legend.get_attribute("class") == "scale one-sided"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import generate_html_dashboard as dashboard
 from backend.adapter_cache import CacheReader, CacheWriter
 from backend.contract import writes_residual
 from backend.directions import LoraModule
@@ -137,6 +138,10 @@ def check_feature(entry: dict, values: np.ndarray, per_example: list, ids: list)
     assert stats["mean"] == pytest.approx(values.mean(), rel=1e-5)
     assert stats["std"] == pytest.approx(values.std(), rel=1e-4)
     assert_histogram(entry["histogram"], values)
+    # The page's histogram: the tokens where the feature fires, those at 0 counted apart.
+    firing, zeros = dashboard._firing_histogram(entry)
+    assert zeros == int((values == 0).sum()) > 0
+    assert_histogram(firing, values[values > 0])
     # Top-k: one slot per distinct window, the brute force's occurrence shown.
     expected = top_windows(per_example, ids, TOP_K, WINDOW, negative=False)
     got = entry["top_positive"]
