@@ -364,13 +364,13 @@ def _firing_histogram(feature: dict) -> tuple[dict, int]:
     """The feature's histogram without its tokens at 0, trimmed to the bins that hold the rest,
     and how many were at 0: most of a sparse feature's tokens, whose one bar would leave the
     others invisible. Exact: the tokens at 0 are those where it is not > 0 (`frequency`), and
-    they lie in the bin [lo, hi) that holds 0. Where that bin holds fewer, or the feature never
-    fires, the histogram stays whole and none are left out."""
+    they lie in the bin [lo, hi) that holds 0. Where that bin holds fewer, the histogram stays
+    whole and none are left out. (A feature fires somewhere: the contract says so.)"""
     histogram, stats = feature["histogram"], feature["stats"]
     zeros = stats["count"] - round(feature["frequency"] * stats["count"])
     edges, counts = histogram["edges"], list(histogram["counts"])
     at = bisect.bisect_right(edges, 0.0) - 1  # the bin of 0
-    if not 0 <= at < len(counts) or counts[at] < zeros or zeros == stats["count"]:
+    if not 0 <= at < len(counts) or counts[at] < zeros:
         return histogram, 0
     counts[at] -= zeros
     held = [i for i, c in enumerate(counts) if c]
